@@ -1,0 +1,4 @@
+"""Layers: each `forward(x, train)` returns `(y, backward)`; see engine.module."""
+from .linear import Linear
+
+__all__ = ["Linear"]

@@ -1,0 +1,45 @@
+"""`ndtrain` command line. Each sub-command is a module `ndtrain.launch.cmd_<name>` with
+`add_parser(subparsers)` (registers its parser and sets `func`) — adding a command never edits this file's logic.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ["train", "worker", "data", "eval", "generate", "report", "bench"]
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ndtrain", description="Distributed training with a pure-NumPy engine.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"ndtrain.launch.cmd_{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"ndtrain.launch.cmd_{name}":
+                raise
+            continue  # not built yet
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(f"ndtrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Maps the root folders onto one import namespace: engine/ -> ndtrain.engine, data/ -> ndtrain.data, ...
+
+Everything else lives in pyproject.toml; only the package list is computed here, so that a new sub-package under a
+root folder is picked up by both `pip install .` and `pip install -e .` without editing a list.
+"""
+from setuptools import find_packages, setup
+
+ROOTS = ("engine", "data", "cluster", "launch")
+
+packages, package_dir = [], {}
+for root in ROOTS:
+    packages.append(f"ndtrain.{root}")
+    package_dir[f"ndtrain.{root}"] = root
+    for sub in find_packages(root):
+        packages.append(f"ndtrain.{root}.{sub}")
+
+setup(packages=packages, package_dir=package_dir, package_data={"ndtrain.launch": ["configs/*.toml"]})
