@@ -33,6 +33,7 @@ class Module:
     def __init__(self):
         object.__setattr__(self, "_params", {})
         object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_buffers", {})
         object.__setattr__(self, "path", "")
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -67,6 +68,18 @@ class Module:
             yield (f"{prefix}{name}", p)
         for name, child in self._children.items():
             yield from child.named_params(f"{prefix}{name}.")
+
+    def register_buffer(self, name: str, value: np.ndarray) -> None:
+        """Non-trained state that is saved and restored (BatchNorm's running statistics): not in the gradient
+        buffer, never touched by the optimizer. Update it in place (`buf[...] = ...`)."""
+        self._buffers[name] = value
+        object.__setattr__(self, name, value)
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+        for name, b in self._buffers.items():
+            yield (f"{prefix}{name}", b)
+        for name, child in self._children.items():
+            yield from child.named_buffers(f"{prefix}{name}.")
 
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
         yield prefix.rstrip("."), self

@@ -111,3 +111,16 @@ def test_seed_rngs_is_reproducible():
 def test_initializer_scales(factory, expected_std):
     w = factory(np.random.default_rng(0), (300, 200), np.float64)
     assert abs(w.std() / expected_std - 1) < 0.02 and abs(w.mean()) < 0.01 * expected_std * 10
+
+
+def test_buffers_are_registered_with_paths():
+    class BN(Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("running_mean", np.zeros(3))
+
+    m = Sequential(BN(), BN())
+    names = [n for n, _ in m.named_buffers()]
+    assert names == ["0.running_mean", "1.running_mean"]
+    m[1].running_mean[...] = 2.0
+    assert dict(m.named_buffers())["1.running_mean"].tolist() == [2.0, 2.0, 2.0]
