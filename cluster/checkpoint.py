@@ -1,0 +1,205 @@
+"""Checkpoints without pickle: `ckpt-<step>.npz` (arrays) + `ckpt-<step>.json` (everything else).
+
+npz keys:  param/<name>   every parameter of the ParamStore (tied aliases are one segment: saved once)
+           buffer/<name>  module buffers (BatchNorm running statistics, ...)
+           optim/<key>    the optimizer's state arrays (moments, momentum buffers)
+JSON:      step, files, the npz's sha256, the param layout, buffer and optimizer-state layouts, optimizer scalars,
+           the loader state, the schedule step, RNG states, the config and any extra record.
+
+Atomic: the npz goes to a temporary name and is renamed, then the JSON the same way, LAST. A checkpoint exists only
+once its JSON exists, so a crash mid-write never leaves a half checkpoint that `latest()` would pick up. On load the
+npz's sha256 is checked against the JSON; a mismatch names the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "ndtrain-checkpoint-1"
+_NAME = re.compile(r"^ckpt-(\d+)\.json$")
+
+
+class CheckpointError(Exception):
+    """A missing, tampered or mismatched checkpoint; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    params: dict[str, np.ndarray]
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    optim: dict[str, Any] = field(default_factory=dict)  # arrays and scalars, as optimizer.state_dict() gave them
+    meta: dict[str, Any] = field(default_factory=dict)  # the JSON record (loader, schedule, rng, config, layout...)
+    path: Path | None = None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _replace_atomically(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def _split_optim(state: dict) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays go to the npz, everything else (step counters, hyper-parameters) to the JSON."""
+    arrays, scalars = {}, {}
+    for k, v in (state or {}).items():
+        if isinstance(v, np.ndarray):
+            arrays[k] = v
+        elif isinstance(v, np.generic):
+            scalars[k] = v.item()
+        else:
+            scalars[k] = v
+    return arrays, scalars
+
+
+def save(ckpt_dir: str | os.PathLike, step: int, store, *, buffers: dict[str, np.ndarray] | None = None,
+         optim_state: dict | None = None, meta: dict | None = None, keep: int | None = None) -> Path:
+    """Write checkpoint `step` into ckpt_dir; returns the JSON's path. `keep`: prune all but the newest `keep`."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"ckpt-{int(step):08d}"
+    npz, js = ckpt_dir / f"{stem}.npz", ckpt_dir / f"{stem}.json"
+    optim_arrays, optim_scalars = _split_optim(optim_state)
+    arrays: dict[str, np.ndarray] = {}
+    for name, p in store.params.items():
+        arrays[f"param/{name}"] = p.data
+    for name, b in (buffers or {}).items():
+        arrays[f"buffer/{name}"] = np.asarray(b)
+    for k, v in optim_arrays.items():
+        arrays[f"optim/{k}"] = v
+
+    tmp = ckpt_dir / f".{stem}.npz.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    _replace_atomically(tmp, npz)
+
+    record = {
+        "format": FORMAT,
+        "step": int(step),
+        "npz": npz.name,
+        "sha256": _sha256(npz),
+        "dtype": str(store.dtype),
+        "param_layout": store.layout(),
+        "buffer_layout": {n: {"shape": list(np.shape(b)), "dtype": str(np.asarray(b).dtype)}
+                          for n, b in (buffers or {}).items()},
+        "optim_layout": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in optim_arrays.items()},
+        "optim_scalars": optim_scalars,
+        **(meta or {}),
+    }
+    tmp = ckpt_dir / f".{stem}.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    _replace_atomically(tmp, js)
+    if keep:
+        prune(ckpt_dir, keep)
+    return js
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (those with a JSON), oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest(ckpt_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def prune(ckpt_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (JSON first, so a reader never sees a JSON without its npz)."""
+    for js in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        npz = js.with_suffix(".npz")
+        js.unlink(missing_ok=True)
+        npz.unlink(missing_ok=True)
+
+
+def load(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint by its JSON path (or a directory: its latest). Verifies the npz's sha256."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest(path)
+        if found is None:
+            raise CheckpointError(f"{path}: no checkpoint (ckpt-*.json) in this directory")
+        path = found
+    if path.suffix == ".npz":
+        path = path.with_suffix(".json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an ndtrain checkpoint (format {meta.get('format')!r})")
+    npz = path.with_name(meta["npz"])
+    if not npz.exists():
+        raise CheckpointError(f"{npz}: checkpoint data missing (named by {path.name})")
+    digest = _sha256(npz)
+    if digest != meta["sha256"]:
+        raise CheckpointError(f"{npz}: sha256 {digest[:12]}... does not match {meta['sha256'][:12]}... recorded in "
+                              f"{path.name}: the file is corrupt or was modified")
+    params, buffers, optim = {}, {}, dict(meta.get("optim_scalars", {}))
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            for key in z.files:
+                kind, _, name = key.partition("/")
+                {"param": params, "buffer": buffers, "optim": optim}[kind][name] = z[key]
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"{npz}: cannot read: {e}") from None
+    return Checkpoint(step=int(meta["step"]), params=params, buffers=buffers, optim=optim, meta=meta, path=path)
+
+
+def restore(ckpt: Checkpoint, store, module=None) -> None:
+    """Copy parameters (and module buffers) into the live model, in place; errors name the checkpoint."""
+    try:
+        store.load_state_dict(ckpt.params, strict=True)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
+    if module is not None:
+        live = dict(module.named_buffers())
+        missing = sorted(set(live) - set(ckpt.buffers))
+        if missing:
+            raise CheckpointError(f"{ckpt.path}: buffers missing: {missing[:5]}")
+        for name, buf in live.items():
+            if buf.shape != ckpt.buffers[name].shape:
+                raise CheckpointError(f"{ckpt.path}: buffer {name!r} shape {ckpt.buffers[name].shape}, "
+                                      f"model has {buf.shape}")
+            buf[...] = ckpt.buffers[name]
+
+
+def rng_states(module) -> dict[str, dict]:
+    """The bit-generator state of every module that draws random numbers (dropout), keyed by module path."""
+    out = {}
+    for path, m in module.named_modules():
+        rng = getattr(m, "rng", None)
+        if isinstance(rng, np.random.Generator):
+            out[path or "<root>"] = rng.bit_generator.state
+    return out
+
+
+def set_rng_states(module, states: dict[str, dict]) -> None:
+    for path, m in module.named_modules():
+        rng = getattr(m, "rng", None)
+        key = path or "<root>"
+        if isinstance(rng, np.random.Generator) and key in states:
+            rng.bit_generator.state = states[key]

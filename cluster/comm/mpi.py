@@ -1,0 +1,91 @@
+"""MPI communicator: mpi4py on raw buffers (no pickling on the hot path).
+
+Large all-reduces are cut into pieces of `chunk_bytes` (default 8 MB): in both MPI wheels measured here a single
+Allreduce of >= 32 MB ran at ~1.6-2 GB/s (per-call temporaries served by fresh mmap, page-faulted every call) while
+1-16 MB pieces ran at 3.6-6.6 GB/s (ANCHORS §4c). Pieces of one iallreduce are all in flight at once, so Open MPI's
+libnbc progresses them while the caller computes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import Communicator, Handle
+
+DEFAULT_CHUNK_BYTES = 8 << 20
+
+
+def _flat_view(buf: np.ndarray, what: str) -> np.ndarray:
+    """(N,) view of a C-contiguous array; MPI works on its memory directly, so a copy would lose the result."""
+    if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous:
+        raise ValueError(f"{what}: buffer must be a C-contiguous numpy array (got {type(buf).__name__}, "
+                         f"contiguous={getattr(getattr(buf, 'flags', None), 'c_contiguous', None)})")
+    return buf.reshape(-1)
+
+
+def chunk_slices(n: int, itemsize: int, chunk_bytes: int) -> list[slice]:
+    """Contiguous pieces of at most chunk_bytes covering [0, n) (at least one element per piece)."""
+    step = max(1, chunk_bytes // max(1, itemsize))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)] or [slice(0, 0)]
+
+
+class MPIHandle(Handle):
+    def __init__(self, requests: list):
+        self._requests = requests
+
+    def wait(self) -> None:
+        if self._requests:
+            from mpi4py import MPI
+            MPI.Request.Waitall(self._requests)
+            self._requests = []
+
+
+class MPICommunicator(Communicator):
+    """comm: an mpi4py communicator (default COMM_WORLD). chunk_bytes: largest single MPI call."""
+
+    def __init__(self, comm=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        from mpi4py import MPI
+        self._MPI = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.world_size = self.comm.Get_size()
+        self.chunk_bytes = int(chunk_bytes)
+        self._in_place, self._sum = MPI.IN_PLACE, MPI.SUM
+
+    def allreduce(self, buf: np.ndarray) -> None:
+        if self.world_size == 1:
+            return
+        if buf.nbytes <= self.chunk_bytes and buf.flags.c_contiguous:
+            self.comm.Allreduce(self._in_place, buf, self._sum)  # the common small case: one call, no slicing
+            return
+        flat = _flat_view(buf, f"MPICommunicator.allreduce on rank {self.rank}")
+        MPI = self._MPI
+        for s in chunk_slices(flat.size, flat.itemsize, self.chunk_bytes):
+            self.comm.Allreduce(MPI.IN_PLACE, flat[s], op=MPI.SUM)
+
+    def iallreduce(self, buf: np.ndarray) -> Handle:
+        if self.world_size == 1:
+            return MPIHandle([])
+        flat = _flat_view(buf, f"MPICommunicator.iallreduce on rank {self.rank}")
+        MPI = self._MPI
+        reqs = [self.comm.Iallreduce(MPI.IN_PLACE, flat[s], op=MPI.SUM)
+                for s in chunk_slices(flat.size, flat.itemsize, self.chunk_bytes)]
+        return MPIHandle(reqs)
+
+    def broadcast(self, buf: np.ndarray, root: int = 0) -> None:
+        if self.world_size == 1:
+            return
+        flat = _flat_view(buf, f"MPICommunicator.broadcast on rank {self.rank}")
+        for s in chunk_slices(flat.size, flat.itemsize, self.chunk_bytes):
+            self.comm.Bcast(flat[s], root=root)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def allgather_obj(self, obj: Any) -> list:
+        return self.comm.allgather(obj)  # pickle-based: small records, off the hot path
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank now (a rank that cannot continue must not leave the others blocked in a collective)."""
+        self.comm.Abort(code)

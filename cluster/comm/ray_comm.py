@@ -1,0 +1,82 @@
+"""Ray communicator: one actor per rank; Ray places and supervises the processes, gradients do NOT go through Ray.
+
+Transport, chosen by measurement (launch/bench/allreduce.py; README): when every rank runs on one node the actors
+share a file in /dev/shm and all-reduce with NumPy (cluster.comm.shm: ~MPI speed, no per-call RPC); across nodes
+they use TCP sockets between the actors (cluster.comm.tcp), connected through addresses the driver hands out. The
+object store (17-30 ms per 4 MB here) and ray.util.collective (needs torch) are not used.
+
+Driver side (launch/launch_ray.py):
+    actors = [RankActor.options(num_cpus=k).remote(r, W, env) for r in range(W)]
+    topology = form_group(actors, token)        # rendezvous: shm file or TCP mesh; returns each rank's node
+"""
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import numpy as np
+
+from .base import Communicator
+from .mpi import _flat_view
+
+
+class RayCommunicator(Communicator):
+    """group: a transport with allreduce(flat), broadcast(flat, root), barrier(), allgather_bytes(b), close()."""
+
+    def __init__(self, rank: int, world_size: int, group):
+        self.rank, self.world_size, self.group = rank, world_size, group
+
+    def allreduce(self, buf: np.ndarray) -> None:
+        if self.world_size > 1:
+            self.group.allreduce(_flat_view(buf, f"RayCommunicator.allreduce on rank {self.rank}"))
+
+    def broadcast(self, buf: np.ndarray, root: int = 0) -> None:
+        if self.world_size > 1:
+            self.group.broadcast(_flat_view(buf, f"RayCommunicator.broadcast on rank {self.rank}"), root)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self.group.barrier()
+
+    def allgather_obj(self, obj: Any) -> list:
+        if self.world_size == 1:
+            return [obj]
+        return [pickle.loads(b) for b in self.group.allgather_bytes(pickle.dumps(obj))]
+
+    def abort(self) -> None:
+        if hasattr(self.group, "abort"):
+            self.group.abort()
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+
+
+def form_group(actors: list, token: str, slot_bytes: int = 4 << 20, timeout: float = 60.0,
+               transport: str = "auto") -> list[dict]:
+    """Driver side: connect the rank actors (RankActor) into one communicator group. transport: "auto" (shm when
+    all ranks share a node, else tcp), "shm" or "tcp". Returns each rank's {"rank", "host", "ip", "pid", "node"}."""
+    import ray
+
+    nodes = ray.get([a.node_info.remote() for a in actors], timeout=timeout)
+    same_node = len({n["node"] for n in nodes}) == 1
+    if transport == "auto":
+        transport = "shm" if same_node else "tcp"
+    if transport == "shm":
+        if not same_node:
+            raise ValueError("transport 'shm' needs every rank on one node; ranks are on "
+                             f"{sorted({n['host'] for n in nodes})}")
+        path = f"/dev/shm/ndtrain-{token}"
+        ray.get(actors[0].join_shm.remote(path, True, slot_bytes, timeout), timeout=timeout)
+        ray.get([a.join_shm.remote(path, False, slot_bytes, timeout) for a in actors[1:]], timeout=timeout)
+        ray.get(actors[0].unlink_shm.remote(), timeout=timeout)  # every rank has it mapped: drop the name
+    elif transport == "tcp":
+        ports = ray.get([a.listen_tcp.remote() for a in actors], timeout=timeout)
+        peers = [(n["ip"], p) for n, p in zip(nodes, ports)]
+        ray.get([a.connect_tcp.remote(peers, timeout) for a in actors], timeout=timeout)
+    else:
+        raise ValueError(f"transport must be auto, shm or tcp; got {transport!r}")
+    for n in nodes:
+        n["transport"] = transport
+    return nodes

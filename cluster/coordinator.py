@@ -1,0 +1,332 @@
+"""The coordinator: one process beside the ranks (the MPI launcher, or the Ray driver) that they report to.
+
+It listens on 127.0.0.1 (or a given host) for the ranks' RankReporter connections, authenticated by a per-run
+token. It aggregates each step over ranks (cluster.aggregate), draws a progress bar with ETA, writes the run
+directory through a sink (launch.rundir.RunWriter: metrics.jsonl, summary.json), TensorBoard events (DIR/tb) and
+ranks.json (each rank's host and pid), and decides when the job has failed:
+  - a rank reported an exception (rank, step, traceback);
+  - a rank's connection closed before it said "done" (it crashed);
+  - a rank was silent (no message, not even a heartbeat) for heartbeat_timeout seconds;
+  - not every rank connected within start_timeout.
+The launcher calls `poll()` in its loop and ends the job when `failure` is set.
+
+    coord = Coordinator(world_size=2, writer=RunWriter(out), total_steps=100); coord.start()
+    env = coord.env()                        # NDTRAIN_COORD_ADDR / NDTRAIN_COORD_TOKEN for the ranks
+    while not (coord.finished or coord.failure): coord.poll(0.2)
+    coord.close()
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .aggregate import StepAggregator
+from .metrics_channel import ENV_ADDR, ENV_TOKEN
+
+
+@dataclass
+class Failure:
+    rank: int | None
+    step: int | None
+    reason: str
+    traceback: str = ""
+
+    def message(self) -> str:
+        who = f"rank {self.rank}" if self.rank is not None else "the job"
+        at = f" at step {self.step}" if self.step is not None else ""
+        text = f"ndtrain: {who} failed{at}: {self.reason}"
+        if self.traceback:
+            text += "\n" + "\n".join(f"  [rank {self.rank}] {line}" for line in self.traceback.rstrip().splitlines())
+        return text
+
+
+def _summary_writer(path):
+    """tensorboardX's SummaryWriter, imported with torch hidden: tensorboardX imports torch when it is installed
+    (4+ s, and product code must not load torch); scalars never need it."""
+    import sys
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX tolerates
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hidden:
+            del sys.modules["torch"]
+    return SummaryWriter(str(path))
+
+
+class Coordinator:
+    def __init__(self, world_size: int, writer=None, run_dir: str | os.PathLike | None = None,
+                 total_steps: int | None = None, quiet: bool = False, host: str = "127.0.0.1", port: int = 0,
+                 token: str | None = None, heartbeat_timeout: float = 30.0, start_timeout: float = 120.0,
+                 tensorboard: bool = True, extra_summary: dict | None = None):
+        self.world_size = int(world_size)
+        self.writer = writer
+        self.run_dir = Path(run_dir) if run_dir is not None else (Path(writer.dir) if hasattr(writer, "dir")
+                                                                   else None)
+        self.total_steps, self.quiet = total_steps, quiet
+        self.host, self.port = host, port
+        self.token = token or secrets.token_hex(16)
+        self.heartbeat_timeout, self.start_timeout = heartbeat_timeout, start_timeout
+        self.tensorboard = tensorboard
+        self.extra_summary = dict(extra_summary or {})
+        self.failure: Failure | None = None
+        self.finished = False
+        self.ranks: dict[int, dict] = {}  # rank -> {"host", "pid"}
+        self.last_seen: dict[int, float] = {}
+        self.last_step: dict[int, int] = {}
+        self.done: set[int] = set()
+        self.records: list[dict] = []  # aggregated, in write order
+        self._summary: dict | None = None
+        self._pending_logs: list[dict] = []  # logs that arrived before every rank said hello
+        self._agg: StepAggregator | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._t0 = time.monotonic()
+        self._t_wall0 = time.time()
+        self._bar = None
+        self._tb = None
+        self._server: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+
+    # -- server ------------------------------------------------------------------------------------------------------
+    def start(self) -> "Coordinator":
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((self.host, self.port))
+        srv.listen(max(16, self.world_size * 2))
+        self.port = srv.getsockname()[1]
+        self._server = srv
+        threading.Thread(target=self._accept_loop, name="ndtrain-coord-accept", daemon=True).start()
+        self._t0 = time.monotonic()
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return {ENV_ADDR: self.address, ENV_TOKEN: self.token}
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            threading.Thread(target=self._read_loop, args=(conn,), daemon=True).start()
+
+    def _read_loop(self, conn: socket.socket) -> None:
+        rank = None
+        buf = b""
+        try:
+            while True:
+                chunk = conn.recv(1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    msg = json.loads(line)
+                    if rank is None:
+                        if msg.get("type") != "hello" or not secrets.compare_digest(str(msg.get("token", "")),
+                                                                                  self.token):
+                            conn.close()  # not one of ours
+                            return
+                        rank = int(msg["rank"])
+                    self._inbox.put(msg)
+        except (OSError, ValueError):
+            pass
+        if rank is not None:
+            self._inbox.put({"type": "eof", "rank": rank})
+
+    # -- main loop ---------------------------------------------------------------------------------------------------
+    def poll(self, timeout: float = 0.2) -> None:
+        """Handle what arrived within `timeout` seconds, then check the deadlines."""
+        deadline = time.monotonic() + timeout
+        while self.failure is None and not self.finished:
+            left = deadline - time.monotonic()
+            try:
+                msg = self._inbox.get(timeout=max(0.0, left)) if left > 0 else self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            self.handle(msg)
+        self._check_deadlines()
+
+    def handle(self, msg: dict) -> None:
+        kind, rank = msg.get("type"), msg.get("rank")
+        now = time.monotonic()
+        if rank is not None:
+            self.last_seen[rank] = now
+            if "step" in msg and msg["step"] is not None:
+                self.last_step[rank] = int(msg["step"])
+        if kind == "hello":
+            self.ranks[rank] = {"rank": rank, "host": msg.get("host"), "pid": msg.get("pid"),
+                                "reports": bool(msg.get("reports", True))}
+            if len(self.ranks) == self.world_size:
+                self._all_connected()
+        elif kind == "log":
+            rec = msg["record"]
+            self.last_step[rank] = int(rec.get("step", 0))
+            if "error" in rec:  # the worker loop logs its exception before it re-raises
+                self._fail(rank, rec.get("step"), str(rec["error"]), str(rec.get("traceback", "")))
+                return
+            if not self.ranks.get(rank, {}).get("reports", True):
+                return
+            if self._agg is None:
+                self._pending_logs.append(msg)
+            else:
+                self._emit(self._agg.add(rank, msg["record"]))
+        elif kind == "summary":
+            if self._summary is None or rank == 0:
+                self._summary = msg["summary"]
+        elif kind == "error":
+            self._fail(rank, msg.get("step"), "raised an exception", msg.get("traceback", ""))
+        elif kind == "done":
+            self.done.add(rank)
+            if len(self.done) == self.world_size:
+                self._finish()
+        elif kind == "eof":
+            if rank not in self.done and self.failure is None:
+                self._fail(rank, self.last_step.get(rank), "its process ended without reporting "
+                           "(killed, or exited before the job finished)")
+
+    def _check_deadlines(self) -> None:
+        if self.failure is not None or self.finished:
+            return
+        now = time.monotonic()
+        if len(self.ranks) < self.world_size:
+            if now - self._t0 > self.start_timeout:
+                missing = sorted(set(range(self.world_size)) - set(self.ranks))
+                self._fail(missing[0] if missing else None, None,
+                           f"ranks {missing} did not connect within {self.start_timeout:.0f} s")
+            return
+        for r in range(self.world_size):
+            if r in self.done:
+                continue
+            silent = now - self.last_seen.get(r, self._t0)
+            if silent > self.heartbeat_timeout:
+                self._fail(r, self.last_step.get(r), f"silent for {silent:.0f} s (no heartbeat; "
+                           f"timeout {self.heartbeat_timeout:.0f} s)")
+                return
+
+    def fail(self, rank: int | None, step: int | None, reason: str, traceback: str = "") -> None:
+        """For the launcher: a failure it saw itself (mpiexec exited, a Ray actor died)."""
+        self._fail(rank, step, reason, traceback)
+
+    def _fail(self, rank, step, reason, traceback="") -> None:
+        if self.failure is None:
+            self.failure = Failure(rank, step, reason, traceback)
+            self._close_bar()
+
+    # -- outputs -----------------------------------------------------------------------------------------------------
+    def _all_connected(self) -> None:
+        reporting = sorted(r for r, info in self.ranks.items() if info["reports"])
+        self._agg = StepAggregator(reporting or [0])
+        if self.run_dir is not None:
+            self.write_json("ranks.json", [{k: v for k, v in self.ranks[r].items() if k != "reports"}
+                                           for r in sorted(self.ranks)])
+        pending, self._pending_logs = self._pending_logs, []
+        for msg in pending:
+            self._emit(self._agg.add(msg["rank"], msg["record"]))
+
+    def write_json(self, name: str, obj) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, self.run_dir / name)
+
+    def _emit(self, records: list[dict]) -> None:
+        for rec in records:
+            self.records.append(rec)
+            if self.writer is not None:
+                self.writer.log(rec)
+            self._tensorboard(rec)
+            self._progress(rec)
+
+    def _tensorboard(self, rec: dict) -> None:
+        if not self.tensorboard or self.run_dir is None:
+            return
+        if self._tb is None:
+            self._tb = _summary_writer(self.run_dir / "tb")
+        step = int(rec["step"])
+        if "eval" in rec and isinstance(rec["eval"], dict):
+            for k, v in rec["eval"].items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"eval/{k}", v, step)
+            return
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._tb.add_scalar(f"train/{k}", v, step)
+
+    def _progress(self, rec: dict) -> None:
+        if self.quiet or "eval" in rec:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+            self._bar = tqdm(total=self.total_steps, unit="step", file=sys.stderr, dynamic_ncols=True,
+                             desc=f"{self.world_size} rank{'s' if self.world_size > 1 else ''}")
+        step = int(rec["step"])
+        self._bar.update(max(0, step - self._bar.n))
+        post = {}
+        if "loss" in rec:
+            post["loss"] = f"{rec['loss']:.4g}" if isinstance(rec["loss"], float) else rec["loss"]
+        if "tokens_per_s" in rec:
+            post["tok/s"] = f"{rec['tokens_per_s']:.0f}"
+        if "comm_share" in rec:
+            post["comm"] = f"{100 * rec['comm_share']:.1f}%"
+        self._bar.set_postfix(post, refresh=False)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _finish(self) -> None:
+        if self._agg is not None:
+            self._emit(self._agg.flush_all())
+        self.finished = True
+        self._close_bar()
+        if self._summary is not None and self.writer is not None:
+            summary = dict(self._summary)
+            for k, v in self._agg_summary().items():
+                summary.setdefault(k, v)
+            self.writer.summary(summary)
+
+    def _agg_summary(self) -> dict:
+        train = [r for r in self.records if "eval" not in r]
+        out = {"world_size": self.world_size, "coordinator_wall_s": time.time() - self._t_wall0}
+        for key in ("tokens_per_s", "samples_per_s", "comm_share", "step_time"):
+            vals = [r[key] for r in train if isinstance(r.get(key), (int, float))]
+            if vals:
+                out[f"mean_{key}"] = sum(vals) / len(vals)
+        out.update(self.extra_summary)
+        return out
+
+    def close(self) -> None:
+        self._close_bar()
+        if self._server is not None:
+            try:
+                self._server.close()
+            except OSError:
+                pass
+        for c in self._conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self.writer is not None and hasattr(self.writer, "close"):
+            self.writer.close()

@@ -1,0 +1,148 @@
+"""The rank side of the coordinator link: send metrics, heartbeats and errors without blocking training.
+
+A rank finds the coordinator through the environment the launcher sets (NDTRAIN_COORD_ADDR = host:port,
+NDTRAIN_COORD_TOKEN = a per-run secret). Messages are JSON lines over one TCP connection; a background thread
+sends them, so `log()` costs one queue put on the training thread. The first message is a hello with the token,
+the rank's host and pid.
+
+RankReporter has the run-directory sink interface (launch.rundir.MetricsSink: log / summary / close), so the worker
+loop logs the same way whether it writes the run directory itself (local) or reports to a coordinator.
+
+    rep = RankReporter.from_env(rank, world_size)       # None when no coordinator is configured
+    rep.log({"step": 5, "loss_sum": ..., "count": ..., "step_time": ..., "comm_time": ...})
+    rep.error(step, exc)                                 # before the rank dies: sent synchronously
+    rep.close()                                          # says "done", flushes, stops the thread
+
+What the coordinator aggregates (same step across ranks): loss_sum, count, tokens, samples (summed; loss =
+sum loss_sum / sum count), step_time (max: the slowest rank), comm_time (mean; comm_share = mean of
+comm_time / step_time), tokens/step_time summed as tokens_per_s; any other key is taken from the lowest rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import socket
+import threading
+import time
+import traceback as tb_mod
+
+ENV_ADDR = "NDTRAIN_COORD_ADDR"
+ENV_TOKEN = "NDTRAIN_COORD_TOKEN"
+HEARTBEAT_S = 2.0
+_STOP = object()
+
+
+def encode(msg: dict) -> bytes:
+    return (json.dumps(_plain(msg), separators=(",", ":")) + "\n").encode()
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{ENV_ADDR}={addr!r}: expected host:port")
+    return host, int(port)
+
+
+class RankReporter:
+    """One rank's link to the coordinator. reports: does this rank log train/eval records? (the coordinator waits
+    for a record from every reporting rank before it writes the aggregated line)."""
+
+    def __init__(self, addr: str, token: str, rank: int, world_size: int, reports: bool = True,
+                 heartbeat_s: float = HEARTBEAT_S, connect_timeout: float = 30.0):
+        self.rank, self.world_size, self.reports = rank, world_size, reports
+        self.step = 0
+        self._q: queue.Queue = queue.Queue()
+        self._closed = False
+        host, port = parse_addr(addr)
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            try:
+                self._sock = socket.create_connection((host, port), timeout=5.0)
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"rank {rank}: cannot reach the coordinator at {addr}: {e}") from None
+                time.sleep(0.2)
+        self._sock.settimeout(10.0)
+        self._send_now({"type": "hello", "token": token, "rank": rank, "world_size": world_size,
+                        "host": socket.gethostname(), "pid": os.getpid(), "reports": bool(reports)})
+        self._heartbeat_s = heartbeat_s
+        self._lost = False
+        self._thread = threading.Thread(target=self._run, name=f"ndtrain-reporter-{rank}", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_env(cls, rank: int, world_size: int, reports: bool = True, env=None) -> "RankReporter | None":
+        env = os.environ if env is None else env
+        addr = env.get(ENV_ADDR)
+        if not addr:
+            return None
+        return cls(addr, env.get(ENV_TOKEN, ""), rank, world_size, reports=reports)
+
+    # -- the sink interface ----------------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        if "step" not in record:
+            raise ValueError(f"rank {self.rank}: every metrics record needs a 'step'; got keys {sorted(record)}")
+        self.step = int(record["step"])
+        self._q.put({"type": "log", "rank": self.rank, "record": record})
+
+    def summary(self, summary: dict) -> None:
+        self._q.put({"type": "summary", "rank": self.rank, "summary": summary})
+
+    def progress(self, step: int) -> None:
+        """Tell the coordinator which step this rank is on (carried by the next heartbeat; no message)."""
+        self.step = int(step)
+
+    def error(self, step: int | None, exc: BaseException | str) -> None:
+        """Report a fatal error now (synchronously, after what is queued): the process is about to end."""
+        text = exc if isinstance(exc, str) else "".join(tb_mod.format_exception(type(exc), exc, exc.__traceback__))
+        msg = {"type": "error", "rank": self.rank, "step": self.step if step is None else int(step),
+               "traceback": text}
+        self._q.put(msg)
+        self.close(done=False)
+
+    def close(self, done: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if done:
+            self._q.put({"type": "done", "rank": self.rank, "step": self.step})
+        self._q.put(_STOP)
+        self._thread.join(timeout=10.0)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    # -- sender thread ---------------------------------------------------------------------------------------------
+    def _send_now(self, msg: dict) -> None:
+        self._sock.sendall(encode(msg))
+
+    def _run(self) -> None:
+        while True:
+            try:
+                msg = self._q.get(timeout=self._heartbeat_s)
+            except queue.Empty:
+                msg = {"type": "hb", "rank": self.rank, "step": self.step}
+            if msg is _STOP:
+                return
+            if self._lost:
+                continue
+            try:
+                self._send_now(msg)
+            except OSError:
+                self._lost = True  # coordinator gone: it ends the job; training must not block on it

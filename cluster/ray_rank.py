@@ -1,0 +1,48 @@
+"""A Ray rank: the actor class one training process runs in (Ray places it and restarts nothing: a dead rank ends
+the job). The driver creates W of them, joins them into a group (cluster.comm.ray_comm.form_group), then calls
+`run(target, args)` on all at once."""
+from __future__ import annotations
+
+import os
+import socket
+
+from .rank_entry import RankContext, pin_threads, reports, run_target
+
+
+class RankActor:
+    def __init__(self, rank: int, world_size: int, env: dict, threads: int):
+        os.environ.update({k: str(v) for k, v in env.items()})
+        pin_threads(threads)
+        self.rank, self.world_size, self.threads = rank, world_size, threads
+        self.group = None
+        self._shm = None
+
+    def node_info(self) -> dict:
+        import ray
+        ctx = ray.get_runtime_context()
+        return {"rank": self.rank, "host": socket.gethostname(), "ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid(), "node": ctx.get_node_id()}
+
+    def join_shm(self, path: str, create: bool, slot_bytes: int, timeout: float) -> None:
+        from .comm.shm import ShmGroup
+        self.group = ShmGroup(path, self.rank, self.world_size, create, slot_bytes=slot_bytes, timeout=timeout)
+
+    def unlink_shm(self) -> None:
+        self.group.unlink()
+
+    def listen_tcp(self) -> int:
+        from .comm.tcp import TcpGroup
+        self.group = TcpGroup(self.rank, self.world_size)
+        return self.group.port
+
+    def connect_tcp(self, peers: list, timeout: float) -> None:
+        self.group.timeout = timeout
+        self.group.connect([tuple(p) for p in peers])
+
+    def run(self, target: str, args: dict):
+        from .comm.ray_comm import RayCommunicator
+        from .metrics_channel import RankReporter
+        comm = RayCommunicator(self.rank, self.world_size, self.group)
+        reporter = RankReporter.from_env(self.rank, self.world_size, reports=reports(args, self.rank))
+        ctx = RankContext(comm, reporter, self.rank, self.world_size, self.threads, dict(args))
+        return run_target(target, ctx)

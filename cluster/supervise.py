@@ -1,0 +1,71 @@
+"""What the MPI and Ray launchers share: the resolved topology (printed at start and stored in the run directory)
+and the supervision loop around the coordinator."""
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Topology:
+    backend: str
+    hosts: list[str]
+    ranks: int
+    threads_per_rank: int
+    global_batch: int | None = None
+    transport: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def per_rank_batch(self) -> int | None:
+        return None if self.global_batch is None else self.global_batch // self.ranks
+
+    def line(self) -> str:
+        batch = "" if self.global_batch is None else \
+            f", batch {self.global_batch} global = {self.per_rank_batch} per rank"
+        via = f" via {self.transport}" if self.transport else ""
+        return (f"ndtrain: backend {self.backend}{via}: {self.ranks} rank{'s' if self.ranks != 1 else ''} on "
+                f"{', '.join(self.hosts)}, {self.threads_per_rank} BLAS thread(s) per rank{batch}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["per_rank_batch"] = self.per_rank_batch
+        return d
+
+
+def local_host() -> str:
+    return socket.gethostname()
+
+
+def supervise(coord, is_running, grace_s: float = 3.0, poll_s: float = 0.2):
+    """Pump the coordinator until every rank is done or something failed.
+    is_running(): None while the ranks' processes run, else (ok: bool, description: str) once they have ended.
+    Returns None on success, else the coordinator's Failure."""
+    ended_at = None
+    while True:
+        coord.poll(poll_s)
+        if coord.failure is not None:
+            return coord.failure
+        status = is_running()
+        if status is None:
+            if coord.finished:
+                return None
+            continue
+        ok, what = status
+        if coord.finished and ok:
+            return None
+        if ended_at is None:
+            ended_at = time.monotonic()  # give in-flight messages (an error report) a moment to arrive
+        elif time.monotonic() - ended_at > grace_s:
+            if ok and coord.finished:
+                return None
+            missing = sorted(set(range(coord.world_size)) - coord.done)
+            coord.fail(missing[0] if missing else None, None,
+                       f"{what}" + ("" if ok else "") + (f"; ranks {missing} never reported done" if missing else ""))
+            return coord.failure
+
+
+def report_failure(failure) -> None:
+    print(failure.message(), file=sys.stderr, flush=True)

@@ -1,0 +1,100 @@
+"""User text -> shard directories: a plain text file for LM, a parallel corpus (two line-aligned files or a TSV) for
+seq2seq. Files may be gzip-compressed (by magic bytes, whatever the name). Errors name the file and line.
+
+LM rows are the file's lines, each keeping its newline, so the packed token stream is the whole text (for char and
+byte-level BPE tokenizers exactly; the word tokenizer drops whitespace). One shared tokenizer serves src and tgt.
+Pass `tokenizer_file` to reuse the tokenizer of an earlier import (a validation set must use the training ids).
+"""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+from .info import TaskInfo
+from .shards import DataError, write_dataset
+from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+
+def read_lines(path: str | Path, *, keepends: bool = False) -> list[str]:
+    """UTF-8 lines of a (possibly gzipped) file. DataError for a missing, empty or undecodable file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    raw = p.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{p}: broken gzip data ({e})") from None
+    if not raw.strip():
+        raise DataError(f"{p}: empty file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{p}: line {line}: bytes that are not UTF-8 ({raw[e.start:e.end]!r} at byte "
+                        f"{e.start})") from None
+    text = text.lstrip("\ufeff")
+    return text.splitlines(keepends=keepends)
+
+
+def _tokenizer(kind: str, texts: list[str], vocab_size: int | None, tokenizer_file) -> Tokenizer:
+    if tokenizer_file is not None:
+        return load_tokenizer(tokenizer_file)
+    try:
+        return train_tokenizer(kind, texts, vocab_size)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def _encode_all(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    if hasattr(tok, "encode_batch"):
+        return tok.encode_batch(texts)
+    return [tok.encode(t) for t in texts]
+
+
+def import_text(path, out_dir, tokenizer: str = "char", vocab_size: int | None = None, *, block_size: int = 128,
+                shard_rows: int = 65536, tokenizer_file=None, name: str | None = None) -> Path:
+    lines = read_lines(path, keepends=True)
+    tok = _tokenizer(tokenizer, lines, vocab_size, tokenizer_file)
+    docs = _encode_all(tok, lines)
+    n_tokens = sum(len(d) for d in docs)
+    if n_tokens < 2:
+        raise DataError(f"{path}: fewer than 2 tokens after tokenization")
+    info = TaskInfo(name or Path(path).name.split(".")[0], "lm", tgt_vocab_size=tok.vocab_size,
+                    max_tgt_len=block_size, extra={"tokenizer": tok.kind})
+    source = {"import": "text", "file": str(path), "tokenizer": tok.kind, "vocab_size": vocab_size}
+    return write_dataset(out_dir, info, {"tokens": docs}, shard_rows=shard_rows, tokenizer=tok, source=source)
+
+
+def read_parallel(src_path=None, tgt_path=None, tsv_path=None) -> tuple[list[str], list[str]]:
+    if tsv_path is not None:
+        src, tgt = [], []
+        for i, line in enumerate(read_lines(tsv_path), start=1):
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise DataError(f"{tsv_path}: line {i}: expected 2 tab-separated fields, found {len(parts)}")
+            src.append(parts[0])
+            tgt.append(parts[1])
+        return src, tgt
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise DataError(f"line counts differ: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}")
+    return src, tgt
+
+
+def import_parallel(out_dir, *, src=None, tgt=None, tsv=None, tokenizer: str = "char", vocab_size: int | None = None,
+                    shard_rows: int = 65536, tokenizer_file=None, name: str | None = None) -> Path:
+    src_lines, tgt_lines = read_parallel(src, tgt, tsv)
+    tok = _tokenizer(tokenizer, src_lines + tgt_lines, vocab_size, tokenizer_file)
+    src_ids, tgt_ids = _encode_all(tok, src_lines), _encode_all(tok, tgt_lines)
+    label = name or Path(tsv or src).name.split(".")[0]
+    info = TaskInfo(label, "seq2seq", src_vocab_size=tok.vocab_size, tgt_vocab_size=tok.vocab_size,
+                    max_src_len=max(len(s) for s in src_ids), max_tgt_len=max(len(t) for t in tgt_ids) + 1,
+                    extra={"tokenizer": tok.kind})
+    source = {"import": "parallel", "files": [str(p) for p in (src, tgt, tsv) if p], "tokenizer": tok.kind,
+              "vocab_size": vocab_size}
+    return write_dataset(out_dir, info, {"src": src_ids, "tgt": tgt_ids}, shard_rows=shard_rows, tokenizer=tok,
+                         source=source)

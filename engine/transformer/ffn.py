@@ -1,0 +1,73 @@
+"""Position-wise feed-forward network: FFN(x) = act(x W1 + b1) W2 + b2, or SwiGLU (Shazeer 2020):
+(silu(x W_gate) * (x W_up)) W2, with W_gate and W_up fused in one (D, 2F) GEMM."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import init as initializers
+from ..module import Module
+from ..params import Param
+from . import fused
+
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+
+
+class PositionWiseFFN(Module):
+    """x: (..., D) -> (..., D); hidden width d_ff. activation: 'relu', 'gelu' (tanh approximation) or 'swiglu'."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True, out_init=None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"PositionWiseFFN: unknown activation {activation!r} (expected one of {ACTIVATIONS})")
+        self.d_model, self.d_ff, self.activation = d_model, d_ff, activation
+        width = 2 * d_ff if activation == "swiglu" else d_ff
+        self.w1 = Param((d_model, width), initializers.torch_linear_default(d_model))
+        self.b1 = Param((width,), initializers.torch_linear_default(d_model), decay=False) if bias else None
+        self.w2 = Param((d_ff, d_model), out_init or initializers.torch_linear_default(d_ff))
+        self.b2 = Param((d_model,), initializers.torch_linear_default(d_ff), decay=False) if bias else None
+
+    def forward(self, x, *, train: bool):
+        D, F = self.d_model, self.d_ff
+        x2 = x.reshape(-1, D)
+        h = x2 @ self.w1.data  # (N, F) or (N, 2F)
+        if self.b1 is not None:
+            h += self.b1.data
+        if self.activation == "gelu":
+            a, s = fused.gelu_tanh(h)
+        elif self.activation == "relu":
+            a, s = np.maximum(h, 0), None
+        else:
+            gate, up = h[:, :F], h[:, F:]
+            s = fused.sigmoid(gate)
+            silu = gate * s
+            a = silu * up
+        y = a @ self.w2.data
+        if self.b2 is not None:
+            y += self.b2.data
+
+        def backward(dy):
+            dy2 = dy.reshape(-1, D)
+            self.w2.grad += a.T @ dy2
+            if self.b2 is not None:
+                self.b2.grad += fused.col_sum(dy2)
+            da = dy2 @ self.w2.data.T  # (N, F)
+            if self.activation == "gelu":
+                dh = fused.gelu_tanh_backward(da, h, s, out=da)
+            elif self.activation == "relu":
+                dh = np.multiply(da, h > 0, out=da)
+            else:
+                dh = np.empty_like(h)
+                np.multiply(da, silu, out=dh[:, F:])  # d up
+                # d silu(g)/dg = s (1 + g (1 - s))
+                dsilu = 1.0 - s
+                dsilu *= gate
+                dsilu += 1.0
+                dsilu *= s
+                dsilu *= up
+                np.multiply(da, dsilu, out=dh[:, :F])
+            self.w1.grad += x2.T @ dh
+            if self.b1 is not None:
+                self.b1.grad += fused.col_sum(dh)
+            return (dh @ self.w1.data.T).reshape(x.shape)
+
+        return y.reshape(x.shape), backward

@@ -1,0 +1,71 @@
+"""DecoderLM: a GPT-style decoder-only language model (causal self-attention, tied input/output embeddings)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import init as initializers
+from ..attention import make_attention_mask
+from ..module import Module
+from ..params import Param
+from .config import DecoderLMConfig
+from .seq2seq import reorder_state
+from .stacks import Decoder, InputEmbedding, padding_mask
+
+
+class DecoderLM(Module):
+    """forward(x (B, T) int) -> logits (B, T, V); backward(dlogits) -> None. IncrementalDecoder with a KV cache."""
+
+    def __init__(self, cfg: DecoderLMConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embed = InputEmbedding(cfg, cfg.vocab_size)
+        self.decoder = Decoder(cfg, cfg.n_layers, cross=False)
+        if not cfg.tie_embeddings:
+            self.w_out = Param((cfg.d_model, cfg.vocab_size), initializers.normal(0.02))
+
+    def _head(self, h):
+        if self.cfg.tie_embeddings:
+            return self.embed.tokens.logits(h)
+        B, T, D = h.shape
+        h2 = h.reshape(B * T, D)
+
+        def backward(dlogits):
+            dl2 = dlogits.reshape(B * T, -1)
+            self.w_out.grad += h2.T @ dl2
+            return (dl2 @ self.w_out.data.T).reshape(B, T, D)
+
+        return (h2 @ self.w_out.data).reshape(B, T, -1), backward
+
+    def forward(self, x, *, record: dict | None = None, train: bool):
+        T = x.shape[1]
+        mask = make_attention_mask(padding_mask(x, self.cfg.pad_id), causal=True, tq=T, tk=T, dtype=self.dtype)
+        h, emb_backward = self.embed(x, train=train)
+        h, dec_backward = self.decoder(h, self_mask=mask, record=record, train=train)
+        logits, head_backward = self._head(h)
+
+        def backward(dlogits):
+            emb_backward(dec_backward(head_backward(dlogits))[0])
+            return None
+
+        return logits, backward
+
+    # -- IncrementalDecoder -------------------------------------------------------------------------------------------
+    def start(self, src=None, batch_size: int | None = None) -> dict:
+        if batch_size is None:
+            raise ValueError("DecoderLM.start: batch_size is required (a language model has no source)")
+        return {"caches": [{} for _ in self.decoder.layers], "self_pad": np.zeros((batch_size, 0), dtype=bool),
+                "pos": 0}
+
+    def step(self, tokens, state: dict):
+        tokens = np.asarray(tokens)
+        offset, t = state["pos"], tokens.shape[1]
+        self_pad = np.concatenate([state["self_pad"], tokens == self.cfg.pad_id], axis=1)
+        mask = make_attention_mask(self_pad if self_pad.any() else None, causal=True, tq=t, tk=offset + t,
+                                   q_offset=offset, dtype=self.dtype)
+        x, _ = self.embed(tokens, offset, train=False)
+        h, caches = self.decoder.step(x, state["caches"], mask)
+        logits, _ = self._head(h[:, -1:])
+        return logits[:, 0], {"caches": caches, "self_pad": self_pad, "pos": offset + t}
+
+    def reorder(self, state: dict, idx) -> dict:
+        return reorder_state(state, np.asarray(idx))

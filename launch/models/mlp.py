@@ -1,0 +1,135 @@
+"""MLP for the vector tasks: classification (softmax cross-entropy, or one logit + BCE for two classes) and
+regression (MSE).
+
+    [model]                      # defaults
+    hidden = [64, 64]            # widths of the hidden layers: xor's 2-4-1 MLP is hidden = [4]
+    activation = "relu"          # relu | tanh | sigmoid | gelu | leaky_relu | silu
+    dropout = 0.0                # after every hidden activation (train mode only)
+    binary_single_logit = true   # two classes -> one output unit with BCE-with-logits (the classic 2-4-1 net)
+
+Batches: x (B, D) float32; y (B,) int64 labels, or (B, K) float32 regression targets.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ndtrain.engine.layers import Linear
+from ndtrain.engine.module import Sequential
+from ndtrain.engine import losses
+from ndtrain.launch.config import ConfigError, model_options
+from ndtrain.launch.models import register_model
+from ndtrain.launch.models.base import TaskModel
+
+DEFAULTS = {"hidden": [64, 64], "activation": "relu", "dropout": 0.0, "binary_single_logit": True}
+
+
+def _activation(name: str):
+    from ndtrain.engine.layers import activations as A
+    table = {"relu": A.ReLU, "tanh": A.Tanh, "sigmoid": A.Sigmoid, "gelu": A.GELU, "leaky_relu": A.LeakyReLU,
+             "silu": A.SiLU}
+    if name not in table:
+        raise ConfigError(f"model.activation: must be one of {', '.join(table)}; got {name!r}")
+    return table[name]()
+
+
+def build_mlp(d_in: int, hidden: list[int], d_out: int, activation: str = "relu", dropout: float = 0.0):
+    """Linear -> act (-> dropout) ... -> Linear: x (B, d_in) -> logits / predictions (B, d_out)."""
+    layers, d = [], d_in
+    for h in hidden:
+        layers += [Linear(d, h), _activation(activation)]
+        if dropout > 0:
+            from ndtrain.engine.layers.dropout import Dropout
+            layers.append(Dropout(dropout))
+        d = h
+    layers.append(Linear(d, d_out))
+    return Sequential(*layers)
+
+
+def _scaled(grad: np.ndarray):
+    """grad_fn(scale) for a loss whose gradient (of the sum) is already computed: scales it in place, once."""
+    def grad_fn(scale: float) -> np.ndarray:
+        np.multiply(grad, grad.dtype.type(scale), out=grad)
+        return grad
+    return grad_fn
+
+
+class MLPModel(TaskModel):
+    """kind "classification": loss = cross-entropy (softmax, or sigmoid when single_logit), metrics loss, accuracy;
+    kind "regression": loss = squared error summed over the K target values, count = B*K, metrics loss = mse."""
+
+    def __init__(self, module, kind: str, single_logit: bool = False):
+        self.module = module
+        self.kind = kind
+        self.single_logit = single_logit
+
+    def _forward(self, x, train):
+        return self.module(np.asarray(x, dtype=self.module.dtype), train=train)
+
+    def loss(self, batch, *, train):
+        out, backward = self._forward(batch["x"], train)  # (B, d_out)
+        y = batch["y"]
+        if self.kind == "regression":
+            target = np.asarray(y, dtype=out.dtype).reshape(out.shape)
+            loss_sum, grad, count = losses.mse(out, target, reduction="sum")  # grad: of the sum
+            grad_fn = _scaled(grad)
+        elif self.single_logit:
+            target = np.asarray(y, dtype=out.dtype).reshape(out.shape)  # (B, 1) in {0, 1}
+            loss_sum, grad, count = losses.bce_with_logits(out, target, reduction="sum")
+            grad_fn = _scaled(grad)
+        else:
+            loss_sum, count, grad_fn = losses.cross_entropy_fused(out, np.asarray(y))
+
+        def model_backward(scale: float) -> None:
+            backward(grad_fn(scale))
+
+        return loss_sum, count, model_backward
+
+    def predict(self, x) -> np.ndarray:
+        """Eval mode: class ids (B,) for classification, predictions (B, K) for regression."""
+        out, _ = self._forward(x, False)
+        if self.kind == "regression":
+            return out
+        if self.single_logit:
+            return (out[:, 0] > 0).astype(np.int64)
+        return out.argmax(axis=1)
+
+    def metric_sums(self, batch):
+        out, _ = self._forward(batch["x"], False)
+        y = batch["y"]
+        if self.kind == "regression":
+            target = np.asarray(y, dtype=out.dtype).reshape(out.shape)
+            loss_sum, _, count = losses.mse(out, target, reduction="sum")
+            return {"loss_sum": loss_sum, "count": float(count)}
+        if self.single_logit:
+            target = np.asarray(y, dtype=out.dtype).reshape(out.shape)
+            loss_sum, _, count = losses.bce_with_logits(out, target, reduction="sum")
+            pred = (out[:, 0] > 0).astype(np.int64)
+        else:
+            loss_sum, count, _ = losses.cross_entropy_fused(out, np.asarray(y))
+            pred = out.argmax(axis=1)
+        return {"loss_sum": loss_sum, "count": float(count), "correct": float(np.sum(pred == np.asarray(y)))}
+
+    def finalize(self, sums):
+        n = max(sums["count"], 1.0)
+        loss = sums["loss_sum"] / n
+        if self.kind == "regression":
+            return {"loss": loss, "mse": loss}
+        return {"loss": loss, "accuracy": sums["correct"] / n}
+
+
+@register_model("mlp")
+def mlp(task_info, cfg) -> MLPModel:
+    """cfg: the [model] table (a dict) or a launch.config.Config (its .model is used)."""
+    table = cfg.model if hasattr(cfg, "model") else (cfg or {})
+    opts = model_options(table, DEFAULTS, "mlp")
+    if task_info.kind not in ("classification", "regression"):
+        raise ConfigError(f"run.model: 'mlp' needs a vector task (classification or regression); task "
+                          f"{task_info.name!r} is {task_info.kind}")
+    if any(h < 1 for h in opts["hidden"]):
+        raise ConfigError(f"model.hidden: widths must be >= 1, got {opts['hidden']}")
+    if not 0.0 <= opts["dropout"] < 1.0:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {opts['dropout']}")
+    single = task_info.kind == "classification" and task_info.n_outputs == 2 and opts["binary_single_logit"]
+    d_out = 1 if single else task_info.n_outputs
+    module = build_mlp(task_info.n_features, opts["hidden"], d_out, opts["activation"], opts["dropout"])
+    return MLPModel(module, task_info.kind, single_logit=single)

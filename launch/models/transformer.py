@@ -1,0 +1,304 @@
+"""Transformer families as TaskModels: "transformer" (encoder-decoder, seq2seq tasks), "lm" (decoder-only, GPT
+style) and "classifier" (encoder with a pooled head).
+
+    [model]                        # "transformer" defaults (see DEFAULTS for "lm" and "classifier")
+    d_model = 128
+    n_heads = 4
+    d_ff = 512
+    n_enc_layers = 2
+    n_dec_layers = 2
+    dropout = 0.1                  # residual and embedding dropout; attn_dropout defaults to it
+    activation = "gelu"            # relu | gelu | swiglu
+    norm = "layer"                 # layer | rms
+    norm_placement = "pre"         # pre (GPT-2, Xiong et al.) | post (Vaswani et al.)
+    positional = "sinusoidal"      # sinusoidal | learned
+    scale_embedding = false        # token embeddings times sqrt(d_model)
+    share_embeddings = false       # one embedding for source and target (same vocabulary)
+    tie_output = true              # output projection = target embedding^T
+    label_smoothing = 0.0
+    eval_beam_size = 1             # exact match decodes greedily (1) or with beam search
+    length_penalty = 0.6           # GNMT alpha of that beam search
+
+The keys are the fields of the engine's config dataclasses (engine/transformer/config.py) plus the adapter's own
+(label_smoothing, eval_beam_size, length_penalty, block_size); vocabulary sizes and max_len come from TaskInfo.
+
+Batches (launch/models/base.py): seq2seq src/tgt_in/tgt_out, lm x/y, classification x/y. PAD (0) targets are
+ignored by the loss and every metric. The engine module maps ids to logits:
+  seq2seq     module(src, tgt_in) -> (logits (B, T, V), backward); also an IncrementalDecoder (start/step/reorder)
+  lm          module(x) -> (logits (B, T, V), backward); an IncrementalDecoder too (src = None)
+  classifier  module(x) -> (logits (B, C), backward); x (B, T) token ids (EncoderClassifier) or (B, F) float
+              features (FeatureTokenClassifier, below)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ndtrain.data.info import PAD, TaskInfo
+from ndtrain.engine import decoding, losses, metrics
+from ndtrain.engine.module import Module
+from ndtrain.engine.params import Param
+from ndtrain.launch.models import register_model
+from ndtrain.launch.models.base import TaskModel
+
+_COMMON = {"d_model": 128, "n_heads": 4, "d_ff": 512, "dropout": 0.1, "attn_dropout": None, "activation": "gelu",
+           "norm": "layer", "norm_placement": "pre", "scale_embedding": False, "label_smoothing": 0.0}
+DEFAULTS = {
+    "transformer": {**_COMMON, "positional": "sinusoidal", "n_enc_layers": 2, "n_dec_layers": 2,
+                    "share_embeddings": False, "tie_output": True, "eval_beam_size": 1, "length_penalty": 0.6},
+    # nanoGPT's small CPU configuration for shakespeare_char (no dropout)
+    "lm": {**_COMMON, "dropout": 0.0, "positional": "learned", "n_layers": 4, "tie_embeddings": True,
+           "block_size": 0},  # block_size 0: the task's context length (TaskInfo.max_tgt_len)
+    "classifier": {**_COMMON, "positional": "learned", "n_layers": 2, "pooling": "mean"},
+}
+
+
+def _model_table(cfg) -> dict:
+    """cfg: a launch.config.Config (its [model] table is used), a plain dict, or None."""
+    table = cfg.model if hasattr(cfg, "model") else cfg
+    if dataclasses.is_dataclass(table):
+        table = dataclasses.asdict(table)
+    return dict(table or {})
+
+
+def _options(cfg, family: str) -> dict:
+    table = _model_table(cfg)
+    try:
+        from ndtrain.launch.config import model_options
+    except ImportError:  # the trainer's config module is optional here
+        unknown = sorted(set(table) - set(DEFAULTS[family]))
+        if unknown:
+            raise KeyError(f"model.{unknown[0]}: unknown key for model {family!r}")
+        return {**DEFAULTS[family], **table}
+    return model_options(table, DEFAULTS[family], family)
+
+
+def _ids(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.int32)
+
+
+def _scaled_backward(module_backward, grad_fn):
+    def backward(scale: float) -> None:
+        module_backward(grad_fn(scale))
+    return backward
+
+
+def _finalize_tokens(sums: dict) -> dict:
+    n = max(sums.get("count", 0.0), 1.0)
+    out = {"loss": sums["loss_sum"] / n, "perplexity": metrics.perplexity(sums["loss_sum"], n)}
+    if "correct" in sums:
+        out["token_accuracy"] = sums["correct"] / n
+    return out
+
+
+# -- seq2seq ----------------------------------------------------------------------------------------------------------
+class Seq2SeqModel(TaskModel):
+    """Teacher-forced cross-entropy summed over the real (non-PAD) target tokens; eval adds the exact match of
+    greedy (or beam) decodes made through the IncrementalDecoder protocol."""
+
+    def __init__(self, module, label_smoothing: float = 0.0, eval_beam_size: int = 1, length_penalty: float = 0.6,
+                 max_decode_len: int | None = None):
+        self.module = module
+        self.label_smoothing = float(label_smoothing)
+        self.eval_beam_size = int(eval_beam_size)
+        self.length_penalty = float(length_penalty)
+        self.max_decode_len = max_decode_len
+
+    def loss(self, batch, *, train):
+        logits, backward = self.module(_ids(batch["src"]), _ids(batch["tgt_in"]), train=train)  # (B, T, V)
+        loss_sum, count, grad_fn = losses.cross_entropy_fused(logits, _ids(batch["tgt_out"]), ignore_index=PAD,
+                                                              label_smoothing=self.label_smoothing, inplace=True)
+        return loss_sum, count, _scaled_backward(backward, grad_fn)
+
+    def decode(self, src: np.ndarray, max_len: int | None = None, beam_size: int | None = None) -> np.ndarray:
+        """src (B, S) -> generated target ids (B, L) int32, ending in EOS then PAD (eval mode, no gradients)."""
+        max_len = max_len or self.max_decode_len
+        if not max_len:
+            raise ValueError("Seq2SeqModel.decode: give max_len (or build the model with max_decode_len)")
+        beam = self.eval_beam_size if beam_size is None else beam_size
+        if beam > 1:
+            return decoding.beam_search(self.module, _ids(src), beam_size=beam, max_len=max_len,
+                                        alpha=self.length_penalty)[0]
+        return decoding.greedy(self.module, _ids(src), max_len=max_len)
+
+    def metric_sums(self, batch):
+        tgt_out = _ids(batch["tgt_out"])
+        logits, _ = self.module(_ids(batch["src"]), _ids(batch["tgt_in"]), train=False)
+        correct, count = metrics.token_accuracy_sums(logits, tgt_out)
+        loss_sum, _, _ = losses.cross_entropy_fused(logits, tgt_out, ignore_index=PAD, inplace=True)
+        # A correct output ends with EOS within the batch's target width, so decoding further is never needed.
+        pred = self.decode(batch["src"], max_len=tgt_out.shape[1])
+        exact = metrics.sequence_exact_match(pred, tgt_out)
+        return {"loss_sum": loss_sum, "count": float(count), "correct": float(correct),
+                "exact": float(exact.sum()), "n_seq": float(tgt_out.shape[0])}
+
+    def finalize(self, sums):
+        out = _finalize_tokens(sums)
+        out["exact_match"] = sums["exact"] / max(sums.get("n_seq", 0.0), 1.0)
+        return out
+
+
+# -- language model ---------------------------------------------------------------------------------------------------
+class LMModel(TaskModel):
+    """Next-token cross-entropy summed over the real positions of y; metrics loss, perplexity, token accuracy."""
+
+    def __init__(self, module, block_size: int, label_smoothing: float = 0.0):
+        self.module = module
+        self.block_size = int(block_size)
+        self.label_smoothing = float(label_smoothing)
+
+    def loss(self, batch, *, train):
+        logits, backward = self.module(_ids(batch["x"]), train=train)  # (B, T, V)
+        loss_sum, count, grad_fn = losses.cross_entropy_fused(logits, _ids(batch["y"]), ignore_index=PAD,
+                                                              label_smoothing=self.label_smoothing, inplace=True)
+        return loss_sum, count, _scaled_backward(backward, grad_fn)
+
+    def metric_sums(self, batch):
+        y = _ids(batch["y"])
+        logits, _ = self.module(_ids(batch["x"]), train=False)
+        correct, count = metrics.token_accuracy_sums(logits, y)
+        loss_sum, _, _ = losses.cross_entropy_fused(logits, y, ignore_index=PAD, inplace=True)
+        return {"loss_sum": loss_sum, "count": float(count), "correct": float(correct)}
+
+    def finalize(self, sums):
+        return _finalize_tokens(sums)
+
+    def generate(self, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, rng=None, eos: int | None = None):
+        """prompt (B, P) ids -> (B, max_new_tokens) sampled ids. The context slides over the last block_size
+        tokens (learned positions stop there). eos=None never stops early (a char LM has no EOS)."""
+        return decoding.sample(self.module, prefix=_ids(prompt), max_len=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, rng=rng, eos=-1 if eos is None else eos,
+                               window=self.block_size)
+
+
+# -- classifier -------------------------------------------------------------------------------------------------------
+class ClassifierModel(TaskModel):
+    """Cross-entropy over classes, one term per example; metrics loss and accuracy."""
+
+    def __init__(self, module, label_smoothing: float = 0.0):
+        self.module = module
+        self.label_smoothing = float(label_smoothing)
+
+    def _forward(self, x, train):
+        x = np.asarray(x)
+        x = x.astype(self.module.dtype) if np.issubdtype(x.dtype, np.floating) else _ids(x)
+        return self.module(x, train=train)  # (B, C)
+
+    def loss(self, batch, *, train):
+        logits, backward = self._forward(batch["x"], train)
+        loss_sum, count, grad_fn = losses.cross_entropy_fused(logits, np.asarray(batch["y"]),
+                                                              label_smoothing=self.label_smoothing, inplace=True)
+        return loss_sum, count, _scaled_backward(backward, grad_fn)
+
+    def metric_sums(self, batch):
+        y = np.asarray(batch["y"])
+        logits, _ = self._forward(batch["x"], False)
+        correct = int(np.count_nonzero(logits.argmax(axis=-1) == y))
+        loss_sum, count, _ = losses.cross_entropy_fused(logits, y, inplace=True)
+        return {"loss_sum": loss_sum, "count": float(count), "correct": float(correct)}
+
+    def finalize(self, sums):
+        n = max(sums.get("count", 0.0), 1.0)
+        return {"loss": sums["loss_sum"] / n, "accuracy": sums["correct"] / n}
+
+
+class FeatureTokenClassifier(Module):
+    """Vector classification with a Transformer encoder: each of the F features becomes a token
+    e_j = x_j w_j + b_j (the "feature tokenizer" of Gorishniy et al., 2021, FT-Transformer), the tokens pass the
+    engine's Encoder (no mask, no positions: the per-feature embeddings already tell the features apart), their mean
+    goes through a Linear head. forward(x (B, F) float) -> (logits (B, C), backward(dlogits) -> dx (B, F))."""
+
+    def __init__(self, cfg, n_features: int, n_classes: int):
+        from ndtrain.engine import init as initializers
+        from ndtrain.engine.layers import Linear
+        from ndtrain.engine.transformer.stacks import Encoder
+        super().__init__()
+        self.cfg = cfg.validate()
+        D = cfg.d_model
+        self.w_feat = Param((n_features, D), initializers.torch_linear_default(D), decay=True)
+        self.b_feat = Param((n_features, D), initializers.torch_linear_default(D), decay=False)
+        self.encoder = Encoder(cfg, cfg.n_layers)
+        self.head = Linear(D, n_classes)
+
+    def forward(self, x, *, train: bool):
+        w, b = self.w_feat, self.b_feat
+        tokens = x[:, :, None] * w.data + b.data  # (B, F, D)
+        h, enc_backward = self.encoder(tokens, train=train)  # (B, F, D)
+        F = h.shape[1]
+        logits, head_backward = self.head(h.mean(axis=1), train=train)  # (B, C)
+
+        def backward(dlogits):
+            dpooled = head_backward(dlogits)  # (B, D)
+            dh = np.broadcast_to(dpooled[:, None, :] / F, h.shape).copy()  # the mean spreads evenly
+            dtokens = enc_backward(dh)  # (B, F, D)
+            w.grad += np.einsum("bf,bfd->fd", x, dtokens)
+            b.grad += dtokens.sum(axis=0)
+            return (dtokens * w.data).sum(axis=-1)  # (B, F)
+
+        return logits, backward
+
+
+# -- builders ---------------------------------------------------------------------------------------------------------
+def _config(cls, values: dict):
+    """An engine config dataclass from our option names; keys the class does not have are dropped (so the [model]
+    table may carry adapter-only keys such as eval_beam_size)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _check_kind(info: TaskInfo, family: str, kinds: tuple) -> None:
+    if info.kind not in kinds:
+        raise ValueError(f"run.model: {family!r} needs a {' or '.join(kinds)} task; task {info.name!r} is "
+                         f"{info.kind}")
+
+
+def _engine_options(opts: dict) -> dict:
+    out = dict(opts)
+    if out["d_model"] % out["n_heads"]:
+        raise ValueError(f"model.n_heads: must divide model.d_model={out['d_model']}, got {out['n_heads']}")
+    return out
+
+
+@register_model("transformer")
+def build_transformer(task_info: TaskInfo, cfg) -> Seq2SeqModel:
+    from ndtrain.engine.transformer import Seq2SeqConfig, Seq2SeqTransformer
+    _check_kind(task_info, "transformer", ("seq2seq",))
+    opts = _engine_options(_options(cfg, "transformer"))
+    mc = _config(Seq2SeqConfig, {**opts, "src_vocab": task_info.src_vocab_size, "tgt_vocab": task_info.tgt_vocab_size,
+                                 "max_len": max(task_info.max_src_len, task_info.max_tgt_len)})
+    return Seq2SeqModel(Seq2SeqTransformer(mc), opts["label_smoothing"], opts["eval_beam_size"],
+                        opts["length_penalty"], max_decode_len=task_info.max_tgt_len)
+
+
+@register_model("lm")
+def build_lm(task_info: TaskInfo, cfg) -> LMModel:
+    from ndtrain.engine.transformer import DecoderLM, DecoderLMConfig
+    _check_kind(task_info, "lm", ("lm",))
+    opts = _engine_options(_options(cfg, "lm"))
+    block = opts["block_size"] or task_info.max_tgt_len
+    mc = _config(DecoderLMConfig, {**opts, "vocab_size": task_info.vocab_size, "max_len": block})
+    return LMModel(DecoderLM(mc), block, opts["label_smoothing"])
+
+
+@register_model("classifier")
+def build_classifier(task_info: TaskInfo, cfg) -> ClassifierModel:
+    from ndtrain.engine.transformer import EncoderClassifier, EncoderClassifierConfig
+    _check_kind(task_info, "classifier", ("classification",))
+    opts = _engine_options(_options(cfg, "classifier"))
+    vocab = task_info.src_vocab_size or task_info.tgt_vocab_size
+    if task_info.n_features and not vocab:  # a vector task: one token per feature
+        mc = _config(EncoderClassifierConfig, {**opts, "max_len": task_info.n_features})
+        module = FeatureTokenClassifier(mc, task_info.n_features, task_info.n_outputs)
+        return ClassifierModel(module, opts["label_smoothing"])
+    if not vocab or not task_info.max_src_len:
+        raise ValueError(f"run.model: 'classifier' needs token ids (TaskInfo.src_vocab_size and max_src_len) or "
+                         f"float features (n_features); task {task_info.name!r} gives neither")
+    mc = _config(EncoderClassifierConfig, {**opts, "vocab_size": vocab, "n_classes": task_info.n_outputs,
+                                           "max_len": task_info.max_src_len})
+    return ClassifierModel(EncoderClassifier(mc), opts["label_smoothing"])
+
+
+__all__ = ["Seq2SeqModel", "LMModel", "ClassifierModel", "FeatureTokenClassifier", "DEFAULTS", "build_transformer", "build_lm",
+           "build_classifier"]

@@ -1,0 +1,136 @@
+"""The run-directory contract. Kept stable: the local trainer, the coordinator and the report tools all use it.
+
+    DIR/config.toml       the resolved configuration (launch.config.write_config)
+    DIR/metrics.jsonl     one JSON object per event; train events have at least step, loss, lr, time;
+                          eval events have step, time and an `eval` object ({"loss": .., "accuracy": ..} / "mse")
+    DIR/summary.json      at least steps, wall_s, final_loss, eval (the task's final metrics)
+    DIR/checkpoints/      ckpt-<step>.npz + ckpt-<step>.json (cluster.checkpoint)
+
+Writers append and flush one line per event, so a crash loses at most the event being written; summary.json and
+config.toml are replaced atomically (temp file + rename), so a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+CONFIG = "config.toml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+
+SUMMARY_KEYS = ("steps", "wall_s", "final_loss", "eval")
+TRAIN_KEYS = ("step", "loss", "lr", "time")
+
+
+def _jsonable(x: Any) -> Any:
+    """NumPy scalars -> Python; non-finite floats -> "nan"/"inf" strings (strict JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)  # "nan", "inf": visible, and still valid JSON
+    return x
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class MetricsSink:
+    """Where a worker sends its records. Local runs write the run directory (RunWriter); distributed runs send
+    to the coordinator, which writes the same files."""
+
+    def log(self, record: dict) -> None:
+        raise NotImplementedError
+
+    def summary(self, summary: dict) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class NullSink(MetricsSink):
+    """For ranks that do not report (another rank or the coordinator writes the run directory)."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def summary(self, summary: dict) -> None:
+        pass
+
+
+class RunWriter(MetricsSink):
+    """Writes DIR/metrics.jsonl and DIR/summary.json. `log` appends one line and flushes."""
+
+    def __init__(self, out: str | os.PathLike, append: bool = False):
+        self.dir = Path(out)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / CHECKPOINTS).mkdir(exist_ok=True)
+        self._f = open(self.dir / METRICS, "a" if append else "w")
+
+    def log(self, record: dict) -> None:
+        if "step" not in record:
+            raise ValueError(f"{self.dir / METRICS}: every record needs a 'step'; got keys {sorted(record)}")
+        self._f.write(json.dumps(_jsonable(record), separators=(",", ":")) + "\n")
+        self._f.flush()
+
+    def summary(self, summary: dict) -> None:
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise ValueError(f"{self.dir / SUMMARY}: summary lacks {missing}")
+        atomic_write_text(self.dir / SUMMARY, json.dumps(_jsonable(summary), indent=2) + "\n")
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# -- readers ---------------------------------------------------------------------------------------------------------
+def checkpoints_dir(out: str | os.PathLike) -> Path:
+    return Path(out) / CHECKPOINTS
+
+
+def read_metrics(out: str | os.PathLike) -> list[dict]:
+    path = Path(out) / METRICS
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not JSON: {e}") from None
+    return rows
+
+
+def read_summary(out: str | os.PathLike) -> dict:
+    with open(Path(out) / SUMMARY) as f:
+        return json.load(f)
+
+
+def train_events(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "eval" not in r]
+
+
+def eval_events(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "eval" in r]

@@ -1,0 +1,124 @@
+"""Conv1d / Conv2d / pooling / Flatten: float64 gradient checks over padding, stride and dilation variants, shape
+semantics, and forward (and gradient) equality with torch when it is installed."""
+import numpy as np
+import pytest
+
+from ndtrain.engine import ParamStore, Sequential
+from ndtrain.engine.conv import AvgPool2d, Conv1d, Conv2d, Flatten, GlobalAvgPool, MaxPool2d
+from ndtrain.engine.gradcheck import assert_gradcheck
+
+CONV2D_CASES = [
+    dict(kernel_size=3, padding="same"),
+    dict(kernel_size=(2, 3), padding="same", dilation=(2, 1)),  # even kernel: asymmetric "same"
+    dict(kernel_size=3, padding="valid", stride=2),
+    dict(kernel_size=3, padding=1, stride=(2, 1), dilation=2),
+    dict(kernel_size=1, padding=0, bias=False),
+]
+
+
+@pytest.mark.parametrize("case", CONV2D_CASES, ids=str)
+def test_conv2d_gradcheck(case):
+    rng = np.random.default_rng(0)
+    m = Conv2d(3, 4, **case)
+    assert_gradcheck(m, [rng.standard_normal((2, 3, 7, 6))])
+
+
+@pytest.mark.parametrize("case", [dict(kernel_size=3, padding="same"), dict(kernel_size=4, padding="same"),
+                                  dict(kernel_size=3, stride=2, dilation=2, padding=2)], ids=str)
+def test_conv1d_gradcheck(case):
+    rng = np.random.default_rng(1)
+    assert_gradcheck(Conv1d(2, 3, **case), [rng.standard_normal((2, 2, 11))])
+
+
+def test_output_shapes():
+    for case, shape in [(dict(kernel_size=3, padding="same"), (2, 4, 9, 8)),
+                        (dict(kernel_size=3, stride=2), (2, 4, 4, 3)),
+                        (dict(kernel_size=3, padding=2, dilation=2), (2, 4, 9, 8))]:
+        m = Conv2d(3, 4, **case)
+        ParamStore.from_module(m)
+        y, _ = m(np.zeros((2, 3, 9, 8), np.float32), train=False)
+        assert y.shape == shape and y.dtype == np.float32, case
+    with pytest.raises(ValueError, match="stride 1"):
+        Conv2d(3, 4, 3, stride=2, padding="same")
+
+
+def _distinct(rng, shape):
+    """Values with no ties inside any pooling window (gradients of max are ill-defined at ties)."""
+    return rng.permutation(np.prod(shape)).reshape(shape) / 10.0 + rng.uniform(0, 0.01, shape)
+
+
+@pytest.mark.parametrize("cls", [MaxPool2d, AvgPool2d])
+@pytest.mark.parametrize("geom", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                                  dict(kernel_size=(2, 3), stride=1)], ids=str)
+def test_pool_gradcheck(cls, geom):
+    rng = np.random.default_rng(2)
+    assert_gradcheck(cls(**geom), [_distinct(rng, (2, 3, 7, 6))])
+
+
+def test_maxpool_picks_the_max_and_routes_gradient():
+    x = np.array([[[[1., 5., 2., 0.], [3., 4., 8., 7.], [0., 0., 1., 1.5], [2., 9., 3., 1.]]]])
+    (y, bwd) = MaxPool2d(2)(x, train=True)
+    np.testing.assert_array_equal(y[0, 0], [[5., 8.], [9., 3.]])
+    dx = bwd(np.ones_like(y))
+    assert dx.sum() == 4 and dx[0, 0, 0, 1] == dx[0, 0, 1, 2] == dx[0, 0, 3, 1] == dx[0, 0, 3, 2] == 1
+
+
+def test_global_avg_pool_and_flatten():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 4, 5))
+    y, _ = GlobalAvgPool()(x, train=False)
+    np.testing.assert_allclose(y, x.mean(axis=(2, 3)))
+    assert_gradcheck(GlobalAvgPool(), [x])
+    f, bwd = Flatten()(x, train=False)
+    assert f.shape == (2, 60) and bwd(f).shape == x.shape
+    assert_gradcheck(Flatten(), [x])
+
+
+def test_small_cnn_gradcheck_end_to_end():
+    from ndtrain.engine.layers import Linear
+    rng = np.random.default_rng(4)
+    m = Sequential(Conv2d(1, 3, 3, padding="same"), MaxPool2d(2), Conv2d(3, 4, 3, padding=1, stride=2),
+                   AvgPool2d(2, stride=1), Flatten(), Linear(4, 2))
+    assert_gradcheck(m, [_distinct(rng, (2, 1, 8, 8))])
+
+
+# -- against torch --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CONV2D_CASES, ids=str)
+def test_conv2d_equals_torch(case):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    m = Conv2d(3, 4, **case)
+    ParamStore.from_module(m, dtype=np.float64, seed=1)
+    kw = {k: v for k, v in case.items()}
+    tm = torch.nn.Conv2d(3, 4, **kw).double()
+    with torch.no_grad():
+        tm.weight.copy_(torch.from_numpy(m.W.data))
+        if m.b is not None:
+            tm.bias.copy_(torch.from_numpy(m.b.data))
+    x = rng.standard_normal((2, 3, 7, 6))
+    y, bwd = m(x, train=True)
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = tm(xt)
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    dx = bwd(dy)
+    yt.backward(torch.from_numpy(dy))
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(m.W.grad, tm.weight.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_conv1d_and_pools_equal_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    m = Conv1d(2, 3, 4, padding="same", dilation=2)
+    ParamStore.from_module(m, dtype=np.float64, seed=2)
+    tm = torch.nn.Conv1d(2, 3, 4, padding="same", dilation=2).double()
+    with torch.no_grad():
+        tm.weight.copy_(torch.from_numpy(m.W.data))
+        tm.bias.copy_(torch.from_numpy(m.b.data))
+    x = rng.standard_normal((2, 2, 9))
+    np.testing.assert_allclose(m(x, train=False)[0], tm(torch.from_numpy(x)).detach().numpy(), rtol=1e-12)
+    x = _distinct(rng, (2, 3, 7, 6))
+    for ours, theirs in [(MaxPool2d(3, 2, 1), torch.nn.MaxPool2d(3, 2, 1)),
+                         (AvgPool2d(3, 2, 1), torch.nn.AvgPool2d(3, 2, 1))]:
+        np.testing.assert_allclose(ours(x, train=False)[0], theirs(torch.from_numpy(x)).numpy(), rtol=1e-12)
