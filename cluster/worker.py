@@ -34,20 +34,35 @@ class WorkerError(RuntimeError):
 
 # -- the parts the loop is built from (data, optimizer, schedule), from the config ----------------------------------
 def load_task_data(cfg: Config):
-    """(TaskInfo, train Dataset, val Dataset): a prepared directory (data.dir) or a built-in task in memory."""
-    from ndtrain.data import tasks
-    from ndtrain.data.dataset import as_dataset
-    run, data = cfg.run, cfg.data
-    if data.dir:
-        from ndtrain.data import open_dataset  # Arrow shards + manifest (the data layer)
-        train, val = open_dataset(Path(data.dir) / "train"), open_dataset(Path(data.dir) / "val")
-        return train.info, train, val
-    if run.task not in tasks.TASKS:
-        raise ConfigError(f"run.task: unknown task {run.task!r}; built-in tasks: {', '.join(tasks.TASKS)}")
-    rows = data.rows or None
-    train = as_dataset(tasks.generate(run.task, rows, run.seed, "train"))
-    val = as_dataset(tasks.generate(run.task, None if rows is None else max(1, rows // 4), run.seed, "val"))
+    """(TaskInfo, train Dataset, val Dataset) from, in order of preference: a prepared shard directory (data.dir,
+    with train/ and val/), the shard cache (data.cache: built-in task prepared once, then memory-mapped), or the
+    built-in task generated in memory. Bad data is a ConfigError naming the field and the file."""
+    from ndtrain import data as nd
+    from ndtrain.data.prepare import TRAIN_DIR, VAL_DIR, default_val_rows
+    run, dcfg = cfg.run, cfg.data
+    rows = dcfg.rows or None
+    try:
+        if dcfg.dir or dcfg.cache:
+            root = Path(dcfg.dir) if dcfg.dir else nd.ensure_prepared(run.task, dcfg.cache, rows, run.seed)
+            train, val = nd.open_dataset(root / TRAIN_DIR), nd.open_dataset(root / VAL_DIR)
+            return train.info, train, val
+    except nd.DataError as e:
+        raise ConfigError(f"data.{'dir' if dcfg.dir else 'cache'}: {e}") from None
+    if run.task not in nd.TASKS:
+        raise ConfigError(f"run.task: unknown task {run.task!r}; built-in tasks: {', '.join(nd.TASKS)}")
+    # the same split sizes as `ndtrain data prepare`, so in-memory and sharded runs see the same rows
+    train = nd.as_dataset(nd.generate(run.task, rows, run.seed, "train"))
+    val = nd.as_dataset(nd.generate(run.task, default_val_rows(run.task, rows), run.seed, "val"))
     return train.info, train, val
+
+
+def data_fingerprint(ds) -> str:
+    """What ranks compare at start: the manifest's hash for shards, the row count for in-memory data."""
+    import hashlib
+    manifest = Path(ds.source) / "manifest.json"
+    if ds.source != "<memory>" and manifest.is_file():
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    return f"{ds.info.name}:{ds.n_rows()} rows"
 
 
 def make_loader(dataset, cfg: Config, rank: int, world: int):
@@ -156,9 +171,6 @@ class Trainer:
         self.rank, self.world = comm.rank, comm.world_size
         self.step = 0
         run = cfg.run
-        if run.batch_size % self.world:
-            pass  # the loader gives ranks shares differing by at most one row; the global count stays exact
-
         self.info, self.train_data, self.val_data = load_task_data(cfg)
         try:
             self.model = build_model(run.model, self.info, cfg)
@@ -171,6 +183,7 @@ class Trainer:
 
         self._check_same_everywhere()
         comm.broadcast(self.store.data, root=0)
+        self._check_same_everywhere(params=True)
 
         self.optimizer = make_optimizer(cfg.optim, self.store)
         self.lr_at = make_schedule_fn(cfg.optim, run.steps)
@@ -186,22 +199,29 @@ class Trainer:
             self._resume(run.resume)
 
     # -- start-up ----------------------------------------------------------------------------------------------------
-    def _check_same_everywhere(self) -> None:
-        """Every rank must run the same config (hash compared); names the first rank that differs."""
-        mine = {"rank": self.rank, "config": config_hash(self.cfg), "params": self.store.size}
+    def _check_same_everywhere(self, params: bool = False) -> None:
+        """Every rank must run the same config and data (and, after the broadcast, hold the same parameters);
+        the error names the first rank that differs."""
+        if params:
+            mine = {"rank": self.rank, "params": self.store.checksum()}
+        else:
+            data = [data_fingerprint(d) for d in (self.train_data, self.val_data)]
+            mine = {"rank": self.rank, "config": config_hash(self.cfg), "data": data, "param_count": self.store.size}
         records = self.comm.allgather_obj(mine)
-        ref = records[0]
         for r in records[1:]:
-            for key in ("config", "params"):
-                if r[key] != ref[key]:
-                    raise WorkerError(f"rank {r['rank']}: {key} {r[key]} differs from rank 0's {ref[key]}")
+            for key in mine:
+                if key != "rank" and r[key] != records[0][key]:
+                    raise WorkerError(f"rank {r['rank']}: {key} {r[key]} differs from rank 0's {records[0][key]}")
 
     def _resume(self, path: str) -> None:
-        c = ckpt.load(path)
-        ckpt.restore(c, self.store, self.model.module)
-        if hasattr(self.optimizer, "load_state_dict"):
-            self.optimizer.load_state_dict(c.optim)
-        self.loader.load_state_dict(c.meta["loader"])
+        try:
+            c = ckpt.load(path)
+            ckpt.restore(c, self.store, self.model.module)
+            if hasattr(self.optimizer, "load_state_dict"):
+                self.optimizer.load_state_dict(c.optim)
+            self.loader.load_state_dict(c.meta["loader"])
+        except (ckpt.CheckpointError, KeyError, ValueError) as e:
+            raise ConfigError(f"run.resume: {e}") from None
         ckpt.set_rng_states(self.model.module, c.meta.get("rng", {}).get(str(self.rank), {}))
         self.step = int(c.step)
         self.comm.broadcast(self.store.data, root=0)

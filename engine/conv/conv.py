@@ -37,6 +37,14 @@ def conv2d_backward(dy, x_shape, cols, W, stride, pads, dilation, dW, db):
     dW += (dy2.T @ cols).reshape(C_out, kh, kw, C).transpose(0, 3, 1, 2)
     if db is not None:
         db += dy2.sum(axis=0)
+    full = [d * (k - 1) for d, k in zip(dilation, (kh, kw))]
+    if stride == (1, 1) and all(lo <= f and hi <= f for (lo, hi), f in zip(pads, full)):
+        # At stride 1, dx is dy correlated with the flipped kernel, channels swapped (a "full" convolution):
+        # im2col + GEMM again, which beats a col2im scatter of kh*kw strided adds.
+        W_flip = W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, C_out, kh, kw)
+        pads_t = tuple((f - lo, f - hi) for (lo, hi), f in zip(pads, full))
+        dx, _ = conv2d_forward(dy, W_flip, None, (1, 1), pads_t, dilation)
+        return dx
     dcols = dy2 @ W.transpose(0, 2, 3, 1).reshape(C_out, -1)  # (N*Ho*Wo, kh*kw*C)
     return col2im(dcols, x_shape, pads, W.shape[2:], stride, dilation)
 

@@ -133,3 +133,58 @@ def mlp(task_info, cfg) -> MLPModel:
     d_out = 1 if single else task_info.n_outputs
     module = build_mlp(task_info.n_features, opts["hidden"], d_out, opts["activation"], opts["dropout"])
     return MLPModel(module, task_info.kind, single_logit=single)
+
+
+# -- the perceptron, through the same loop ---------------------------------------------------------------------------
+class PerceptronModel(TaskModel):
+    """Rosenblatt's linear threshold unit, yhat = [x w + b > 0], for two classes, trained by the loop.
+
+    Loss: the perceptron criterion, per example (yhat - y) z with z = x w + b: zero when correct, |z| when wrong.
+    Its gradient w.r.t. z is (yhat - y) (yhat is piecewise constant), so one step of SGD with learning rate lr is
+    w += lr / B * sum (y - yhat) x: the perceptron rule summed over the batch (batch size 1: the classic rule).
+    It converges on linearly separable data and never on XOR. (engine.layers.perceptron.Perceptron is the
+    sample-by-sample version with its own fit loop.)"""
+
+    def __init__(self, module):
+        self.module = module
+
+    def _z(self, x, train):
+        z, backward = self.module(np.asarray(x, dtype=self.module.dtype), train=train)  # (B, 1)
+        return z, backward
+
+    def loss(self, batch, *, train):
+        z, backward = self._z(batch["x"], train)
+        y = np.asarray(batch["y"]).reshape(z.shape).astype(z.dtype)
+        err = (z > 0).astype(z.dtype) - y  # (B, 1): yhat - y in {-1, 0, 1}
+        loss_sum = float(np.sum(err * z, dtype=np.float64))
+
+        def model_backward(scale: float) -> None:
+            backward(err * z.dtype.type(scale))
+
+        return loss_sum, int(z.shape[0]), model_backward
+
+    def predict(self, x) -> np.ndarray:
+        return (self._z(x, False)[0][:, 0] > 0).astype(np.int64)
+
+    def metric_sums(self, batch):
+        z, _ = self._z(batch["x"], False)
+        y = np.asarray(batch["y"])
+        yhat = (z[:, 0] > 0).astype(np.int64)
+        return {"loss_sum": float(np.sum((yhat - y) * z[:, 0], dtype=np.float64)), "count": float(len(y)),
+                "correct": float(np.sum(yhat == y))}
+
+    def finalize(self, sums):
+        n = max(sums["count"], 1.0)
+        return {"loss": sums["loss_sum"] / n, "accuracy": sums["correct"] / n}
+
+
+@register_model("perceptron")
+def perceptron(task_info, cfg) -> PerceptronModel:
+    """Binary classification only; weights start at zero, as in Rosenblatt's rule. Train with optim.name = "sgd"."""
+    from ndtrain.engine import init
+    table = cfg.model if hasattr(cfg, "model") else (cfg or {})
+    model_options(table, {}, "perceptron")  # no hyper-parameters: any key is an error naming it
+    if task_info.kind != "classification" or task_info.n_outputs != 2:
+        raise ConfigError(f"run.model: 'perceptron' needs a two-class task; task {task_info.name!r} is "
+                          f"{task_info.kind} with {task_info.n_outputs} outputs")
+    return PerceptronModel(Sequential(Linear(task_info.n_features, 1, w_init=init.zeros(), b_init=init.zeros())))

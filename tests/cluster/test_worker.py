@@ -145,6 +145,7 @@ def test_ranks_with_different_configs_are_named(tmp_path):
     assert isinstance(errs[0], WorkerError) and "rank 1: config" in str(errs[0])
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_non_finite_loss_names_the_step_and_is_recorded(tmp_path):
     cfg = make_cfg(tmp_path, "run.task=\"sine\"", "run.steps=50", "optim.name=\"sgd\"", "optim.lr=1e6",
                    "model.hidden=[32]")

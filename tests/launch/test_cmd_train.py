@@ -16,7 +16,7 @@ from ndtrain.launch.rundir import eval_events, read_metrics, read_summary, train
 
 def train(tmp_path, name, *args):
     out = tmp_path / name
-    rc = main(["train", "--backend", "local", "--out", str(out), "--quiet", *args])
+    rc = main(["train", "--out", str(out), "--quiet", *args])
     assert rc == 0
     return out
 
@@ -135,9 +135,47 @@ def test_digits_mlp_reaches_97_percent(tmp_path):
     assert read_summary(out)["eval"]["accuracy"] >= 0.97
 
 
-def test_distributed_backend_not_built_is_a_clear_error(tmp_path, capsys):
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["mpi", "ray"])
+def test_two_workers_equal_one_worker(tmp_path, backend):
+    """The same command (global batch, seed, steps) with 2 workers ends where 1 worker does (float64)."""
     from ndtrain.launch.cmd_train import _distributed_launcher
-    if _distributed_launcher("mpi") is not None:
-        pytest.skip("the MPI launcher exists: covered by the cluster tests")
-    rc = main(["train", "--task", "xor", "--backend", "mpi", "--workers", "2", "--out", str(tmp_path / "m")])
-    assert rc == 2 and "not available" in capsys.readouterr().err
+    if _distributed_launcher(backend) is None:
+        pytest.skip(f"no {backend} launcher in this build")
+    args = ["--task", "spirals", "--model", "mlp", "--steps", "20", "--set", "run.dtype=\"float64\""]
+    one = train(tmp_path, "one", *args)
+    two = train(tmp_path, "two", *args, "--backend", backend, "--workers", "2")
+    a, b = params_of(one), params_of(two)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-12)
+
+
+def test_arrow_shards_train_exactly_like_memory(tmp_path):
+    """data.cache: the task is prepared once as Arrow shards and memory-mapped; same rows, same order, same bits."""
+    args = ["--task", "spirals", "--model", "mlp", "--steps", "25"]
+    mem = train(tmp_path, "mem", *args)
+    shards = train(tmp_path, "shards", *args, "--set", f"data.cache={json.dumps(str(tmp_path / 'cache'))}")
+    assert list((tmp_path / "cache").glob("spirals-*/train/manifest.json"))
+    a, b = params_of(mem), params_of(shards)
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+    assert read_summary(mem)["eval"] == read_summary(shards)["eval"]
+
+
+@pytest.mark.parametrize("sets, field", [(["data.dir=\"/nonexistent/data\""], "data.dir"),
+                                         (["run.resume=\"/nonexistent/ckpt-1.json\""], "run.resume")])
+def test_bad_data_dir_or_resume_path_exit_2(tmp_path, capsys, sets, field):
+    args = ["train", "--task", "xor", "--steps", "2", "--out", str(tmp_path / "o"), "-q"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {field}: " in err and "/nonexistent/" in err and err.count("\n") == 1
+
+
+def test_tampered_checkpoint_cannot_be_resumed(tmp_path, capsys):
+    out = train(tmp_path, "t", "--task", "xor", "--steps", "5")
+    js = ckpt.latest(out / "checkpoints")
+    npz = js.with_suffix(".npz")
+    npz.write_bytes(npz.read_bytes()[:-10] + b"0123456789")
+    assert main(["train", "--task", "xor", "--steps", "10", "--out", str(out), "--resume", str(js), "-q"]) == 2
+    assert npz.name in capsys.readouterr().err

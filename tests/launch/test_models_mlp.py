@@ -85,3 +85,49 @@ def test_bad_options_name_the_field(cfg, field):
 def test_rejects_sequence_tasks():
     with pytest.raises(ConfigError, match="vector task"):
         build_model("mlp", TaskInfo("copy", "seq2seq", src_vocab_size=10, tgt_vocab_size=10), {})
+
+
+AND = {"x": np.array([[0, 0], [0, 1], [1, 0], [1, 1]], float), "y": np.array([0, 0, 0, 1])}
+XOR = {"x": AND["x"], "y": np.array([0, 1, 1, 0])}
+
+
+def _sgd_epochs(tm, store, batch, epochs, lr=1.0):
+    """Plain SGD on the loop's contract: backward(1 / count), p -= lr g (the trainer with optim.name = sgd)."""
+    for _ in range(epochs):
+        for i in range(len(batch["y"])):  # batch size 1: Rosenblatt's rule exactly
+            store.zero_grad()
+            _, count, backward = tm.loss({k: v[i:i + 1] for k, v in batch.items()}, train=True)
+            backward(1.0 / count)
+            store.data -= lr * store.grad
+
+
+def test_perceptron_learns_and_not_xor():
+    for batch, solvable in ((AND, True), (XOR, False)):
+        tm = build_model("perceptron", BIN, {})
+        store = ParamStore.from_module(tm.module, dtype=np.float64)
+        _sgd_epochs(tm, store, batch, 20)
+        acc = tm.finalize(tm.metric_sums(batch))["accuracy"]
+        assert (acc == 1.0) == solvable, (batch["y"], acc)
+        assert acc <= 0.75 or solvable  # no line separates XOR: at most 3 of 4 right
+
+
+def test_perceptron_step_is_the_perceptron_rule():
+    tm = build_model("perceptron", BIN, {})
+    store = ParamStore.from_module(tm.module, dtype=np.float64)
+    store.data[:] = [0.5, -1.0, 0.25]  # w (2, 1), b (1,)
+    x, y = XOR["x"], XOR["y"]
+    yhat = (x @ store.data[:2] + store.data[2] > 0).astype(float)
+    store.zero_grad()
+    loss_sum, count, backward = tm.loss(XOR, train=True)
+    backward(1.0 / count)
+    np.testing.assert_allclose(-store.grad[:2], (y - yhat) @ x / 4, atol=1e-15)
+    np.testing.assert_allclose(-store.grad[2], np.sum(y - yhat) / 4, atol=1e-15)
+    z = x @ store.data[:2] + store.data[2]
+    assert loss_sum == pytest.approx(np.sum((yhat - y) * z)) and loss_sum >= 0
+
+
+def test_perceptron_rejects_multiclass_and_options():
+    with pytest.raises(ConfigError, match="two-class"):
+        build_model("perceptron", CLS3, {})
+    with pytest.raises(ConfigError, match="^model.hidden"):
+        build_model("perceptron", BIN, {"hidden": [3]})

@@ -1,0 +1,192 @@
+"""Load a trained model back from a run directory (launch/rundir.py): the one place `ndtrain eval`, `ndtrain
+generate` and the report's attention maps rebuild a model.
+
+    run = load_run("runs/reverse")             # config + task info + latest valid checkpoint, in eval mode
+    run.model                                  # the TaskModel (run.model.module: the engine Module)
+    run.tokenizer                              # the task's tokenizer (text tasks), else None
+    val = split_dataset(run.cfg, "val")        # the rows the trainer evaluated on
+
+What is read, in order of preference:
+  config      the checkpoint's own `config` record (exactly what built its parameters), else DIR/config.toml
+  task info   DIR/task_info.json or the checkpoint's `task_info` record, if a trainer wrote them; else the data
+              directory's train manifest (data.dir, or --data), else the built-in task's generator (1 row: a
+              built-in task's TaskInfo does not depend on the row count)
+  tokenizer   DIR/tokenizer.json if present; else the data directory's tokenizer file; else the built-in task's
+              (TaskInfo.extra["tokenizer_json"])
+  checkpoint  the newest DIR/checkpoints/ckpt-*.json whose npz passes its sha256 check (older ones are tried
+              when the newest is damaged, with a note on stderr)
+Every failure is a RunError (a UsageError: one line, exit status 2) naming the file.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ndtrain.launch.cli import UsageError
+
+TASK_INFO_FILE = "task_info.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class RunError(UsageError):
+    """A run directory that cannot be loaded; the message names the file."""
+
+
+@dataclass
+class Restored:
+    run_dir: Path
+    cfg: object  # launch.config.Config
+    info: object  # data.info.TaskInfo
+    model: object  # launch.models.TaskModel, in eval mode
+    store: object  # engine.params.ParamStore holding the checkpoint's parameters
+    step: int  # the checkpoint's step
+    checkpoint: Path  # the checkpoint JSON that was loaded
+    tokenizer: object = None  # data.tokenizer.Tokenizer or None
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+
+# -- pieces ------------------------------------------------------------------------------------------------------------
+def check_run_dir(run_dir: str | Path) -> Path:
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise RunError(f"{d}: no such run directory")
+    if not (d / "config.toml").is_file():
+        raise RunError(f"{d / 'config.toml'}: missing - not a run directory written by `ndtrain train`")
+    return d
+
+
+def load_checkpoint(run_dir: Path):
+    """The newest checkpoint of run_dir that loads and passes its sha256 check (cluster.checkpoint.Checkpoint)."""
+    from ndtrain.cluster import checkpoint as ckpt
+    found = ckpt.list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise RunError(f"{run_dir / 'checkpoints'}: no checkpoint (ckpt-*.json) - did the run finish its first "
+                       f"checkpoint?")
+    errors = []
+    for path in reversed(found):
+        try:
+            c = ckpt.load(path)
+        except ckpt.CheckpointError as e:
+            errors.append(str(e))
+            print(f"ndtrain: skipping damaged checkpoint: {e}", file=sys.stderr)
+            continue
+        return c
+    raise RunError(f"{run_dir / 'checkpoints'}: no valid checkpoint ({len(errors)} damaged; newest: {errors[0]})")
+
+
+def run_config(run_dir: Path, checkpoint=None):
+    """The Config that built the checkpoint's parameters (see the module docstring)."""
+    from ndtrain.launch.config import ConfigError, from_dict, load_config, validate
+    if checkpoint is not None and isinstance(checkpoint.meta.get("config"), dict):
+        try:
+            return from_dict(checkpoint.meta["config"])
+        except ConfigError as e:
+            raise RunError(f"{checkpoint.path}: its config record is invalid: {e}") from None
+    return validate(load_config(run_dir / "config.toml"))
+
+
+def _data_split_dir(data_dir: str | Path, split: str) -> Path:
+    """data.dir holds train/ and val/ (ndtrain data prepare); a split directory itself is accepted too."""
+    d = Path(data_dir)
+    if (d / split / "manifest.json").is_file():
+        return d / split
+    if (d / "manifest.json").is_file():
+        return d
+    raise RunError(f"{d}: no prepared split {split!r} here (expected {d / split / 'manifest.json'})")
+
+
+def task_info_and_tokenizer(cfg, run_dir: Path | None = None, checkpoint=None, data_dir: str | None = None):
+    """(TaskInfo, Tokenizer | None) the model was built with (see the module docstring)."""
+    from ndtrain.data.info import TaskInfo
+    from ndtrain.data.tokenizer import load_tokenizer, tokenizer_from_json
+    info = None
+    saved = run_dir / TASK_INFO_FILE if run_dir is not None else None
+    if saved is not None and saved.is_file():
+        info = TaskInfo(**json.loads(saved.read_text()))
+    elif checkpoint is not None and isinstance(checkpoint.meta.get("task_info"), dict):
+        info = TaskInfo(**checkpoint.meta["task_info"])
+    tokenizer = None
+    if run_dir is not None and (run_dir / TOKENIZER_FILE).is_file():
+        tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+    data_dir = data_dir or cfg.data.dir
+    if data_dir:
+        from ndtrain.data.reader import manifest_info, read_manifest
+        from ndtrain.data.shards import DataError
+        split_dir = _data_split_dir(data_dir, "train") if (Path(data_dir) / "train").is_dir() else \
+            _data_split_dir(data_dir, "val")
+        try:
+            m = read_manifest(split_dir)
+        except DataError as e:
+            raise RunError(str(e)) from None
+        info = info or manifest_info(m)
+        if tokenizer is None and m.get("tokenizer"):
+            tpath = split_dir / m["tokenizer"]["file"]
+            if not tpath.is_file():
+                raise RunError(f"{tpath}: tokenizer named by {split_dir / 'manifest.json'} is missing")
+            tokenizer = load_tokenizer(tpath)
+    elif info is None or tokenizer is None:
+        from ndtrain.data import tasks
+        if cfg.run.task not in tasks.TASKS:
+            raise RunError(f"run.task: unknown task {cfg.run.task!r} and no data.dir: cannot rebuild the task")
+        gen_info, _ = tasks.generate(cfg.run.task, 1, cfg.run.seed, "train")
+        info = info or gen_info
+    if tokenizer is None and info.extra.get("tokenizer_json"):
+        tokenizer = tokenizer_from_json(info.extra["tokenizer_json"], source=f"task {info.name!r}")
+    return info, tokenizer
+
+
+def split_dataset(cfg, split: str = "val", data_dir: str | None = None, expect=None):
+    """The rows of `split` the trainer uses (cluster.worker.load_task_data): a prepared directory's split, or the
+    built-in task regenerated from (task, data.rows, run.seed) - val gets data.rows // 4 rows, as in the trainer."""
+    from ndtrain.data.dataset import as_dataset
+    data_dir = data_dir or cfg.data.dir
+    if split not in ("train", "val"):
+        raise RunError(f"--split: must be train or val, got {split!r}")
+    if data_dir:
+        from ndtrain.data import open_dataset
+        from ndtrain.data.shards import DataError
+        try:
+            return open_dataset(_data_split_dir(data_dir, split), expect=expect)
+        except DataError as e:
+            raise RunError(str(e)) from None
+    from ndtrain.data import tasks
+    rows = cfg.data.rows or None
+    if split == "val" and rows is not None:
+        rows = max(1, rows // 4)
+    return as_dataset(tasks.generate(cfg.run.task, rows, cfg.run.seed, split))
+
+
+# -- the whole model ------------------------------------------------------------------------------------------------
+def load_run(run_dir: str | Path, *, data_dir: str | None = None) -> Restored:
+    """Rebuild the trained TaskModel of run_dir in eval mode (see the module docstring)."""
+    from ndtrain.cluster import checkpoint as ckpt
+    from ndtrain.engine.params import ParamStore
+    from ndtrain.launch.models import build_model
+    d = check_run_dir(run_dir)
+    c = load_checkpoint(d)
+    cfg = run_config(d, c)
+    info, tokenizer = task_info_and_tokenizer(cfg, d, c, data_dir)
+    try:
+        model = build_model(cfg.run.model, info, cfg)
+    except (KeyError, ValueError) as e:
+        raise RunError(f"{c.path}: cannot rebuild model {cfg.run.model!r}: {e}") from None
+    dtype = np.dtype(c.meta.get("dtype") or cfg.run.dtype)
+    store = ParamStore.from_module(model.module, dtype=dtype, seed=cfg.run.seed)
+    try:
+        ckpt.restore(c, store, model.module)
+    except ckpt.CheckpointError as e:
+        raise RunError(f"{e} (was the run's config or task changed after training?)") from None
+    model.module.eval()
+    return Restored(run_dir=d, cfg=cfg, info=info, model=model, store=store, step=c.step, checkpoint=c.path,
+                    tokenizer=tokenizer)
+
+
+__all__ = ["RunError", "Restored", "load_run", "split_dataset", "task_info_and_tokenizer", "run_config",
+           "load_checkpoint", "check_run_dir"]
