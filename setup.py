@@ -14,4 +14,9 @@ for root in ROOTS:
     for sub in find_packages(root):
         packages.append(f"ndtrain.{root}.{sub}")
 
-setup(packages=packages, package_dir=package_dir, package_data={"ndtrain.launch": ["configs/*.toml"]})
+# The TOML presets in configs/ ship as data: installed as ndtrain/configs/*.toml, beside ndtrain/launch, where the
+# trainer looks for them (in an editable install that is the repo's own configs/).
+packages.append("ndtrain.configs")
+package_dir["ndtrain.configs"] = "configs"
+
+setup(packages=packages, package_dir=package_dir, package_data={"ndtrain.configs": ["*.toml"]})

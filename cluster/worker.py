@@ -269,7 +269,9 @@ class Trainer:
                 last_record = {"step": self.step, "loss": window_loss / window_count, "lr": lr,
                                "time": now - t_start, "grad_norm": grad_norm,
                                "tokens_per_s": window_count / dt if dt > 0 else 0.0,
-                               "step_s": dt / window_steps}
+                               "step_time": dt / window_steps}
+                if self.reducer is not None:  # blocked on the all-reduce in the last step (after overlap)
+                    last_record["comm_time"] = self.reducer.comm_wait_s
                 self._log(last_record)
                 window_loss, window_count, window_t, window_steps = 0.0, 0.0, now, 0
             if run.eval_every and self.step % run.eval_every == 0 and self.step != run.steps:

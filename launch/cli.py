@@ -42,4 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m ndtrain.launch.cli` runs this file as __main__, a second copy of the module: call the canonical
+    # one so the UsageError other modules raise is the class caught here (exit 2, not a traceback).
+    from ndtrain.launch.cli import main as _main
+    sys.exit(_main())

@@ -4,7 +4,7 @@ generate` and the report's attention maps rebuild a model.
     run = load_run("runs/reverse")             # config + task info + latest valid checkpoint, in eval mode
     run.model                                  # the TaskModel (run.model.module: the engine Module)
     run.tokenizer                              # the task's tokenizer (text tasks), else None
-    val = split_dataset(run.cfg, "val")        # the rows the trainer evaluated on
+    val = split_dataset(run.cfg, "val")        # the rows the trainer evaluated on (its own loader)
 
 What is read, in order of preference:
   config      the checkpoint's own `config` record (exactly what built its parameters), else DIR/config.toml
@@ -143,24 +143,26 @@ def task_info_and_tokenizer(cfg, run_dir: Path | None = None, checkpoint=None, d
 
 
 def split_dataset(cfg, split: str = "val", data_dir: str | None = None, expect=None):
-    """The rows of `split` the trainer uses (cluster.worker.load_task_data): a prepared directory's split, or the
-    built-in task regenerated from (task, data.rows, run.seed) - val gets data.rows // 4 rows, as in the trainer."""
-    from ndtrain.data.dataset import as_dataset
-    data_dir = data_dir or cfg.data.dir
+    """The rows of `split` exactly as the trainer loads them (cluster.worker.load_task_data: data.dir, the shard
+    cache or the built-in task regenerated from (task, data.rows, run.seed)). data_dir overrides data.dir;
+    expect (a TaskInfo) checks that other data fits the model (vocabulary, kind)."""
+    import copy
+    from ndtrain.cluster.worker import load_task_data
     if split not in ("train", "val"):
         raise RunError(f"--split: must be train or val, got {split!r}")
     if data_dir:
-        from ndtrain.data import open_dataset
+        cfg = copy.deepcopy(cfg)
+        cfg.data.dir = str(data_dir)
+    _, train, val = load_task_data(cfg)
+    ds = train if split == "train" else val
+    if expect is not None and ds.source != "<memory>":
+        from ndtrain.data.reader import check_expected, read_manifest
         from ndtrain.data.shards import DataError
         try:
-            return open_dataset(_data_split_dir(data_dir, split), expect=expect)
+            check_expected(read_manifest(ds.source), expect, f"{ds.source}/manifest.json")
         except DataError as e:
             raise RunError(str(e)) from None
-    from ndtrain.data import tasks
-    rows = cfg.data.rows or None
-    if split == "val" and rows is not None:
-        rows = max(1, rows // 4)
-    return as_dataset(tasks.generate(cfg.run.task, rows, cfg.run.seed, split))
+    return ds
 
 
 # -- the whole model ------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""im2col / col2im for 2-D convolutions and pooling (NCHW), vectorized: windows come from a strided view
-(np.lib.stride_tricks.sliding_window_view), so a convolution is one copy plus one GEMM; the backward scatters the
-column gradient back with one strided `+=` per kernel offset (kh*kw slices, never a loop over pixels, no np.add.at).
+"""im2col / col2im for 2-D convolutions and pooling (NCHW at the interface), vectorized: windows come from a
+strided view (np.lib.stride_tricks.sliding_window_view), so a convolution is one gather-copy plus one GEMM; the
+adjoint scatters with one strided `+=` per kernel offset (kh*kw slices, never a loop over pixels, no np.add.at).
+Convolution columns are gathered channels-last (see im2col); pooling windows stay NCHW (`windows`).
+(conv.py avoids col2im at stride 1, where dx is itself a convolution of dy.)
 
 Geometry (as torch): out = floor((in + pad_lo + pad_hi - dilation * (k - 1) - 1) / stride) + 1 per spatial dim.
 """

@@ -1,4 +1,5 @@
 """Recurrent layers with hand-written BPTT: RNN (tanh), LSTM, GRU; multi-layer, bidirectional, padding-aware."""
+from .attention import AdditiveAttention, DotAttention
 from .base import RecurrentDirection
 from .gru import GRU, GRUDirection
 from .lstm import LSTM, LSTMDirection
@@ -6,4 +7,4 @@ from .rnn import RNN, RNNDirection
 from .stack import RecurrentStack
 
 __all__ = ["RNN", "LSTM", "GRU", "RecurrentStack", "RecurrentDirection", "RNNDirection", "LSTMDirection",
-           "GRUDirection"]
+           "GRUDirection", "AdditiveAttention", "DotAttention"]

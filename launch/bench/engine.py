@@ -7,7 +7,7 @@ learned positional embeddings, causal decoder self-attention, cross-entropy over
   MLP  784-256-128-10 ReLU, batch 128 (issue 3)
 The two engines' timed steps are interleaved (alternating which goes first) to cancel the machine's drift; min and
 median are reported. GFLOP/s counts FLOPs as ANCHORS.md does; the peak is the best NumPy float32 GEMM measured in
-this run at the same thread count. Peak memory: tracemalloc over one separate ndtrain step (NumPy reports its
+this run at the same thread count (probed before and between the timed steps). Peak memory: tracemalloc over one separate ndtrain step (NumPy reports its
 allocations to tracemalloc): `act` = arrays alive after the forward (what backward closures keep), `peak` = the
 high-water mark over forward + loss + backward + AdamW above the parameters, gradients and optimizer state.
 """
@@ -28,6 +28,7 @@ from ndtrain.engine.layers.linear import Linear
 from ndtrain.engine.losses import cross_entropy_fused
 from ndtrain.engine.optim import AdamW
 from ndtrain.engine.transformer import DecoderLM, DecoderLMConfig, Seq2SeqConfig, Seq2SeqTransformer
+from ndtrain.engine.transformer.fused import retain_freed_memory
 
 CONFIGS = {
     "S": dict(kind="seq2seq", d=128, h=4, ff=512, layers=(2, 2), vocab=64, batch=64, len=32),
@@ -45,6 +46,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-torch", action="store_true", help="time ndtrain only")
     p.add_argument("--json", action="store_true", help="one JSON object per config on stdout")
     p.add_argument("--profile", action="store_true", help="cProfile a few ndtrain steps (top functions)")
+    p.add_argument("--no-retain-memory", action="store_true",
+                   help="leave glibc's defaults (by default freed memory is kept for reuse: no page faults per step;"
+                        " process-wide, so both engines get it)")
 
 
 # -- FLOPs (ANCHORS.md section 2 convention) --------------------------------------------------------------------------
@@ -64,12 +68,12 @@ def gflop_per_step(c: dict) -> float:
     return (mm + attn) / 1e9
 
 
-def gemm_peak(n_rounds: int = 5) -> float:
+def gemm_peak(n_rounds: int = 5, sizes=(512, 1024)) -> float:
     best = 0.0
-    for n in (512, 1024):
+    for n in sizes:
         a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
         out = np.empty_like(a)
-        reps = max(1, int(0.1 / (2 * n ** 3 / 80e9)))
+        reps = max(1, int(0.02 / (2 * n ** 3 / 80e9)))
         np.matmul(a, a, out=out)
         for _ in range(n_rounds):
             t0 = time.perf_counter()
@@ -80,6 +84,21 @@ def gemm_peak(n_rounds: int = 5) -> float:
 
 
 # -- the ndtrain side -------------------------------------------------------------------------------------------------
+class _DataLinear(Linear):
+    """The first layer: its input is data, so (like autograd) no input gradient is computed."""
+
+    def forward(self, x, *, train):
+        y, backward = super().forward(x, train=train)
+        W, b = self.W, self.b
+
+        def backward_no_dx(dy):
+            W.grad += x.T @ dy
+            b.grad += dy.sum(axis=0)
+            return None
+
+        return y, backward_no_dx
+
+
 class _ReLU(Module):
     def forward(self, x, *, train):
         y = np.maximum(x, 0)
@@ -101,7 +120,7 @@ def build_ndtrain(c: dict):
         s = c["sizes"]
         layers = []
         for i, (a, b) in enumerate(zip(s, s[1:])):
-            layers += [Linear(a, b)] + ([_ReLU()] if i < len(s) - 2 else [])
+            layers += [(_DataLinear if i == 0 else Linear)(a, b)] + ([_ReLU()] if i < len(s) - 2 else [])
         from ndtrain.engine import Sequential
         model = Sequential(*layers)
     elif c["kind"] == "seq2seq":
@@ -274,9 +293,10 @@ def run_config(name: str, args, peak: float, torch_ok: bool) -> dict:
     for i in range(steps):
         for k in (order if i % 2 == 0 else order[::-1]):
             times[k].append(engines[k](batch))
+        peak = max(peak, gemm_peak(n_rounds=1, sizes=(512,)))  # the machine's speed drifts: probe it throughout
     nd = _summary(times["ndtrain"])
     gf = gflop_per_step(c)
-    row = {"config": name, "threads": args.threads, "steps": steps, "gflop_per_step": round(gf, 3),
+    row = {"config": name, "threads": args.threads, "retain_memory": not args.no_retain_memory, "steps": steps, "gflop_per_step": round(gf, 3),
            "ms_ndtrain": round(nd["median"], 2), "ms_ndtrain_min": round(nd["min"], 2),
            "ndtrain_fwd_bwd_opt_ms": [round(nd[k], 2) for k in ("fwd", "bwd", "opt")],
            "gflops": round(gf / nd["min"] * 1e3, 1), "gflops_median": round(gf / nd["median"] * 1e3, 1),
@@ -312,6 +332,8 @@ def main(args) -> int:
     if bad:
         from ndtrain.launch.cli import UsageError
         raise UsageError(f"--configs: unknown {bad}; choose from {list(CONFIGS)}")
+    if not args.no_retain_memory:
+        retain_freed_memory()
     torch_ok = False
     if not args.no_torch:
         try:

@@ -4,7 +4,14 @@ close in float32. Compared on the final checkpoints, for the MLP (digits) and th
 
 Why it can hold exactly: every rank starts from rank 0's broadcast, the loss is normalised by the GLOBAL target
 count, the gradient is the sum over ranks, and the optimizer arithmetic is the same on every rank; only the order
-of floating-point additions differs (one batch of B rows vs two of B/2, then a sum), so float64 agrees to ~1e-12."""
+of floating-point additions differs (one batch of B rows vs two of B/2, then a sum), so float64 agrees to ~1e-12
+(measured: MLP 1e-16, transformer 4e-11).
+
+float32 runs use SGD with momentum, not Adam: a parameter whose true gradient is zero (the attention KEY bias:
+softmax ignores a shift shared by all keys) gets a float32 rounding-noise gradient of ~1e-9 that Adam divides by
+its own magnitude into lr-sized steps of random sign, so W=1 and W=2 Adam runs differ there by ~1% (measured on
+decoder.*.cross_attn.b_kv) while every other parameter agrees to ~1e-6. That is Adam on noise, not a cluster
+error; SGD keeps the rounding at rounding size (measured ~4e-7)."""
 import json
 
 import numpy as np
@@ -19,10 +26,12 @@ TRANSFORMER = ["--task", "reverse", "--model", "transformer", "--batch-size", "1
                "--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_ff=32",
                "--set", "model.n_enc_layers=1", "--set", "model.n_dec_layers=1", "--set", "model.dropout=0.0",
                "--set", "data.rows=256"]
-MLP = ["--task", "digits", "--model", "mlp", "--batch-size", "32", "--set", "model.hidden=[32]"]
+MLP = ["--task", "digits", "--model", "mlp", "--batch-size", "32", "--set", "model.hidden=[32]",
+       "--set", "model.dropout=0.0"]  # the digits preset has dropout 0.2
 MODELS = {"mlp": MLP, "transformer": TRANSFORMER}
 # float64: the brief's bound. float32: 20 Adam steps amplify rounding of a differently ordered sum; "close"
-TOL = {"float64": 1e-6, "float32": 2e-3}
+TOL = {"float64": 1e-6, "float32": 1e-5}
+FLOAT32_OPTIM = ["--set", 'optim.name="sgd"', "--set", "optim.momentum=0.9", "--set", "optim.lr=0.05"]
 
 
 def train_argv(model: str, dtype: str, out, backend: str = "local", workers: int = 1) -> list[str]:
@@ -30,6 +39,8 @@ def train_argv(model: str, dtype: str, out, backend: str = "local", workers: int
     argv = ["train", *MODELS[model], "--steps", str(STEPS), "--seed", "3", "--threads", "1", "-q",
             "--set", f'run.dtype="{dtype}"', "--set", "optim.lr=0.01", "--set", "cluster.bucket_mb=0.01",
             "--backend", backend, "--out", str(out)]
+    if dtype == "float32":
+        argv += FLOAT32_OPTIM  # later --set wins: SGD replaces adamw (see the module docstring)
     if backend != "local":
         argv += ["--workers", str(workers)]
     return argv
@@ -81,7 +92,7 @@ def mpi_ok():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("model", ["mlp", "transformer"])
+@pytest.mark.parametrize("model", [pytest.param("mlp", marks=pytest.mark.slow), "transformer"])
 def test_mpi_two_workers_equal_one_float64(mpi_ok, tmp_path, model):
     check_equivalent(tmp_path, model, "float64", "mpi")
     assert _moved(tmp_path, model) > 1e-3
@@ -107,7 +118,7 @@ def ray_session():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("model", ["mlp", "transformer"])
+@pytest.mark.parametrize("model", [pytest.param("mlp", marks=pytest.mark.slow), "transformer"])
 def test_ray_two_workers_equal_one_float64(ray_session, tmp_path, model):
     check_equivalent(tmp_path, model, "float64", "ray")
 

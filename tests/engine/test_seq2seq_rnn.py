@@ -101,3 +101,19 @@ def test_tiny_overfit_decodes_exactly(attention):
     for b in range(4):
         n = len(seqs[b]) + 1
         np.testing.assert_array_equal(beams[b, :n], tgt_out[b, :n])
+
+
+@pytest.mark.parametrize("kind", ["dot", "additive"])
+def test_attention_gradcheck_and_masking(kind):
+    from ndtrain.engine.recurrent import AdditiveAttention, DotAttention
+    rng = np.random.default_rng(3)
+    q, k = rng.standard_normal((3, 4, 5)), rng.standard_normal((3, 6, 5))
+    mask = np.ones((3, 6), bool)
+    mask[1, 4:] = False
+    mask[2, 1:] = False
+    m = DotAttention() if kind == "dot" else AdditiveAttention(5, 3)
+    errs = assert_gradcheck(m, [q, k, mask])  # cotangents on both the context and the weights
+    assert {"input0", "input1"} <= set(errs)
+    (ctx, w), _ = m(q, k, mask, train=False)
+    assert np.all(w[1, :, 4:] == 0) and np.allclose(w.sum(-1), 1)
+    np.testing.assert_allclose(ctx[2], np.repeat(k[2, :1], 4, axis=0), rtol=1e-12)  # one real key: copied

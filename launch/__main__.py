@@ -1,0 +1,6 @@
+"""`python -m ndtrain.launch ...` is the `ndtrain` command."""
+import sys
+
+from ndtrain.launch.cli import main
+
+sys.exit(main())
