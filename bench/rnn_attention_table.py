@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--dates-rows", type=int, default=20000, help="training rows drawn for `dates`")
     args = p.parse_args(argv)
     from threadpoolctl import threadpool_limits
-    lengths = [int(v) for v in args.lengths.split(",")]
+    lengths = [int(v) for v in args.lengths.split(",") if v.strip()]
     atts = [a.strip() for a in args.attentions.split(",")]
     print(f"reverse, {args.cell.upper()} hidden {args.hidden}, {args.steps} steps x batch {args.batch}; "
           f"held-out greedy exact match (last train loss per token, train seconds)")

@@ -59,7 +59,9 @@ def run_target(target: str, ctx: RankContext):
         result = resolve(target)(ctx)
     except BaseException as e:
         if ctx.reporter is not None:
-            ctx.reporter.error(ctx.step, e)
+            # a target that does not keep ctx.step (train_target: the loop tells the reporter through progress())
+            # leaves it at 0; None makes the reporter use the step it last heard of
+            ctx.reporter.error(ctx.step or None, e)
         abort = getattr(ctx.comm, "abort_peers", None) or getattr(getattr(ctx.comm, "group", None), "abort", None)
         if abort is not None:
             try:

@@ -57,7 +57,13 @@ class RunConfig:
     workers: int = _f(1, min=1)
     threads: int = _f(0, min=0, doc="BLAS threads per worker (0: cores // workers)")
     dtype: str = _f("float32", choices=("float32", "float64"))
-    resume: str = _f("", doc="checkpoint JSON to resume from ('' = fresh start)")
+    resume: str = _f("", doc="checkpoint JSON, checkpoints directory or run directory to resume from ('' = fresh "
+                             "start); a directory resumes from its newest valid checkpoint")
+    max_nonfinite: int = _f(5, min=1, doc="non-finite steps in a row (skipped, no update) after which the run stops")
+    deterministic: bool = _f(False, doc="bitwise-identical results for any worker count (fixed micro-batches, "
+                                        "fixed summation tree, 1 BLAS thread); slower")
+    micro_batches: int = _f(8, min=1, doc="deterministic mode: micro-batches per global batch (a power of two, "
+                                          "divisible by run.workers, dividing run.batch_size)")
 
 
 @dataclass
@@ -264,7 +270,22 @@ def validate(cfg: Config) -> Config:
                           f"({cfg.run.workers})")
     if not isinstance(cfg.model, dict):
         raise ConfigError("model: expected a table")
+    if cfg.run.deterministic:
+        _check_deterministic(cfg.run)
     return cfg
+
+
+def _check_deterministic(run: RunConfig) -> None:
+    """The fixed micro-batch partition (cluster.deterministic) needs M a power of two, W | M and M | B."""
+    m = run.micro_batches
+    if m & (m - 1):
+        raise ConfigError(f"run.micro_batches: must be a power of two in deterministic mode; got {m}")
+    if m % run.workers:
+        raise ConfigError(f"run.micro_batches: {m} micro-batches cannot be split evenly over run.workers "
+                          f"({run.workers}); use a multiple of the worker count")
+    if run.batch_size % m:
+        raise ConfigError(f"run.batch_size: the global batch ({run.batch_size}) must be a multiple of "
+                          f"run.micro_batches ({m}) in deterministic mode")
 
 
 def model_options(given: dict, defaults: dict, family: str) -> dict:

@@ -71,9 +71,20 @@ def im2col(x: np.ndarray, pads, kernel, stride, dilation) -> np.ndarray:
     N, C, H, W = x.shape
     xh = np.zeros((N, H + t + b, W + l + r, C), x.dtype)  # (N, Hp, Wp, C) padded, channels-last
     xh[:, t:t + H, l:l + W] = x.transpose(0, 2, 3, 1)
+    Ho = output_size(H, kh, sh, dh, pads[0])
+    Wo = output_size(W, kw, sw, dw, pads[1])
+    if C < 8:
+        # few channels (the first layer): one strided slice copy per kernel offset is ~20x faster than the
+        # 6-D gather, whose innermost run would be C values
+        cols = np.empty((N, Ho, Wo, kh, kw, C), x.dtype)
+        for ki in range(kh):
+            r0 = ki * dh
+            for kj in range(kw):
+                c0 = kj * dw
+                cols[:, :, :, ki, kj] = xh[:, r0:r0 + sh * (Ho - 1) + 1:sh, c0:c0 + sw * (Wo - 1) + 1:sw]
+        return cols.reshape(N * Ho * Wo, kh * kw * C)
     v = sliding_window_view(xh, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(1, 2))  # (N, Ho', Wo', C, kh', kw')
     v = v[:, ::sh, ::sw, :, ::dh, ::dw]
-    Ho, Wo = v.shape[1], v.shape[2]
     return np.ascontiguousarray(v.transpose(0, 1, 2, 4, 5, 3)).reshape(N * Ho * Wo, kh * kw * C)
 
 

@@ -1,7 +1,9 @@
 """The docs run: every ```python block of docs/*.md executes, in order, in one namespace per file.
 
 A block preceded by `<!-- no-test -->` is skipped; a ```bash block preceded by `<!-- run -->` is run with bash
-(`set -e`) in a temporary directory, with the venv's bin first on PATH. A failure names the doc file, the block
+(`set -e`) in a temporary directory, with the venv's bin first on PATH; `<!-- run-slow -->` bash blocks (MPI, Ray
+launches) run the same way under @pytest.mark.slow. Global registries a doc may extend (the model registry, the
+module hooks) are restored after each file. A failure names the doc file, the block
 number and the line where the block starts. docs/architecture.md additionally has its "where it lives" table
 checked: every file it names exists and defines every name listed beside it.
 """
@@ -23,7 +25,7 @@ DOCS = ROOT / "docs"
 DOC_FILES = sorted(DOCS.glob("*.md"))
 
 FENCE = re.compile(r"^```(\w*)\s*$")
-MARK = re.compile(r"^<!--\s*(no-test|run)\s*-->\s*$")
+MARK = re.compile(r"^<!--\s*(no-test|run|run-slow)\s*-->\s*$")
 
 
 @dataclass
@@ -66,10 +68,11 @@ def extract_blocks(text: str) -> list[Block]:
 
 def test_extract_blocks_sees_markers_and_numbers():
     text = ("x\n```python\na = 1\n```\n\n<!-- no-test -->\n```python\nb = 2\n```\n"
-            "<!-- run -->\n\n```bash\nls\n```\n```text\nout\n```\n")
+            "<!-- run -->\n\n```bash\nls\n```\n```text\nout\n```\n<!-- run-slow -->\n```bash\nmpi\n```\n")
     blocks = extract_blocks(text)
     assert [(b.lang, b.mark, b.index, b.line) for b in blocks] == [
-        ("python", None, 1, 2), ("python", "no-test", 2, 7), ("bash", "run", 1, 12), ("text", None, 1, 15)]
+        ("python", None, 1, 2), ("python", "no-test", 2, 7), ("bash", "run", 1, 12), ("text", None, 1, 15),
+        ("bash", "run-slow", 2, 19)]
     assert blocks[1].code == "b = 2\n"
 
 
@@ -80,6 +83,20 @@ def test_docs_exist():
 
 @pytest.mark.parametrize("doc", DOC_FILES, ids=[p.name for p in DOC_FILES])
 def test_python_blocks_run(doc: Path, capsys):
+    from ndtrain.engine import module as engine_module
+    from ndtrain.launch import models as registry
+    saved_models, saved_hooks = dict(registry._REGISTRY), list(engine_module._HOOKS)
+    try:
+        ran = _run_python_blocks(doc, capsys)
+    finally:
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(saved_models)
+        engine_module._HOOKS[:] = saved_hooks
+    if doc.name in ("tutorial.md", "adding-a-layer.md"):
+        assert ran > 0, f"{doc.name}: no python block ran"
+
+
+def _run_python_blocks(doc: Path, capsys) -> int:
     namespace: dict = {"__name__": f"docs.{doc.stem}"}
     ran = 0
     for b in extract_blocks(doc.read_text()):
@@ -94,8 +111,7 @@ def test_python_blocks_run(doc: Path, capsys):
             pytest.fail(f"{where} failed:\n{traceback.format_exc()}\n--- block output ---\n{out[-3000:]}",
                         pytrace=False)
         ran += 1
-    if doc.name in ("tutorial.md", "adding-a-layer.md"):
-        assert ran > 0, f"{doc.name}: no python block ran"
+    return ran
 
 
 def _bash_env() -> dict:
@@ -107,12 +123,13 @@ def _bash_env() -> dict:
     return env
 
 
-RUN_BLOCKS = [(doc, b) for doc in DOC_FILES for b in extract_blocks(doc.read_text())
-              if b.lang == "bash" and b.mark == "run"]
+RUN_BLOCKS = [pytest.param(doc, b, id=f"{doc.name}-bash{b.index}",
+                           marks=[pytest.mark.slow] if b.mark == "run-slow" else [])
+              for doc in DOC_FILES for b in extract_blocks(doc.read_text())
+              if b.lang == "bash" and b.mark in ("run", "run-slow")]
 
 
-@pytest.mark.parametrize("doc,block", RUN_BLOCKS,
-                         ids=[f"{d.name}-bash{b.index}" for d, b in RUN_BLOCKS])
+@pytest.mark.parametrize("doc,block", RUN_BLOCKS)
 def test_marked_bash_blocks_run(doc: Path, block: Block, tmp_path):
     where = f"{doc.relative_to(ROOT)}, bash block {block.index} (line {block.line})"
     proc = subprocess.run(["bash", "-e", "-c", block.code], cwd=tmp_path, env=_bash_env(), capture_output=True,

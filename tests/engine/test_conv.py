@@ -122,3 +122,18 @@ def test_conv1d_and_pools_equal_torch():
     for ours, theirs in [(MaxPool2d(3, 2, 1), torch.nn.MaxPool2d(3, 2, 1)),
                          (AvgPool2d(3, 2, 1), torch.nn.AvgPool2d(3, 2, 1))]:
         np.testing.assert_allclose(ours(x, train=False)[0], theirs(torch.from_numpy(x)).numpy(), rtol=1e-12)
+
+
+def test_im2col_paths_agree():
+    """Few channels take the slice-copy path, many the windowed gather: both give the same columns."""
+    from ndtrain.engine.conv.im2col import im2col
+    rng = np.random.default_rng(7)
+    for C in (1, 3, 8, 9):
+        x = rng.standard_normal((2, C, 7, 6))
+        pads, k, s, d = ((1, 2), (0, 1)), (3, 2), (2, 1), (1, 2)
+        cols = im2col(x, pads, k, s, d)
+        xp = np.pad(x, ((0, 0), (0, 0), pads[0], pads[1]))
+        Ho, Wo = (7 + 3 - 2 - 1) // 2 + 1, (6 + 1 - 2 - 1) // 1 + 1
+        ref = np.array([[xp[n, c, i * 2 + ki, j + kj * 2] for ki in range(3) for kj in range(2) for c in range(C)]
+                        for n in range(2) for i in range(Ho) for j in range(Wo)])
+        np.testing.assert_array_equal(cols, ref)

@@ -10,7 +10,7 @@ import pytest
 from ndtrain.launch.cli import main
 from ndtrain.launch.models import model_names
 from ndtrain.launch.report import build_report, write_report
-from ndtrain.launch.report.plots import metric_plots, per_rank_step_times
+from ndtrain.launch.report.plots import per_rank_step_times, plot_specs
 from ndtrain.launch.rundir import read_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -58,8 +58,12 @@ def test_report_command_writes_a_self_contained_page(xor_run, capsys):
     assert "Attention" not in page  # not a seq2seq model
 
 
-def test_write_report_returns_the_page_and_never_raises(xor_run, tmp_path, capsys):
-    assert write_report(xor_run, attention=False) == xor_run / "report.html"
+def test_write_report_returns_the_page_and_never_raises(tmp_path, capsys):
+    d = tmp_path / "small"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5, "time": 0.1}) + "\n")
+    assert write_report(d) == d / "report.html"
+    assert list(images((d / "report.html").read_text())) == ["loss"]
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "metrics.jsonl").write_text("{not json\n")
@@ -67,13 +71,17 @@ def test_write_report_returns_the_page_and_never_raises(xor_run, tmp_path, capsy
     assert "metrics.jsonl:1" in capsys.readouterr().err
 
 
-def test_plots_follow_the_records(tmp_path):
+def test_plots_follow_the_records():
     rows = [{"step": s, "loss": 1.0 / s, "lr": 0.1, "time": s * 0.1} for s in (1, 2, 3)]
-    names = [n for n, _, _ in metric_plots(rows)]
-    assert names == ["loss", "lr"]  # no grad_norm, throughput, step time or eval records: no such plots
+    specs = plot_specs(rows)
+    assert [p["name"] for p in specs] == ["loss", "lr"]  # no grad_norm, throughput, step time or eval records
+    assert specs[0]["lines"][0][1:3] == ([1, 2, 3], [1.0, 0.5, 1 / 3])
     rows.append({"step": 3, "time": 0.3, "eval": {"loss": 0.5, "accuracy": 0.75}})
-    names = [n for n, _, _ in metric_plots(rows)]
-    assert "eval" in names and "loss" in names
+    rows.append({"step": 4, "loss": "nan", "lr": 0.1, "time": 0.4})  # rundir writes non-finite values as strings
+    specs = {p["name"]: p for p in plot_specs(rows)}
+    assert [ln[0] for ln in specs["loss"]["lines"]] == ["train", "val"]
+    assert specs["loss"]["lines"][0][1] == [1, 2, 3]  # the nan is skipped
+    assert specs["eval"]["lines"] == [("accuracy", [3], [0.75], {"marker": "o"})]
 
 
 def test_per_rank_step_time_and_topology(tmp_path):
