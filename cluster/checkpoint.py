@@ -6,6 +6,11 @@ npz keys:  param/<name>   every parameter of the ParamStore (tied aliases are on
 JSON:      step, files, the npz's sha256, the param layout, buffer and optimizer-state layouts, optimizer scalars,
            the loader state, the schedule step, RNG states, the config and any extra record.
 
+Integrity: the JSON records the npz's sha256 AND a sha256 of its own content (`record_sha256`, over the canonical
+JSON of every other field), so a truncated or edited file of either kind is rejected with a message naming it.
+`load_valid(dir)` (automatic resume) walks back from the newest checkpoint to the newest one that verifies, with a
+CheckpointWarning for each one skipped.
+
 Atomic: the npz goes to a temporary name and is renamed, then the JSON the same way, LAST. A checkpoint exists only
 once its JSON exists, so a crash mid-write never leaves a half checkpoint that `latest()` would pick up. On load the
 npz's sha256 is checked against the JSON; a mismatch names the file.
@@ -16,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,16 @@ _NAME = re.compile(r"^ckpt-(\d+)\.json$")
 
 class CheckpointError(Exception):
     """A missing, tampered or mismatched checkpoint; the message names the file."""
+
+
+class CheckpointWarning(UserWarning):
+    """A corrupt checkpoint was skipped in favour of an older valid one."""
+
+
+def _record_digest(record: dict) -> str:
+    """sha256 of the JSON record without its own digest field (canonical: sorted keys, no spaces)."""
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass
@@ -101,6 +117,7 @@ def save(ckpt_dir: str | os.PathLike, step: int, store, *, buffers: dict[str, np
         "optim_scalars": optim_scalars,
         **(meta or {}),
     }
+    record["record_sha256"] = _record_digest(record)
     tmp = ckpt_dir / f".{stem}.json.tmp"
     with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
@@ -149,8 +166,14 @@ def load(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path}: checkpoint not found") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an ndtrain checkpoint (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: not an ndtrain checkpoint (format {fmt!r})")
+    if "record_sha256" in meta and _record_digest(meta) != meta["record_sha256"]:
+        raise CheckpointError(f"{path}: the record's sha256 does not match its content: the file was modified")
+    for key in ("npz", "sha256", "step"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: field {key!r} missing")
     npz = path.with_name(meta["npz"])
     if not npz.exists():
         raise CheckpointError(f"{npz}: checkpoint data missing (named by {path.name})")
@@ -167,6 +190,39 @@ def load(path: str | os.PathLike) -> Checkpoint:
     except (ValueError, KeyError, OSError) as e:
         raise CheckpointError(f"{npz}: cannot read: {e}") from None
     return Checkpoint(step=int(meta["step"]), params=params, buffers=buffers, optim=optim, meta=meta, path=path)
+
+
+def checkpoint_dir_of(path: str | os.PathLike) -> Path:
+    """A run directory (holding checkpoints/) -> its checkpoints directory; anything else unchanged."""
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoints").is_dir() and not list_checkpoints(path):
+        return path / "checkpoints"
+    return path
+
+
+def load_valid(path: str | os.PathLike) -> Checkpoint:
+    """Load for resuming. A checkpoint file: that one (an error if it does not verify). A checkpoints or run
+    directory: the newest checkpoint that verifies; each newer corrupt one is skipped with a CheckpointWarning
+    naming it and why. CheckpointError when there is none."""
+    path = checkpoint_dir_of(path)
+    if not path.is_dir():
+        return load(path)
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"{path}: no checkpoint (ckpt-*.json) in this directory")
+    errors = []
+    for js in reversed(found):
+        try:
+            c = load(js)
+        except CheckpointError as e:
+            errors.append(str(e))
+            warnings.warn(f"skipping corrupt checkpoint: {e}", CheckpointWarning, stacklevel=2)
+            continue
+        if errors:
+            warnings.warn(f"resuming from {js} (step {c.step}), the newest valid checkpoint", CheckpointWarning,
+                          stacklevel=2)
+        return c
+    raise CheckpointError(f"{path}: no valid checkpoint; " + "; ".join(errors))
 
 
 def restore(ckpt: Checkpoint, store, module=None) -> None:

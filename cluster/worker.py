@@ -7,6 +7,12 @@ Per step (GUIDE §1):
 Every rank holds the same parameters after every step: same start (rank 0's broadcast), same summed gradient,
 same optimizer arithmetic. Evaluation splits the validation rows across ranks and sums exact statistics.
 
+Non-finite loss or gradient: the decision uses the all-reduced loss and gradient (identical on every rank), so all
+ranks skip the step together (no update, optimizer untouched, counted as `skipped_steps`); after run.max_nonfinite
+in a row every rank re-runs its share of the batch under engine.debug.detect_nonfinite and the job stops with a
+WorkerError naming the first layer (and rank) that produced the non-finite value.
+Deterministic mode (run.deterministic): see cluster/deterministic.py — results bitwise equal for W = 1, 2, 4.
+
     summary = run_worker(cfg, comm, sink)      # cfg: launch.config.Config; sink: launch.rundir.MetricsSink
 """
 from __future__ import annotations
@@ -66,9 +72,13 @@ def data_fingerprint(ds) -> str:
 
 
 def make_loader(dataset, cfg: Config, rank: int, world: int):
-    """This rank's share of every global batch (ndtrain.data.loader.Loader: order from (seed, epoch) only)."""
+    """This rank's share of every global batch (ndtrain.data.loader.Loader: order from (seed, epoch) only); in
+    deterministic mode a list of this rank's fixed micro-batches of it (cluster.deterministic.MicroBatchLoader)."""
     from ndtrain.data.loader import Loader
     try:
+        if cfg.run.deterministic:
+            from ndtrain.cluster.deterministic import MicroBatchLoader
+            return MicroBatchLoader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed, cfg.run.micro_batches)
         return Loader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed)
     except ValueError as e:
         raise ConfigError(f"run.batch_size: {e}") from None
@@ -138,11 +148,15 @@ def run_worker(cfg: Config, comm: Communicator, sink: MetricsSink | None = None,
     write_config: rank 0 writes run.out/config.toml (the local backend; the coordinator does it otherwise).
     Any exception is logged to the sink (with rank and step) and re-raised: a worker never swallows an error."""
     from threadpoolctl import threadpool_limits
-    threads = cfg.run.threads or default_threads(cfg.run.workers)
+    # deterministic mode: one BLAS thread, so a GEMM's summation order depends only on its shapes
+    threads = 1 if cfg.run.deterministic else (cfg.run.threads or default_threads(cfg.run.workers))
     with threadpool_limits(limits=threads, user_api="blas"):
         trainer = Trainer(cfg, comm, NullSink())
         own_sink = sink is None
         if own_sink:
+            if comm.rank == 0 and cfg.run.resume:
+                from ndtrain.launch.rundir import truncate_metrics
+                truncate_metrics(cfg.run.out, trainer.step)  # records after the checkpoint are replayed
             sink = RunWriter(cfg.run.out, append=bool(cfg.run.resume)) if comm.rank == 0 else NullSink()
         if write_config and comm.rank == 0:
             write_config_file(cfg, Path(cfg.run.out) / "config.toml")
@@ -189,7 +203,15 @@ class Trainer:
         self.lr_at = make_schedule_fn(cfg.optim, run.steps)
         self.loader = make_loader(self.train_data, cfg, self.rank, self.world)
         self.reducer = None
-        if self.world > 1:
+        self.deterministic = bool(run.deterministic)
+        if self.deterministic:
+            from ndtrain.cluster.deterministic import is_power_of_two
+            if not is_power_of_two(self.world) or run.micro_batches % self.world:
+                raise ConfigError(f"run.micro_batches: deterministic mode needs a power-of-two world size dividing "
+                                  f"{run.micro_batches}; got {self.world} workers")
+        self.skipped_steps = 0  # non-finite steps skipped (no update)
+        self._nonfinite_in_row = 0
+        if self.world > 1 and not self.deterministic:
             from ndtrain.cluster.reducer import GradReducer
             self.reducer = GradReducer(comm, self.store, self.model.module, bucket_mb=cfg.cluster.bucket_mb,
                                        overlap=cfg.cluster.overlap)
@@ -214,8 +236,15 @@ class Trainer:
                     raise WorkerError(f"rank {r['rank']}: {key} {r[key]} differs from rank 0's {records[0][key]}")
 
     def _resume(self, path: str) -> None:
+        """Parameters, optimizer, loader position, schedule step and RNG from a checkpoint (a file, or a checkpoints
+        / run directory: its newest valid checkpoint). Any world size: the loader state is (epoch, batches_done) of
+        the GLOBAL order; a rank absent from the checkpoint keeps its freshly seeded RNG."""
         try:
-            c = ckpt.load(path)
+            c = ckpt.load_valid(path)
+            want = [data_fingerprint(d) for d in (self.train_data, self.val_data)]
+            if c.meta.get("data") is not None and c.meta["data"] != want:
+                raise ckpt.CheckpointError(f"{c.path}: written for data {c.meta['data']}, this run has {want} "
+                                           f"(different data.dir / task / rows?)")
             ckpt.restore(c, self.store, self.model.module)
             if hasattr(self.optimizer, "load_state_dict"):
                 self.optimizer.load_state_dict(c.optim)
@@ -224,6 +253,7 @@ class Trainer:
             raise ConfigError(f"run.resume: {e}") from None
         ckpt.set_rng_states(self.model.module, c.meta.get("rng", {}).get(str(self.rank), {}))
         self.step = int(c.step)
+        self.skipped_steps = int(c.meta.get("skipped_steps", 0))
         self.comm.broadcast(self.store.data, root=0)
 
     # -- the loop ----------------------------------------------------------------------------------------------------
@@ -241,24 +271,20 @@ class Trainer:
             if progress is not None:
                 progress(step)  # the coordinator's heartbeats carry it: a failure is reported with its step
             batch = next(self._batches)
-            if self.reducer is not None:
-                self.reducer.begin(sync=True)
-            self.store.zero_grad()
-            loss_sum, count, backward = self.model.loss(batch, train=True)
-            buf[0], buf[1] = loss_sum, count
-            self.comm.allreduce(buf)  # global loss sum and count (every rank's share of batch k)
-            if buf[1] <= 0:
-                raise WorkerError(f"rank {self.rank}, step {step}: the global batch has no targets to learn from")
-            if not math.isfinite(buf[0]):
-                raise WorkerError(f"rank {self.rank}, step {step}: loss is {buf[0] / buf[1]} (non-finite); "
-                                  f"lower optim.lr or set optim.grad_clip")
-            backward(1.0 / buf[1])
-            if self.reducer is not None:
-                self.reducer.finish()  # store.grad now holds the gradient of the global mean loss
-            grad_norm = self._clip()
+            if self.deterministic:
+                finite = self._gradient_deterministic(batch, step, buf)
+            else:
+                finite = self._gradient(batch, step, buf)
             lr = self.lr_at(step)
-            self.optimizer.step(lr)
+            if finite:
+                grad_norm = self._clip()
+                finite = math.isfinite(grad_norm)  # the same reduced gradient everywhere: every rank agrees
             self.step = step + 1
+            if not finite:
+                self._skip(batch, step, buf)
+                continue
+            self._nonfinite_in_row = 0
+            self.optimizer.step(lr)
             window_loss += buf[0]
             window_count += buf[1]
             window_steps += 1
@@ -266,10 +292,13 @@ class Trainer:
             if self.step % run.log_every == 0 or self.step == run.steps:
                 now = time.perf_counter()
                 dt = now - window_t
-                last_record = {"step": self.step, "loss": window_loss / window_count, "lr": lr,
+                last_record = {"step": self.step, "loss": window_loss / window_count if window_count else math.nan,
+                               "lr": lr,
                                "time": now - t_start, "grad_norm": grad_norm,
                                "tokens_per_s": window_count / dt if dt > 0 else 0.0,
-                               "step_time": dt / window_steps}
+                               "step_time": dt / max(window_steps, 1)}
+                if self.skipped_steps:
+                    last_record["skipped_steps"] = self.skipped_steps
                 if self.reducer is not None:  # blocked on the all-reduce in the last step (after overlap)
                     last_record["comm_time"] = self.reducer.comm_wait_s
                 self._log(last_record)
@@ -286,21 +315,117 @@ class Trainer:
         summary = {"steps": self.step, "wall_s": wall, "final_loss": last_record.get("loss"),
                    "eval": final_eval, "task": run.task, "model": run.model, "world_size": self.world,
                    "global_batch_size": run.batch_size, "params": int(self.store.size),
-                   "param_checksum": self.store.checksum(), "config_hash": config_hash(self.cfg)}
+                   "param_checksum": self.store.checksum(), "config_hash": config_hash(self.cfg),
+                   "skipped_steps": self.skipped_steps, "deterministic": self.deterministic}
         if self.rank == 0:
             self.sink.summary(summary)
         return summary
 
+    # -- one step's gradient ------------------------------------------------------------------------------------
+    def _gradient(self, batch, step: int, buf: np.ndarray) -> bool:
+        """store.grad = gradient of the global mean loss; buf = [global loss sum, global count]. False (and no
+        backward, on every rank alike) when the global loss is not finite."""
+        if self.reducer is not None:
+            self.reducer.begin(sync=True)
+        self.store.zero_grad()
+        loss_sum, count, backward = self.model.loss(batch, train=True)
+        buf[0], buf[1] = loss_sum, count
+        self.comm.allreduce(buf)  # global loss sum and count (every rank's share of batch k)
+        self._check_count(buf, step)
+        if not math.isfinite(buf[0]):
+            if self.reducer is not None:
+                self.reducer.close()  # no bucket was launched: backward never ran, on any rank
+            return False
+        backward(1.0 / buf[1])
+        if self.reducer is not None:
+            self.reducer.finish()  # store.grad now holds the gradient of the global mean loss
+        return True
+
+    def _gradient_deterministic(self, micro, step: int, buf: np.ndarray) -> bool:
+        """The same, bitwise independent of W (cluster/deterministic.py): `micro` is this rank's block of the fixed
+        micro-batches; dropout is seeded per (seed, step, micro-batch index), not per rank."""
+        from ndtrain.cluster.deterministic import TreeSum, allgather_rows, canonical_zeros, global_tree_sum, tree_sum
+        module, block = self.model.module, self.loader.block
+        backwards, sums = [], np.zeros((2, len(block)), dtype=np.float64)
+        for j, (i, mb) in enumerate(zip(block, micro)):
+            seed_rngs(module, int(np.random.SeedSequence([self.cfg.run.seed, step, i]).generate_state(1)[0]))
+            loss_sum, count, backward = self.model.loss(mb, train=True)
+            sums[:, j] = loss_sum, count
+            backwards.append(backward)
+        rows = allgather_rows(self.comm, canonical_zeros(sums.ravel()))  # (W, 2 * M/W): rank order = mb order
+        per_rank = rows.reshape(self.world, 2, len(block))
+        buf[0] = float(tree_sum(list(per_rank[:, 0, :].ravel())))
+        buf[1] = float(per_rank[:, 1, :].sum())  # integers: exact in any order
+        self._check_count(buf, step)
+        if not math.isfinite(buf[0]):
+            return False
+        tree = TreeSum()
+        for backward in backwards:
+            self.store.zero_grad()
+            backward(1.0)  # the gradient of this micro-batch's loss SUM
+            tree.push(self.store.grad)
+        backwards.clear()
+        self.store.grad[...] = global_tree_sum(self.comm, tree.result())
+        self.store.grad *= self.store.grad.dtype.type(1.0 / buf[1])  # the mean: scaled once, identically
+        return True
+
+    def _check_count(self, buf: np.ndarray, step: int) -> None:
+        if buf[1] <= 0:
+            raise WorkerError(f"rank {self.rank}, step {step}: the global batch has no targets to learn from")
+
+    def _skip(self, batch, step: int, buf: np.ndarray) -> None:
+        """A non-finite step: no update. Stop (on every rank: the decision is global) after max_nonfinite in a
+        row, naming the first layer that produced the non-finite value."""
+        self.skipped_steps += 1
+        self._nonfinite_in_row += 1
+        limit = self.cfg.run.max_nonfinite
+        if self.verbose and self.rank == 0:
+            print(f"step {step}: non-finite loss or gradient, step skipped ({self._nonfinite_in_row} in a row, "
+                  f"stop at run.max_nonfinite={limit})", flush=True)
+        if self._nonfinite_in_row < limit:
+            return
+        findings = self.comm.allgather_obj(self._locate_nonfinite(batch, buf))
+        where = [f for f in findings if f.get("layer")] or [f for f in findings if f.get("what")]
+        culprit = "; ".join(f"rank {f['rank']}: {f.get('what')}" for f in where[:1]) or "not reproduced on a re-run"
+        raise WorkerError(f"rank {self.rank}, step {step}: {self._nonfinite_in_row} non-finite steps in a row "
+                          f"(run.max_nonfinite={limit}, {self.skipped_steps} skipped in all); first non-finite "
+                          f"value: {culprit}. Lower optim.lr, set optim.grad_clip, or check the data")
+
+    def _locate_nonfinite(self, batch, buf: np.ndarray) -> dict:
+        """Re-run this rank's share of the offending batch under detect_nonfinite: the first layer (forward output
+        or input gradient) holding NaN/Inf, else the first non-finite parameter or the loss itself."""
+        from ndtrain.engine.debug import NonFiniteError, detect_nonfinite, first_nonfinite
+        store, module = self.store, self.model.module
+        bad = first_nonfinite(store, "data")
+        if bad is not None:
+            return {"rank": self.rank, "layer": bad, "what": f"parameter {bad!r} is non-finite"}
+        count = buf[1] if math.isfinite(buf[1]) and buf[1] > 0 else 1.0
+        micro = batch if isinstance(batch, list) else [batch]
+        try:
+            with detect_nonfinite(module):
+                for mb in micro:
+                    store.zero_grad()
+                    loss_sum, _, backward = self.model.loss(mb, train=True)
+                    if not math.isfinite(loss_sum):
+                        return {"rank": self.rank, "what": f"the loss (every layer's output finite): {loss_sum}"}
+                    backward(1.0 / count)
+                    grad = first_nonfinite(store, "grad")
+                    if grad is not None:
+                        return {"rank": self.rank, "layer": grad, "what": f"the gradient of parameter {grad!r}"}
+        except NonFiniteError as e:
+            return {"rank": self.rank, "layer": e.path, "what": str(e)}
+        finally:
+            store.zero_grad()
+        return {"rank": self.rank}
+
     def _clip(self) -> float:
+        """Clip by global norm (when optim.grad_clip > 0); returns the norm before clipping (NaN/Inf: the caller
+        skips the step)."""
         from ndtrain.engine.clip import clip_grad_norm, grad_sq_norm
         clip = self.cfg.optim.grad_clip
         if clip > 0:
-            norm = clip_grad_norm(self.store.grad, clip)
-        else:
-            norm = math.sqrt(grad_sq_norm(self.store.grad))
-        if not math.isfinite(norm):
-            raise WorkerError(f"rank {self.rank}, step {self.step}: gradient norm is {norm} (non-finite)")
-        return norm
+            return clip_grad_norm(self.store.grad, clip)
+        return math.sqrt(grad_sq_norm(self.store.grad))
 
     def _log(self, record: dict) -> None:
         if self.rank == 0:
@@ -348,7 +473,8 @@ class Trainer:
             meta = {"loader": self.loader.state_dict(), "schedule_step": self.step,
                     "rng": {str(r): s for r, s in enumerate(rngs)}, "config": self.cfg.to_dict(),
                     "config_hash": config_hash(self.cfg), "world_size": self.world,
-                    "param_checksum": self.store.checksum()}
+                    "param_checksum": self.store.checksum(), "skipped_steps": self.skipped_steps,
+                    "data": [data_fingerprint(d) for d in (self.train_data, self.val_data)]}
             path = ckpt.save(self.ckpt_dir, self.step, self.store, buffers=dict(self.model.module.named_buffers()),
                              optim_state=optim_state, meta=meta, keep=self.cfg.run.keep_checkpoints)
         self.comm.barrier()

@@ -76,7 +76,9 @@ def check_module(module, inputs: Sequence[np.ndarray], *, wrt: Sequence[int] | N
     if wrt is None:
         wrt = [i for i, x in enumerate(inputs) if isinstance(x, np.ndarray) and x.dtype == np.float64]
     kw = forward_kwargs or {}
-    rng = np.random.default_rng(seed + 1)
+    # A stream of its own (not default_rng(seed + 1)): tests commonly draw their inputs from small integer seeds,
+    # and a cotangent equal to the input can make a true gradient vanish and the check fail spuriously.
+    rng = np.random.default_rng([seed, 0x6C0])
 
     def run():
         if before_forward:
