@@ -16,6 +16,15 @@ loop logs the same way whether it writes the run directory itself (local) or rep
 What the coordinator aggregates (same step across ranks): loss_sum, count, tokens, samples (summed; loss =
 sum loss_sum / sum count), step_time (max: the slowest rank), comm_time (mean; comm_share = mean of
 comm_time / step_time), tokens/step_time summed as tokens_per_s; any other key is taken from the lowest rank.
+
+Liveness: heartbeats come from the sender thread, so they prove the process is alive, not that it progresses. So
+each heartbeat also carries the rank's step, how long it has spent on it, and whether it is waiting in a collective
+(rank_entry.WatchedComm calls `enter_comm` / `leave_comm`): the coordinator names a rank as hung when the others
+have waited for it in a collective too long. Non-reporting ranks send their timing (`step_s`, and `step_time` /
+`comm_time` if the loop logs them) as small "timing" messages, for the per-rank step times of the aggregated record.
+
+Test-only fault injection (read once, at construction): NDTRAIN_TEST_HANG="rank:step" makes that rank sleep forever
+when it reaches that step; NDTRAIN_TEST_STEP_DELAY=seconds slows every step (so a test can kill a rank mid-run).
 """
 from __future__ import annotations
 
@@ -31,7 +40,23 @@ import traceback as tb_mod
 ENV_ADDR = "NDTRAIN_COORD_ADDR"
 ENV_TOKEN = "NDTRAIN_COORD_TOKEN"
 HEARTBEAT_S = 2.0
+TIMING_EVERY_S = 1.0  # a non-reporting rank sends its step time at most this often
+ENV_TEST_HANG = "NDTRAIN_TEST_HANG"
+ENV_TEST_STEP_DELAY = "NDTRAIN_TEST_STEP_DELAY"
 _STOP = object()
+
+
+def _test_faults(rank: int, env) -> tuple[int | None, float]:
+    """(step at which this rank hangs or None, seconds of delay per step) from the test-only variables."""
+    hang = None
+    spec = env.get(ENV_TEST_HANG, "")
+    if spec:
+        r, _, k = spec.partition(":")
+        if not (r.strip().isdigit() and k.strip().isdigit()):
+            raise ValueError(f"{ENV_TEST_HANG}={spec!r}: expected 'rank:step'")
+        hang = int(k) if int(r) == rank else None
+    delay = float(env.get(ENV_TEST_STEP_DELAY, "0") or 0)
+    return hang, delay
 
 
 def encode(msg: dict) -> bytes:

@@ -280,14 +280,14 @@ class Trainer:
                 grad_norm = self._clip()
                 finite = math.isfinite(grad_norm)  # the same reduced gradient everywhere: every rank agrees
             self.step = step + 1
-            if not finite:
-                self._skip(batch, step, buf)
-                continue
-            self._nonfinite_in_row = 0
-            self.optimizer.step(lr)
-            window_loss += buf[0]
-            window_count += buf[1]
-            window_steps += 1
+            if finite:
+                self._nonfinite_in_row = 0
+                self.optimizer.step(lr)
+                window_loss += buf[0]
+                window_count += buf[1]
+                window_steps += 1
+            else:
+                self._skip(batch, step, buf)  # raises after run.max_nonfinite in a row
 
             if self.step % run.log_every == 0 or self.step == run.steps:
                 now = time.perf_counter()

@@ -105,6 +105,31 @@ class RunWriter(MetricsSink):
         self.close()
 
 
+def truncate_metrics(out: str | os.PathLike, step: int) -> int:
+    """Resuming from the checkpoint of `step`: drop the records of later steps (they will be written again), so
+    the resumed run continues the same metrics.jsonl without duplicates. Atomic. Returns how many were dropped."""
+    path = Path(out) / METRICS
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec_step = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                dropped += 1  # a line cut short by the crash
+                continue
+            if isinstance(rec_step, int) and rec_step > step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+    return dropped
+
+
 # -- readers ---------------------------------------------------------------------------------------------------------
 def checkpoints_dir(out: str | os.PathLike) -> Path:
     return Path(out) / CHECKPOINTS

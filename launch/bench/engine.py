@@ -7,9 +7,13 @@ learned positional embeddings, causal decoder self-attention, cross-entropy over
   MLP  784-256-128-10 ReLU, batch 128 (issue 3)
 The two engines' timed steps are interleaved (alternating which goes first) to cancel the machine's drift; min and
 median are reported. GFLOP/s counts FLOPs as ANCHORS.md does; the peak is the best NumPy float32 GEMM measured in
-this run at the same thread count (probed before and between the timed steps). Peak memory: tracemalloc over one separate ndtrain step (NumPy reports its
-allocations to tracemalloc): `act` = arrays alive after the forward (what backward closures keep), `peak` = the
-high-water mark over forward + loss + backward + AdamW above the parameters, gradients and optimizer state.
+this run at the same thread count (probed before and between the timed steps). Memory, by tracemalloc over one
+separate ndtrain step (NumPy reports its allocations to it): `activations_mb` = arrays alive after the forward (the
+logits plus what the backward closures keep: per block the norm outputs and 1/std, the fused QKV projection, the
+scaled queries, the attention weights, the attention output, the FFN pre-activation, its sigmoid and its output);
+`peak_mem_mb` = the high-water mark over forward + loss + backward + AdamW, above the resident parameters,
+gradients and AdamW moments. By default glibc is told to keep freed memory (fused.retain_freed_memory), so the
+steps do not page-fault through their activations each time; --no-retain-memory measures the default.
 """
 from __future__ import annotations
 

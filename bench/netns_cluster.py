@@ -1,0 +1,266 @@
+"""Two "hosts" on one machine: network namespaces joined by a veth pair stand in for two laptops on a LAN. A Ray
+cluster (head in one, worker node in the other) and an MPI job with a two-host hostfile each train the same tiny
+float64 transformer with one worker per host, and must end with the parameters of a 1-worker run (within 1e-6
+relative, the equivalence result of tests/cluster/test_equivalence.py). Sets up, runs and ALWAYS tears down (the
+namespaces, and every process inside them, by pid), even on failure or Ctrl-C. Needs root and iproute2.
+
+    sudo .venv/bin/python bench/netns_cluster.py [--only ray|mpi] [--json out.json] [--keep-dirs]
+
+Recipe for a real cluster of laptops (what this script does with namespaces; run from the repo's venv on every
+machine, same Python, same ndtrain checkout, machines reachable on the LAN, e.g. 192.168.1.10 and .11):
+
+  Ray
+    1. On the first laptop (the head):   ray start --head --node-ip-address 192.168.1.10 --port 6379 --num-cpus 2
+    2. On every other laptop:            ray start --address 192.168.1.10:6379 --node-ip-address 192.168.1.11
+                                         --num-cpus 2
+    3. On the head, train:               ndtrain train --backend ray --address 192.168.1.10:6379 --workers 2
+                                         --threads 2 ...   (num_cpus per actor = --threads: with 2 CPUs per laptop
+                                         and --threads 2, Ray places one worker on each laptop)
+       Ranks on different nodes exchange gradients over TCP (cluster/comm/tcp.py); the coordinator runs in the
+       driver and listens on all interfaces, so the laptops must reach the head's address (open its firewall for
+       the ports Ray and the coordinator pick, or allow the LAN).
+    4. When done, on every laptop:       ray stop
+
+  MPI (Open MPI)
+    1. Passwordless ssh from the first laptop to the others (ssh-copy-id), same paths everywhere (or the venv's
+       bin directory on PATH for non-interactive shells).
+    2. A hostfile:                       192.168.1.10 slots=1
+                                         192.168.1.11 slots=1
+    3. Train:                            ndtrain train --backend mpi --hostfile hosts --workers 2 --threads 2 ...
+       If the laptops have several interfaces, pin MPI to the LAN:
+         export OMPI_MCA_btl=self,tcp OMPI_MCA_btl_tcp_if_include=192.168.1.0/24
+         export PRTE_MCA_oob_tcp_if_include=192.168.1.0/24
+       This script replaces ssh by an agent that runs the command in the other namespace
+       (PRTE_MCA_plm_rsh_agent=<script>: `agent HOST COMMAND...` -> `ip netns exec NS sh -c COMMAND`).
+
+Addresses: 10.213.7.1 (host a) and 10.213.7.2 (host b) exist ONLY inside the two namespaces this script creates;
+no traffic leaves them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+BIN = Path(PY).parent
+SUBNET, PREFIX = "10.213.7", 24
+TAG = f"ndh10{os.getpid() % 100000}"  # unique per run: namespace and link names (<= 15 chars)
+HOSTS = {"a": f"{SUBNET}.1", "b": f"{SUBNET}.2"}
+STEPS = 20
+MODEL = ["--task", "reverse", "--model", "transformer", "--batch-size", "16", "--seed", "3", "--threads", "1",
+         "--steps", str(STEPS), "-q", "--set", 'run.dtype="float64"', "--set", "optim.lr=0.01",
+         "--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_ff=32",
+         "--set", "model.n_enc_layers=1", "--set", "model.n_dec_layers=1", "--set", "model.dropout=0.0",
+         "--set", "data.rows=256", "--set", "cluster.bucket_mb=0.01"]
+TOL = 1e-6
+
+
+def ns(host: str) -> str:
+    return f"{TAG}{host}"
+
+
+def sh(*cmd, check=True, timeout=60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], check=check, timeout=timeout, capture_output=True, text=True, **kw)
+
+
+# -- set up / tear down ------------------------------------------------------------------------------------------
+def setup_network() -> None:
+    """Two namespaces, one veth pair; each side has lo, its address, and a default route over the pair (so a
+    process asking "which address do others see me by" gets 10.213.7.x, as on a real LAN)."""
+    va, vb = f"{TAG}va", f"{TAG}vb"
+    for h in HOSTS:
+        sh("ip", "netns", "add", ns(h))
+    sh("ip", "link", "add", va, "type", "veth", "peer", "name", vb)
+    for h, link in (("a", va), ("b", vb)):
+        sh("ip", "link", "set", link, "netns", ns(h))
+        sh("ip", "-n", ns(h), "addr", "add", f"{HOSTS[h]}/{PREFIX}", "dev", link)
+        sh("ip", "-n", ns(h), "link", "set", "lo", "up")
+        sh("ip", "-n", ns(h), "link", "set", link, "up")
+        sh("ip", "-n", ns(h), "route", "add", "default", "dev", link)
+
+
+def teardown() -> None:
+    """Kill every process inside our namespaces (they are all ours), then delete the namespaces (the veth pair
+    goes with them). Safe to call more than once."""
+    present = sh("ip", "netns", "list", check=False).stdout
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = False
+        for h in HOSTS:
+            if ns(h) not in present:
+                continue
+            for pid in sh("ip", "netns", "pids", ns(h), check=False).stdout.split():
+                try:
+                    os.kill(int(pid), sig)
+                    alive = True
+                except (ProcessLookupError, ValueError):
+                    pass
+        if alive and sig == signal.SIGTERM:
+            time.sleep(3)
+    for h in HOSTS:
+        if ns(h) in present:
+            sh("ip", "netns", "del", ns(h), check=False)
+
+
+def in_ns(host: str, *cmd) -> list[str]:
+    return ["ip", "netns", "exec", ns(host), *map(str, cmd)]
+
+
+def run_logged(cmd: list[str], log: Path, env: dict, timeout: float) -> int:
+    with open(log, "w") as f:
+        try:
+            return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout,
+                                  cwd=REPO).returncode
+        except subprocess.TimeoutExpired:
+            f.write(f"\n[netns_cluster] timed out after {timeout:.0f} s\n")
+            return -1
+
+
+# -- comparison ------------------------------------------------------------------------------------------------------
+def final_params(out: Path) -> dict[str, np.ndarray]:
+    from ndtrain.cluster import checkpoint as ckpt
+    c = ckpt.load(out / "checkpoints")
+    if c.step != STEPS:
+        raise RuntimeError(f"{out}: final checkpoint at step {c.step}, expected {STEPS}")
+    return c.params
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    return max(float(np.linalg.norm(b[k] - a[k]) / max(np.linalg.norm(a[k]), 1e-30)) for k in a)
+
+
+# -- the two jobs ------------------------------------------------------------------------------------------------------
+def ray_job(work: Path, env: dict, reference: dict) -> dict:
+    head = f"{HOSTS['a']}:6379"
+    common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
+    logs = work / "logs"
+    procs = []
+    for h, extra in (("a", ["--head", "--port", "6379", "--include-dashboard", "false"]), ("b", ["--address", head])):
+        cmd = in_ns(h, BIN / "ray", "start", *extra, "--node-ip-address", HOSTS[h], "--temp-dir",
+                    f"/tmp/ray-{ns(h)}", *common)
+        procs.append(subprocess.Popen(cmd, stdout=open(logs / f"ray-{h}.log", "w"), stderr=subprocess.STDOUT,
+                                      env=env, cwd=REPO, start_new_session=True))
+        _wait_for_nodes(env, head, 1 if h == "a" else 2, timeout=120)
+    out = work / "ray"
+    rc = run_logged(in_ns("a", BIN / "ndtrain", "train", *MODEL, "--backend", "ray", "--workers", "2",
+                          "--address", head, "--out", out), logs / "ray-train.log", env, timeout=300)
+    return _result("ray", rc, out, reference, logs / "ray-train.log")
+
+
+def _wait_for_nodes(env: dict, head: str, n: int, timeout: float) -> None:
+    """Until the cluster at `head` has n alive nodes (queried from inside host a)."""
+    probe = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
+             "print(sum(1 for x in ray.nodes() if x['Alive']))")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(in_ns("a", PY, "-c", probe, head), capture_output=True, text=True, env=env, timeout=90)
+        if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
+            return
+        time.sleep(2)
+    raise RuntimeError(f"Ray cluster at {head} did not reach {n} alive node(s) within {timeout:.0f} s")
+
+
+AGENT = """#!/bin/sh
+# Open MPI launch agent standing in for ssh: `agent [ssh options] HOST COMMAND...` runs COMMAND in HOST's namespace.
+while [ "${1#-}" != "$1" ]; do shift; done
+host="$1"; shift
+case "$host" in
+%s
+  *) echo "netns agent: unknown host $host" >&2; exit 255;;
+esac
+exec ip netns exec "$ns" /bin/sh -c "$*"
+"""
+
+
+def mpi_job(work: Path, env: dict, reference: dict) -> dict:
+    agent = work / "netns_agent.sh"
+    cases = "\n".join(f"  {ip}) ns={ns(h)};;" for h, ip in HOSTS.items())
+    agent.write_text(AGENT % cases)
+    agent.chmod(0o755)
+    hostfile = work / "hosts"
+    hostfile.write_text("".join(f"{ip} slots=1\n" for ip in HOSTS.values()))
+    net = f"{SUBNET}.0/{PREFIX}"
+    env = {**env, "PRTE_MCA_plm_ssh_agent": str(agent), "PRTE_MCA_plm_rsh_agent": str(agent),
+           "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": net, "OMPI_MCA_pml": "ob1",
+           "PRTE_MCA_oob_tcp_if_include": net, "OMPI_MCA_oob_tcp_if_include": net}
+    out = work / "mpi"
+    log = work / "logs" / "mpi-train.log"
+    rc = run_logged(in_ns("a", BIN / "ndtrain", "train", *MODEL, "--backend", "mpi", "--workers", "2",
+                          "--hostfile", hostfile, "--out", out), log, env, timeout=300)
+    return _result("mpi", rc, out, reference, log)
+
+
+def _result(backend: str, rc: int, out: Path, reference: dict, log: Path) -> dict:
+    res = {"backend": backend, "exit_status": rc, "log": str(log)}
+    try:
+        ranks = json.loads((out / "ranks.json").read_text())
+        res["ranks"] = [{k: r.get(k) for k in ("rank", "host", "ip", "pid") if k in r} for r in ranks]
+        topo = json.loads((out / "topology.json").read_text())
+        res["nodes"] = [n.get("ip") for n in topo.get("nodes", [])] or topo.get("hosts")
+        res["max_rel_diff"] = max_rel_diff(reference, final_params(out))
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        res["error"] = f"{type(e).__name__}: {e}"
+    res["ok"] = rc == 0 and res.get("max_rel_diff", 1.0) <= TOL and "error" not in res
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", choices=("ray", "mpi"), help="run one backend only")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--keep-dirs", action="store_true", help="keep the work directory (run dirs and logs)")
+    a = p.parse_args(argv)
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        print("netns_cluster: needs root and iproute2 (ip)", file=sys.stderr)
+        return 77
+    work = Path(tempfile.mkdtemp(prefix="ndtrain-netns-"))
+    (work / "logs").mkdir()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    results = []
+    try:
+        ref = work / "reference"
+        rc = run_logged([str(BIN / "ndtrain"), "train", *MODEL, "--backend", "local", "--out", str(ref)],
+                        work / "logs" / "reference.log", env, timeout=300)
+        if rc != 0:
+            raise RuntimeError(f"the 1-worker reference run failed (see {work / 'logs' / 'reference.log'})")
+        reference = final_params(ref)
+        setup_network()
+        for backend, job in (("ray", ray_job), ("mpi", mpi_job)):
+            if a.only in (None, backend):
+                try:
+                    results.append(job(work, env, reference))
+                except Exception as e:  # report and go on to the other backend; teardown below either way
+                    results.append({"backend": backend, "ok": False, "error": f"{type(e).__name__}: {e}"})
+                print(json.dumps(results[-1]), flush=True)
+    finally:
+        teardown()
+        for h in HOSTS:
+            shutil.rmtree(f"/tmp/ray-{ns(h)}", ignore_errors=True)
+    ok = bool(results) and all(r["ok"] for r in results)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"ok": ok, "results": results, "work": str(work)}, indent=2))
+    for r in results:
+        if not r["ok"] and "log" in r and Path(r["log"]).exists():
+            print(f"--- {r['backend']} log tail ---\n" + Path(r["log"]).read_text()[-3000:], file=sys.stderr)
+    if not a.keep_dirs and ok:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"netns_cluster: work directory {work}", file=sys.stderr)
+    print(("PASS" if ok else "FAIL") + ": " + ", ".join(
+        f"{r['backend']} max rel diff {r.get('max_rel_diff', float('nan')):.3g}" for r in results), flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
