@@ -20,6 +20,10 @@ machine, same Python, same ndtrain checkout, machines reachable on the LAN, e.g.
        driver and listens on all interfaces, so the laptops must reach the head's address (open its firewall for
        the ports Ray and the coordinator pick, or allow the LAN).
     4. When done, on every laptop:       ray stop
+    Recent Ray (2.60 here) starts the head with token authentication: every node and driver needs the same token
+    (the head writes ~/.ray/auth_token; copy it to the other laptops, or export RAY_AUTH_TOKEN) and drivers need
+    RAY_AUTH_MODE=token; on a trusted LAN RAY_AUTH_MODE=disabled on every command switches it off, as this script
+    does inside its private namespaces.
 
   MPI (Open MPI)
     1. Passwordless ssh from the first laptop to the others (ssh-copy-id), same paths everywhere (or the venv's
@@ -113,7 +117,14 @@ def teardown() -> None:
 
 
 def in_ns(host: str, *cmd) -> list[str]:
-    return ["ip", "netns", "exec", ns(host), *map(str, cmd)]
+    """cmd inside host's network namespace, with its own hostname (a UTS namespace): ranks.json then shows which
+    "machine" each rank ran on, and MPI does not take the two for one node."""
+    return ["ip", "netns", "exec", ns(host), "unshare", "--uts", "/bin/sh", "-c", 'hostname "$0"; exec "$@"',
+            hostname(host), *map(str, cmd)]
+
+
+def hostname(host: str) -> str:
+    return f"{TAG}-{host}"
 
 
 def run_logged(cmd: list[str], log: Path, env: dict, timeout: float) -> int:
@@ -178,13 +189,13 @@ case "$host" in
 %s
   *) echo "netns agent: unknown host $host" >&2; exit 255;;
 esac
-exec ip netns exec "$ns" /bin/sh -c "$*"
+exec ip netns exec "$ns" unshare --uts /bin/sh -c "hostname $name; $*"
 """
 
 
 def mpi_job(work: Path, env: dict, reference: dict) -> dict:
     agent = work / "netns_agent.sh"
-    cases = "\n".join(f"  {ip}) ns={ns(h)};;" for h, ip in HOSTS.items())
+    cases = "\n".join(f"  {ip}) ns={ns(h)}; name={hostname(h)};;" for h, ip in HOSTS.items())
     agent.write_text(AGENT % cases)
     agent.chmod(0o755)
     hostfile = work / "hosts"
@@ -207,9 +218,13 @@ def _result(backend: str, rc: int, out: Path, reference: dict, log: Path) -> dic
         res["ranks"] = [{k: r.get(k) for k in ("rank", "host", "ip", "pid") if k in r} for r in ranks]
         topo = json.loads((out / "topology.json").read_text())
         res["nodes"] = [n.get("ip") for n in topo.get("nodes", [])] or topo.get("hosts")
+        res["transport"] = topo.get("transport")
         res["max_rel_diff"] = max_rel_diff(reference, final_params(out))
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         res["error"] = f"{type(e).__name__}: {e}"
+    hosts = {r.get("host") for r in res.get("ranks", [])}
+    if "error" not in res and hosts != {hostname(h) for h in HOSTS}:
+        res["error"] = f"ranks ran on {sorted(hosts)}, expected one on each of {sorted(map(hostname, HOSTS))}"
     res["ok"] = rc == 0 and res.get("max_rel_diff", 1.0) <= TOL and "error" not in res
     return res
 
@@ -226,8 +241,15 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="ndtrain-netns-"))
     (work / "logs").mkdir()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+           # `ray start --head` turns on token authentication (Ray >= 2.5x) and the drivers here run without the
+           # token; the namespaces are private to this machine, so it is switched off (see the recipe above)
+           "RAY_AUTH_MODE": "disabled",
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     results = []
+    # an empty --config: the built-in defaults plus the flags in MODEL, whatever the task's preset
+    # (configs/<task>.toml) says; every run below gets the same one
+    (work / "base.toml").write_text("# netns_cluster: defaults + command-line flags only\n")
+    MODEL.extend(["--config", str(work / "base.toml")])
     try:
         ref = work / "reference"
         rc = run_logged([str(BIN / "ndtrain"), "train", *MODEL, "--backend", "local", "--out", str(ref)],

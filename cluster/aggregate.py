@@ -3,7 +3,8 @@
 Records of one step and kind (train, or eval when the record has an "eval" key) from every reporting rank become
 one record:
   loss_sum, count, tokens, samples   summed; loss = sum(loss_sum) / sum(count) (the mean over ALL tokens)
-  step_time                          max over ranks (the slowest rank sets the pace)
+  step_time                          max over ranks (the slowest rank sets the pace); rank_step_s: each rank's
+                                     {"0": s0, "1": s1, ...}
   comm_time                          mean over ranks; comm_share = mean over ranks of comm_time / step_time
   tokens_per_s, samples_per_s        sum over ranks of tokens / step_time (the job's throughput)
   anything else                      the lowest rank's value (lr, grad_norm, eval dicts, time)
@@ -29,6 +30,7 @@ def aggregate(by_rank: dict[int, dict]) -> dict:
     times = [rec["step_time"] for rec in recs if _num(rec.get("step_time"))]
     if times:
         out["step_time"] = max(times)
+        out["rank_step_s"] = {str(r): by_rank[r]["step_time"] for r in ranks if _num(by_rank[r].get("step_time"))}
     comm = [rec["comm_time"] for rec in recs if _num(rec.get("comm_time"))]
     if comm:
         out["comm_time"] = sum(comm) / len(comm)

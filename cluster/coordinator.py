@@ -7,8 +7,15 @@ ranks.json (each rank's host and pid), and decides when the job has failed:
   - a rank reported an exception (rank, step, traceback);
   - a rank's connection closed before it said "done" (it crashed);
   - a rank was silent (no message, not even a heartbeat) for heartbeat_timeout seconds;
+  - a rank is hung: its peers have waited for it in a collective for stall_timeout seconds (heartbeats say whether a
+    rank is blocked in a collective, cluster.rank_entry.WatchedComm); the failure names the ranks NOT waiting;
   - not every rank connected within start_timeout.
-The launcher calls `poll()` in its loop and ends the job when `failure` is set.
+The launcher calls `poll()` in its loop and ends the job when `failure` is set. After a failure, `restart()` opens
+a new generation (a new token: messages of the dead group are ignored) that keeps the output files: records of
+steps already written (the steps a restarted group replays from its checkpoint) are not written twice.
+
+Each aggregated train record also gets `rank_step_s` {"0": s, "1": s, ...} (each rank's latest measured step time)
+and `rank_comm_share` (its share of that time blocked in collectives), from the ranks' timing messages.
 
     coord = Coordinator(world_size=2, writer=RunWriter(out), total_steps=100); coord.start()
     env = coord.env()                        # NDTRAIN_COORD_ADDR / NDTRAIN_COORD_TOKEN for the ranks
@@ -67,7 +74,7 @@ class Coordinator:
     def __init__(self, world_size: int, writer=None, run_dir: str | os.PathLike | None = None,
                  total_steps: int | None = None, quiet: bool = False, host: str = "127.0.0.1", port: int = 0,
                  token: str | None = None, heartbeat_timeout: float = 30.0, start_timeout: float = 120.0,
-                 tensorboard: bool = True, extra_summary: dict | None = None):
+                 tensorboard: bool = True, extra_summary: dict | None = None, stall_timeout: float = 20.0):
         self.world_size = int(world_size)
         self.writer = writer
         self.run_dir = Path(run_dir) if run_dir is not None else (Path(writer.dir) if hasattr(writer, "dir")
@@ -76,6 +83,10 @@ class Coordinator:
         self.host, self.port = host, port
         self.token = token or secrets.token_hex(16)
         self.heartbeat_timeout, self.start_timeout = heartbeat_timeout, start_timeout
+        self.stall_timeout = stall_timeout
+        self.generation = 0
+        self._written: dict[str, int] = {}  # kind ("train"/"eval") -> highest step written to the files
+        self.replayed = 0  # records of a restarted group not written again
         self.tensorboard = tensorboard
         self.extra_summary = dict(extra_summary or {})
         self.failure: Failure | None = None
@@ -83,6 +94,8 @@ class Coordinator:
         self.ranks: dict[int, dict] = {}  # rank -> {"host", "pid"}
         self.last_seen: dict[int, float] = {}
         self.last_step: dict[int, int] = {}
+        self.liveness: dict[int, tuple[float, float | None]] = {}  # rank -> (when heard, comm_wait_s then or None)
+        self.rank_timing: dict[int, dict] = {}  # rank -> {"step", "step_s", "comm_s"} (latest timing message)
         self.done: set[int] = set()
         self.records: list[dict] = []  # aggregated, in write order
         self._summary: dict | None = None
@@ -126,6 +139,7 @@ class Coordinator:
 
     def _read_loop(self, conn: socket.socket) -> None:
         rank = None
+        gen = self.generation
         buf = b""
         try:
             while True:
@@ -142,11 +156,12 @@ class Coordinator:
                             conn.close()  # not one of ours
                             return
                         rank = int(msg["rank"])
+                    msg["_gen"] = gen
                     self._inbox.put(msg)
         except (OSError, ValueError):
             pass
         if rank is not None:
-            self._inbox.put({"type": "eof", "rank": rank})
+            self._inbox.put({"type": "eof", "rank": rank, "_gen": gen})
 
     # -- main loop ---------------------------------------------------------------------------------------------------
     def poll(self, timeout: float = 0.2) -> None:
@@ -162,12 +177,19 @@ class Coordinator:
         self._check_deadlines()
 
     def handle(self, msg: dict) -> None:
+        if msg.get("_gen", self.generation) != self.generation:
+            return  # from a group that was torn down (a restart)
         kind, rank = msg.get("type"), msg.get("rank")
         now = time.monotonic()
         if rank is not None:
             self.last_seen[rank] = now
             if "step" in msg and msg["step"] is not None:
                 self.last_step[rank] = int(msg["step"])
+            if "comm_wait_s" in msg:
+                self.liveness[rank] = (now, msg["comm_wait_s"])
+        if kind == "timing":
+            self.rank_timing[rank] = {k: msg.get(k) for k in ("step", "step_s", "comm_s")}
+            return
         if kind == "hello":
             self.ranks[rank] = {"rank": rank, "host": msg.get("host"), "pid": msg.get("pid"),
                                 "reports": bool(msg.get("reports", True))}
@@ -180,6 +202,10 @@ class Coordinator:
                 self._fail(rank, rec.get("step"), str(rec["error"]), str(rec.get("traceback", "")))
                 return
             if not self.ranks.get(rank, {}).get("reports", True):
+                if "eval" not in rec and isinstance(rec.get("step_time"), (int, float)):
+                    # a non-reporting rank's own timing (if the loop logs it on every rank): exact, per step
+                    self.rank_timing[rank] = {"step": rec["step"], "step_s": rec["step_time"],
+                                              "comm_s": rec.get("comm_time")}
                 return
             if self._agg is None:
                 self._pending_logs.append(msg)
@@ -217,6 +243,33 @@ class Coordinator:
                 self._fail(r, self.last_step.get(r), f"silent for {silent:.0f} s (no heartbeat; "
                            f"timeout {self.heartbeat_timeout:.0f} s)")
                 return
+        self._check_stall(now)
+
+    def comm_waits(self, now: float | None = None) -> dict[int, float]:
+        """rank -> seconds it has been blocked in a collective (ranks that are not blocked are absent)."""
+        now = time.monotonic() if now is None else now
+        return {r: wait + (now - heard) for r, (heard, wait) in self.liveness.items()
+                if wait is not None and r not in self.done}
+
+    def _check_stall(self, now: float) -> None:
+        """A rank that never enters the collective its peers wait in is hung (its heartbeat thread may live on)."""
+        if not self.stall_timeout:
+            return
+        waits = self.comm_waits(now)
+        if not waits or max(waits.values()) <= self.stall_timeout:
+            return
+        waiting = sorted(r for r, w in waits.items() if w > self.stall_timeout)
+        longest = max(waits.values())
+        stuck = sorted(set(range(self.world_size)) - set(waits) - self.done)
+        if stuck:
+            r = stuck[0]
+            others = f" (and ranks {stuck[1:]})" if len(stuck) > 1 else ""
+            self._fail(r, self.last_step.get(r), f"hung{others}: ranks {waiting} have waited for it in a collective "
+                       f"for {longest:.0f} s (stall timeout {self.stall_timeout:.0f} s)")
+        else:  # every rank is blocked: name the one furthest behind
+            r = min(waits, key=lambda q: (self.last_step.get(q, -1), q))
+            self._fail(r, self.last_step.get(r), f"every rank has been blocked in a collective for up to "
+                       f"{longest:.0f} s (stall timeout {self.stall_timeout:.0f} s); rank {r} is furthest behind")
 
     def fail(self, rank: int | None, step: int | None, reason: str, traceback: str = "") -> None:
         """For the launcher: a failure it saw itself (mpiexec exited, a Ray actor died)."""
@@ -248,11 +301,54 @@ class Coordinator:
 
     def _emit(self, records: list[dict]) -> None:
         for rec in records:
+            kind = "eval" if "eval" in rec else "train"
+            step = int(rec["step"])
+            if step <= self._written.get(kind, -1) and self.generation > 0:
+                self.replayed += 1  # a restarted group replaying steps after its checkpoint: written already
+                continue
+            self._written[kind] = max(step, self._written.get(kind, -1))
+            if kind == "train":
+                self._add_rank_timing(rec)
             self.records.append(rec)
             if self.writer is not None:
                 self.writer.log(rec)
             self._tensorboard(rec)
             self._progress(rec)
+
+    def _add_rank_timing(self, rec: dict) -> None:
+        """rank_step_s / rank_comm_share from the ranks' latest timing messages (when records from every rank were
+        aggregated, their exact per-step rank_step_s is kept)."""
+        per = dict(rec.get("rank_step_s") or {})
+        complete = len(per) >= self.world_size  # every rank sent a record of this step: exact, keep it
+        share = {}
+        for r, t in sorted(self.rank_timing.items()):
+            step_s, comm_s = t.get("step_s"), t.get("comm_s")
+            if not isinstance(step_s, (int, float)) or step_s <= 0:
+                continue
+            if not complete:  # one source for every rank: the same measurement (time between step starts)
+                per[str(r)] = step_s
+            if isinstance(comm_s, (int, float)):
+                share[str(r)] = comm_s / step_s
+        if per:
+            rec["rank_step_s"] = dict(sorted(per.items(), key=lambda kv: int(kv[0])))
+        if share:
+            rec["rank_comm_share"] = share
+            if "comm_share" not in rec:
+                rec["comm_share"] = sum(share.values()) / len(share)
+
+    def restart(self) -> None:
+        """A new generation for a restarted rank group: a new token (connections of the old group are ignored,
+        and cannot reconnect), fresh per-rank state; output files, records and the progress bar stay."""
+        self.generation += 1
+        self.token = secrets.token_hex(16)
+        self.failure = None
+        self.finished = False
+        self.ranks, self.last_seen, self.last_step, self.liveness, self.rank_timing = {}, {}, {}, {}, {}
+        self.done = set()
+        self._summary = None
+        self._pending_logs = []
+        self._agg = None
+        self._t0 = time.monotonic()
 
     def _tensorboard(self, rec: dict) -> None:
         if not self.tensorboard or self.run_dir is None:

@@ -40,7 +40,8 @@ import traceback as tb_mod
 ENV_ADDR = "NDTRAIN_COORD_ADDR"
 ENV_TOKEN = "NDTRAIN_COORD_TOKEN"
 HEARTBEAT_S = 2.0
-TIMING_EVERY_S = 1.0  # a non-reporting rank sends its step time at most this often
+TIMING_EVERY_S = 1.0  # a rank sends its step time at most this often
+STEP_PING_S = 0.1  # ... and its step at most this often (so a failure names the step it died at)
 ENV_TEST_HANG = "NDTRAIN_TEST_HANG"
 ENV_TEST_STEP_DELAY = "NDTRAIN_TEST_STEP_DELAY"
 _STOP = object()
@@ -107,6 +108,12 @@ class RankReporter:
                         "host": socket.gethostname(), "pid": os.getpid(), "reports": bool(reports)})
         self._heartbeat_s = heartbeat_s
         self._lost = False
+        # liveness and timing (written by the training thread, read by the sender thread's heartbeats)
+        self._step_t0 = time.monotonic()  # when the current step began (the last progress() call)
+        self._window_s, self._window_comm_s, self._window_n = 0.0, 0.0, 0
+        self._last_timing = self._last_ping = 0.0
+        self._comm_depth, self._comm_t0, self._comm_s = 0, 0.0, 0.0  # collective nesting; entry time; this step's
+        self._hang_at, self._step_delay = _test_faults(rank, os.environ)
         self._thread = threading.Thread(target=self._run, name=f"ndtrain-reporter-{rank}", daemon=True)
         self._thread.start()
 
@@ -129,8 +136,46 @@ class RankReporter:
         self._q.put({"type": "summary", "rank": self.rank, "summary": summary})
 
     def progress(self, step: int) -> None:
-        """Tell the coordinator which step this rank is on (carried by the next heartbeat; no message)."""
-        self.step = int(step)
+        """The training loop is starting step `step` (0-based; = steps done). Carried by the next heartbeat; the
+        time since the previous call is this rank's step time, sent as a "timing" message about once a second."""
+        step = int(step)
+        if self._step_delay > 0:
+            time.sleep(self._step_delay)
+        if self._hang_at is not None and step == self._hang_at:
+            self.step = step
+            while True:  # test-only: a hung rank (NDTRAIN_TEST_HANG); the heartbeat thread keeps running
+                time.sleep(3600)
+        now = time.monotonic()
+        if step == self.step + 1:
+            self._window_s += now - self._step_t0
+            self._window_comm_s += self._comm_s
+            self._window_n += 1
+        self.step, self._step_t0, self._comm_s = step, now, 0.0
+        if self._window_n and now - self._last_timing >= TIMING_EVERY_S:
+            self._q.put({"type": "timing", "rank": self.rank, "step": step,
+                         "step_s": self._window_s / self._window_n, "comm_s": self._window_comm_s / self._window_n})
+            self._window_s, self._window_comm_s, self._window_n = 0.0, 0.0, 0
+            self._last_timing = self._last_ping = now
+        elif now - self._last_ping >= STEP_PING_S:
+            self._q.put({"type": "step", "rank": self.rank, **self.liveness()})
+            self._last_ping = now
+
+    def enter_comm(self) -> None:
+        """The training thread is about to block in a collective (rank_entry.WatchedComm)."""
+        if self._comm_depth == 0:
+            self._comm_t0 = time.monotonic()
+        self._comm_depth += 1
+
+    def leave_comm(self) -> None:
+        self._comm_depth -= 1
+        if self._comm_depth == 0:
+            self._comm_s += time.monotonic() - self._comm_t0
+
+    def liveness(self) -> dict:
+        """What a heartbeat says beyond "alive": the step, seconds on it, seconds waiting in a collective (or None)."""
+        now = time.monotonic()
+        return {"step": self.step, "step_age_s": now - self._step_t0,
+                "comm_wait_s": (now - self._comm_t0) if self._comm_depth > 0 else None}
 
     def error(self, step: int | None, exc: BaseException | str) -> None:
         """Report a fatal error now (synchronously, after what is queued): the process is about to end."""
@@ -158,16 +203,23 @@ class RankReporter:
         self._sock.sendall(encode(msg))
 
     def _run(self) -> None:
+        last_hb = time.monotonic()
         while True:
+            # a heartbeat at least every heartbeat_s, however busy the queue (timing messages come every second)
+            wait = max(0.0, self._heartbeat_s - (time.monotonic() - last_hb))
             try:
-                msg = self._q.get(timeout=self._heartbeat_s)
+                msg = self._q.get(timeout=wait)
             except queue.Empty:
-                msg = {"type": "hb", "rank": self.rank, "step": self.step}
+                msg = None
             if msg is _STOP:
                 return
             if self._lost:
                 continue
             try:
-                self._send_now(msg)
+                if msg is not None:
+                    self._send_now(msg)
+                if time.monotonic() - last_hb >= self._heartbeat_s:
+                    self._send_now({"type": "hb", "rank": self.rank, **self.liveness()})
+                    last_hb = time.monotonic()
             except OSError:
                 self._lost = True  # coordinator gone: it ends the job; training must not block on it

@@ -32,6 +32,61 @@ class RankContext:
     step: int = 0  # the target updates it, so an exception is reported with the step it happened at
 
 
+class _WatchedHandle:
+    def __init__(self, handle, reporter):
+        self._handle, self._reporter = handle, reporter
+
+    def wait(self) -> None:
+        self._reporter.enter_comm()
+        try:
+            self._handle.wait()
+        finally:
+            self._reporter.leave_comm()
+
+
+class WatchedComm:
+    """A Communicator that tells the rank's reporter when it blocks in a collective (enter_comm / leave_comm), so
+    the coordinator can tell a rank that waits for its peers from the rank they wait for (a hung rank keeps its
+    heartbeats going: they come from a thread). Everything else is the wrapped communicator's (`__getattr__`)."""
+
+    def __init__(self, comm, reporter):
+        self._comm, self._reporter = comm, reporter
+        self.rank, self.world_size = comm.rank, comm.world_size
+
+    def _blocking(self, fn, *args, **kwargs):
+        self._reporter.enter_comm()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._reporter.leave_comm()
+
+    def allreduce(self, buf) -> None:
+        return self._blocking(self._comm.allreduce, buf)
+
+    def iallreduce(self, buf):
+        return _WatchedHandle(self._comm.iallreduce(buf), self._reporter)
+
+    def broadcast(self, buf, root: int = 0) -> None:
+        return self._blocking(self._comm.broadcast, buf, root)
+
+    def barrier(self) -> None:
+        return self._blocking(self._comm.barrier)
+
+    def allgather_obj(self, obj):
+        return self._blocking(self._comm.allgather_obj, obj)
+
+    def close(self) -> None:
+        self._comm.close()
+
+    def __getattr__(self, name):  # abort, group, comm, chunk_bytes, ...
+        return getattr(self._comm, name)
+
+
+def watched(comm, reporter):
+    """comm wrapped in WatchedComm when there is a reporter that watches (else comm itself)."""
+    return WatchedComm(comm, reporter) if reporter is not None and hasattr(reporter, "enter_comm") else comm
+
+
 def pin_threads(n: int) -> None:
     """Limit BLAS/OpenMP threads of this process to n (env for libraries not loaded yet, threadpoolctl for those
     that are)."""
@@ -75,11 +130,14 @@ def run_target(target: str, ctx: RankContext):
 
 
 def train_target(ctx: RankContext) -> dict:
-    """The training loop as a target: args {"config": path to the run's config.toml}. Rank 0 logs (the loop logs
+    """The training loop as a target: args {"config": path to the run's config.toml, optional "resume": checkpoint
+    path or directory, overriding run.resume}. Rank 0 logs (the loop logs
     global figures from rank 0 only); every rank reports its errors and heartbeats."""
     from ndtrain.cluster.worker import run_worker
     from ndtrain.launch.config import load_config, validate
     cfg = load_config(ctx.args["config"])
+    if ctx.args.get("resume"):  # the Ray launcher restarting a group from the run's last checkpoint
+        cfg.run.resume = str(ctx.args["resume"])
     validate(cfg)
     sink = ctx.reporter
     if sink is None:
@@ -107,7 +165,7 @@ def mpi_main(argv: list[str] | None = None) -> int:
     comm = MPICommunicator()
     args = json.loads(a.args)
     reporter = RankReporter.from_env(comm.rank, comm.world_size, reports=reports(args, comm.rank))
-    ctx = RankContext(comm, reporter, comm.rank, comm.world_size, threads, args)
+    ctx = RankContext(watched(comm, reporter), reporter, comm.rank, comm.world_size, threads, args)
     try:
         run_target(a.target, ctx)
     except BaseException:

@@ -1,12 +1,12 @@
-"""A Ray rank: the actor class one training process runs in (Ray places it and restarts nothing: a dead rank ends
-the job). The driver creates W of them, joins them into a group (cluster.comm.ray_comm.form_group), then calls
+"""A Ray rank: the actor class one training process runs in (Ray places it and restarts nothing: when a rank dies
+the launcher tears the whole group down and starts a new one from the last checkpoint, launch/launch_ray.py). The driver creates W of them, joins them into a group (cluster.comm.ray_comm.form_group), then calls
 `run(target, args)` on all at once."""
 from __future__ import annotations
 
 import os
 import socket
 
-from .rank_entry import RankContext, pin_threads, reports, run_target
+from .rank_entry import RankContext, pin_threads, reports, run_target, watched
 
 
 class RankActor:
@@ -44,5 +44,5 @@ class RankActor:
         from .metrics_channel import RankReporter
         comm = RayCommunicator(self.rank, self.world_size, self.group)
         reporter = RankReporter.from_env(self.rank, self.world_size, reports=reports(args, self.rank))
-        ctx = RankContext(comm, reporter, self.rank, self.world_size, self.threads, dict(args))
+        ctx = RankContext(watched(comm, reporter), reporter, self.rank, self.world_size, self.threads, dict(args))
         return run_target(target, ctx)

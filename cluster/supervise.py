@@ -1,10 +1,13 @@
-"""What the MPI and Ray launchers share: the resolved topology (printed at start and stored in the run directory)
-and the supervision loop around the coordinator."""
+"""What the MPI and Ray launchers share: the resolved topology (printed at start and stored in the run directory),
+the supervision loop around the coordinator, the recovery settings and the final `done:` line."""
 from __future__ import annotations
 
+import json
+import os
 import socket
 import sys
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 
@@ -69,3 +72,50 @@ def supervise(coord, is_running, grace_s: float = 3.0, poll_s: float = 0.2):
 
 def report_failure(failure) -> None:
     print(failure.message(), file=sys.stderr, flush=True)
+
+
+# recovery settings: a config field when the config has one, else these environment variables, else the default
+RECOVERY = {  # name: (config section, environment variable, default)
+    "max_restarts": ("cluster", "NDTRAIN_MAX_RESTARTS", 3),
+    "heartbeat_timeout": ("cluster", "NDTRAIN_HEARTBEAT_TIMEOUT", 30.0),
+    "stall_timeout": ("cluster", "NDTRAIN_STALL_TIMEOUT", 20.0),
+}
+
+
+def recovery_settings(cfg, env=None) -> dict:
+    """{"max_restarts": int (Ray: group restarts allowed), "heartbeat_timeout": s (a rank silent that long has
+    failed), "stall_timeout": s (peers waiting that long in a collective: the rank they wait for is hung)}."""
+    env = os.environ if env is None else env
+    out = {}
+    for name, (section, var, default) in RECOVERY.items():
+        value = getattr(getattr(cfg, section, None), name, None)
+        if value is None and env.get(var, "") != "":
+            try:
+                value = type(default)(float(env[var]))
+            except ValueError:
+                raise ValueError(f"{var}={env[var]!r}: expected a number ({name})") from None
+        value = default if value is None else value
+        if value < 0:
+            raise ValueError(f"{name} ({section}.{name} or {var}): must be >= 0, got {value}")
+        out[name] = value
+    return out
+
+
+def done_line(out: str | os.PathLike) -> str:
+    """The final line of a distributed `ndtrain train`, as the local backend prints it, from DIR/summary.json."""
+    summary = json.loads((Path(out) / "summary.json").read_text())
+    ev = " ".join(f"{k} {v:.4f}" for k, v in (summary.get("eval") or {}).items() if isinstance(v, (int, float)))
+    loss = summary.get("final_loss")
+    loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else str(loss)
+    restarts = summary.get("restarts")
+    again = f" ({restarts} restart{'s' if restarts != 1 else ''})" if restarts else ""
+    return (f"done: {summary.get('steps')} steps in {summary.get('wall_s', 0.0):.1f}s{again}; final loss {loss_s}; "
+            f"eval {ev}; run directory {out}")
+
+
+def cli_quiet(quiet: bool | None) -> bool:
+    """`--quiet` for launch(cfg): the caller's value, else whether the command line asked for it (cmd_train does
+    not pass it to launchers yet)."""
+    if quiet is not None:
+        return bool(quiet)
+    return any(a in ("-q", "--quiet") for a in sys.argv[1:])

@@ -50,7 +50,8 @@ def load_task_data(cfg: Config):
     try:
         if dcfg.dir or dcfg.cache:
             root = Path(dcfg.dir) if dcfg.dir else nd.ensure_prepared(run.task, dcfg.cache, rows, run.seed)
-            train, val = nd.open_dataset(root / TRAIN_DIR), nd.open_dataset(root / VAL_DIR)
+            train = nd.open_dataset(root / TRAIN_DIR)
+            val = nd.open_dataset(root / VAL_DIR, expect=train.info)  # the same vocabulary / shapes as train
             return train.info, train, val
     except nd.DataError as e:
         raise ConfigError(f"data.{'dir' if dcfg.dir else 'cache'}: {e}") from None
@@ -279,7 +280,6 @@ class Trainer:
             if finite:
                 grad_norm = self._clip()
                 finite = math.isfinite(grad_norm)  # the same reduced gradient everywhere: every rank agrees
-            self.step = step + 1
             if finite:
                 self._nonfinite_in_row = 0
                 self.optimizer.step(lr)
@@ -288,6 +288,7 @@ class Trainer:
                 window_steps += 1
             else:
                 self._skip(batch, step, buf)  # raises after run.max_nonfinite in a row
+            self.step = step + 1  # steps done (skipped ones included: the batch was consumed)
 
             if self.step % run.log_every == 0 or self.step == run.steps:
                 now = time.perf_counter()

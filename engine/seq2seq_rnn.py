@@ -84,12 +84,14 @@ class Seq2SeqRNN(Module):
         ys, b_enc = self.encoder(e, lengths, train=train)  # (enc_out, h_n[, c_n])
         return ys[0], ys[1:], src_mask, (b_emb, b_enc)
 
-    def _head(self, dec_out, enc_out, src_mask, train):
+    def _head(self, dec_out, enc_out, src_mask, train, record=None):
         """dec_out (B, T, H) -> logits (B, T, V), backward(dlogits) -> (ddec_out, denc_out or None)."""
         if self.attn is None:
             logits, b_out = self.W_out(dec_out, train=train)
             return logits, lambda dl: (b_out(dl), None)
-        (context, _), b_attn = self.attn(dec_out, enc_out, src_mask, train=train)
+        (context, weights), b_attn = self.attn(dec_out, enc_out, src_mask, train=train)
+        if record is not None:  # the Transformer's convention (engine/attention.py): (B, heads, T, S), one head here
+            record["decoder.cross_attn"] = weights[:, None]
         H = dec_out.shape[-1]
         pre, b_c = self.W_c(np.concatenate([context, dec_out], axis=-1), train=train)  # (B, T, H)
         h_tilde = np.tanh(pre)
@@ -105,11 +107,12 @@ class Seq2SeqRNN(Module):
         return logits, backward
 
     # -- training ------------------------------------------------------------------------------------------------------
-    def forward(self, src, tgt_in, *, train: bool):
+    def forward(self, src, tgt_in, *, train: bool, record: dict | None = None):
+        """record: a dict that receives the attention weights under "decoder.cross_attn" (for heat maps)."""
         enc_out, enc_state, src_mask, (b_src_emb, b_enc) = self._encode(src, train)
         d, b_tgt_emb = self.tgt_embed(np.asarray(tgt_in), train=train)  # (B, T, E)
         ys, b_dec = self.decoder(d, None, *enc_state, train=train)  # initial state: the encoder's final state
-        logits, b_head = self._head(ys[0], enc_out, src_mask, train)
+        logits, b_head = self._head(ys[0], enc_out, src_mask, train, record)
 
         def backward(dlogits):
             ddec, denc = b_head(dlogits)

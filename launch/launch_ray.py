@@ -2,20 +2,26 @@
 CPUs each, join them into one communicator group (shared memory on one node, TCP across nodes), run the target on
 all of them; the driver is the coordinator.
 
-    rc = run_ray("ndtrain.cluster.worker:train_rank", {"config": path}, workers=2, writer=RunWriter(out), ...)
+    rc = run_ray("ndtrain.cluster.rank_entry:train_target", {"config": path}, workers=2, writer=RunWriter(out), ...)
 
-A rank that raises is reported by the coordinator (rank, step, traceback); a rank whose actor dies, or that goes
-silent, ends the job too; all actors are killed and the status is non-zero.
+A rank that raises is reported by the coordinator (rank, step, traceback); all actors are killed and the status is
+non-zero. A rank whose process dies (kill -9: its coordinator link closes, or Ray reports the actor dead), goes
+silent or hangs is recovered instead: the whole group is torn down (actors killed, shared-memory file removed) and
+started again, `ndtrain train` resuming from the run's last checkpoint, at most max_restarts times (cluster
+.max_restarts, else NDTRAIN_MAX_RESTARTS, default 3); summary.json counts them (`restarts`), and metrics.jsonl goes
+on without repeating the steps the new group replays.
 """
 from __future__ import annotations
 
 import os
 import secrets
 import sys
+from pathlib import Path
 
 from ndtrain.cluster.coordinator import Coordinator
+from ndtrain.cluster.metrics_channel import ENV_TEST_HANG, ENV_TEST_STEP_DELAY
 from ndtrain.cluster.rank_entry import THREAD_ENV, default_threads
-from ndtrain.cluster.supervise import Topology, report_failure, supervise
+from ndtrain.cluster.supervise import Topology, cli_quiet, done_line, recovery_settings, report_failure, supervise
 
 
 def ensure_ray(address: str = "", num_cpus: int | None = None):
@@ -35,39 +41,82 @@ def ensure_ray(address: str = "", num_cpus: int | None = None):
 def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None, total_steps: int | None = None,
             threads: int = 0, address: str = "", global_batch: int | None = None, quiet: bool = False,
             heartbeat_timeout: float = 30.0, start_timeout: float = 120.0, transport: str = "auto",
-            shutdown: bool = True) -> int:
+            shutdown: bool = True, max_restarts: int = 0, on_restart=None, stall_timeout: float = 20.0) -> int:
+    """Run `target` on `workers` Ray actors; returns the exit status (0: every rank finished and reported).
+
+    max_restarts: how many times a group whose process died, went silent or hung is torn down and started again
+    (a rank that raised is not restarted: it would raise again). on_restart(args) -> args gives the next group's
+    arguments (training: resume from the run's last checkpoint). The count is `restarts` in summary.json."""
     threads = threads or default_threads(workers)
     ray, started = ensure_ray(address, num_cpus=max(workers * threads, os.cpu_count() or 1))
-    from ndtrain.cluster.comm.ray_comm import form_group
-    from ndtrain.cluster.ray_rank import RankActor
-
     multi_node = len([n for n in ray.nodes() if n.get("Alive")]) > 1
     bind = "0.0.0.0" if multi_node else "127.0.0.1"
     coord = Coordinator(workers, writer=writer, run_dir=run_dir, total_steps=total_steps, quiet=quiet, host=bind,
-                        heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout).start()
+                        heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout,
+                        stall_timeout=stall_timeout, extra_summary={"restarts": 0}).start()
+    restarts = 0
+    try:
+        while True:
+            failure = _run_group(ray, coord, target, args, workers, threads, multi_node, global_batch,
+                                 start_timeout, transport)
+            if failure is None or restarts >= max_restarts or not _recoverable(failure):
+                break
+            restarts += 1
+            args = on_restart(args) if on_restart is not None else args
+            print(f"{failure.message()}\nndtrain: restarting the rank group ({restarts} of at most {max_restarts})"
+                  + (f" from {args['resume']}" if args.get("resume") else " from the start"),
+                  file=sys.stderr, flush=True)
+            coord.restart()
+            coord.extra_summary["restarts"] = restarts
+    finally:
+        coord.close()
+        if started and shutdown:
+            ray.shutdown()
+    if failure is not None:
+        if max_restarts and restarts >= max_restarts and _recoverable(failure):
+            print(f"ndtrain: giving up after {restarts} restart(s) (the cap)", file=sys.stderr, flush=True)
+        report_failure(failure)
+        return 1
+    return 0
+
+
+def _recoverable(failure) -> bool:
+    """A dead, silent or hung process: restart. A rank that raised (traceback) or Ctrl-C: do not."""
+    return not failure.traceback and "interrupted" not in failure.reason
+
+
+def _run_group(ray, coord, target, args, workers, threads, multi_node, global_batch, start_timeout, transport):
+    """Start one group of rank actors for the coordinator's current generation, supervise it, tear it down (every
+    actor killed, the shared-memory file removed). Returns None on success, else the Failure."""
+    from ndtrain.cluster.comm.ray_comm import form_group
+    from ndtrain.cluster.ray_rank import RankActor
     env = coord.env()
     if multi_node:
         env["NDTRAIN_COORD_ADDR"] = f"{ray.util.get_node_ip_address()}:{coord.port}"
     for k in THREAD_ENV:
         env[k] = str(threads)
+    for k in (ENV_TEST_HANG, ENV_TEST_STEP_DELAY):  # test-only fault injection reaches the actors too
+        if k in os.environ:
+            env[k] = os.environ[k]
     actor_cls = ray.remote(RankActor)
     actors = [actor_cls.options(num_cpus=threads, max_restarts=0).remote(r, workers, env, threads)
               for r in range(workers)]
-    futures = []
+    group_token = secrets.token_hex(8)
     failure = None
     try:
         try:
-            nodes = form_group(actors, secrets.token_hex(8), timeout=start_timeout, transport=transport)
+            nodes = form_group(actors, group_token, timeout=start_timeout, transport=transport)
         except Exception as e:  # a rank could not be placed or joined
             coord.fail(None, None, f"could not form the Ray rank group: {type(e).__name__}: {e}")
             failure = coord.failure
         if failure is None:
             hosts = sorted({n["host"] for n in nodes})
             topo = Topology("ray", hosts, workers, threads, global_batch, transport=nodes[0]["transport"])
-            print(topo.line(), file=sys.stderr, flush=True)
+            if coord.generation == 0:
+                print(topo.line(), file=sys.stderr, flush=True)
             coord.write_json("topology.json", {**topo.to_dict(), "nodes": nodes})
             futures = [a.run.remote(target, args) for a in actors]
-            failure = supervise(coord, _watch(ray, futures))
+            failure = supervise(coord, _watch(ray, futures, coord))
     except KeyboardInterrupt:
         coord.fail(None, None, "interrupted (Ctrl-C)")
         failure = coord.failure
@@ -77,17 +126,14 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None, to
                 ray.kill(a, no_restart=True)
             except Exception:
                 pass
-        coord.close()
-        if started and shutdown:
-            ray.shutdown()
-    if failure is not None:
-        report_failure(failure)
-        return 1
-    return 0
+        # rank 0 unlinks the file once every rank has mapped it; a group that died while forming may leave it
+        Path(f"/dev/shm/ndtrain-{group_token}").unlink(missing_ok=True)
+    return failure
 
 
-def _watch(ray, futures):
-    """is_running() for supervise: None while any actor's run() is pending, else (ok, what)."""
+def _watch(ray, futures, coord=None):
+    """is_running() for supervise: None while any actor's run() is pending, else (ok, what). An actor that died
+    (its process killed) fails the coordinator at once, naming the rank and its last step."""
     rank_of = {f: r for r, f in enumerate(futures)}
     state = {"left": list(futures), "error": None}
 
@@ -102,6 +148,10 @@ def _watch(ray, futures):
                         first = str(e).strip().splitlines()
                         state["error"] = f"rank {rank_of[f]}'s actor ended: {type(e).__name__}: " \
                                          f"{first[0] if first else ''}"
+                        died = type(e).__name__ in ("ActorDiedError", "RayActorError", "ActorUnavailableError")
+                        if died and coord is not None and coord.failure is None:
+                            r = rank_of[f]
+                            coord.fail(r, coord.last_step.get(r), f"its Ray actor process died ({type(e).__name__})")
             if state["error"] is not None:
                 return False, state["error"]
             if state["left"]:
@@ -111,7 +161,20 @@ def _watch(ray, futures):
     return is_running
 
 
-def launch(cfg) -> int:
-    """`ndtrain train --backend ray`: write the run's config, run the training loop on run.workers Ray actors."""
+def launch(cfg, quiet: bool | None = None) -> int:
+    """`ndtrain train --backend ray`: write the run's config, run the training loop on run.workers Ray actors
+    (restarting the group from the last checkpoint when a process dies), print the `done:` line."""
     from ndtrain.launch.launch_mpi import _train_job
-    return run_ray(**_train_job(cfg), address=cfg.cluster.address)
+    settings = recovery_settings(cfg)
+    ckpt_dir = Path(cfg.run.out) / "checkpoints"
+
+    def resume_args(args: dict) -> dict:
+        from ndtrain.cluster import checkpoint as ckpt
+        return {**args, "resume": str(ckpt_dir.resolve())} if ckpt.latest(ckpt_dir) is not None else args
+
+    rc = run_ray(**_train_job(cfg), address=cfg.cluster.address, quiet=cli_quiet(quiet), on_restart=resume_args,
+                 max_restarts=settings["max_restarts"], heartbeat_timeout=settings["heartbeat_timeout"],
+                 stall_timeout=settings["stall_timeout"])
+    if rc == 0:
+        print(done_line(cfg.run.out), flush=True)
+    return rc

@@ -4,7 +4,6 @@ Conv1d is Conv2d over a height-1 image (the weight is viewed as (C_out, C_in, 1,
 """
 from __future__ import annotations
 
-import numpy as np
 
 from .. import init as initializers
 from ..module import Module

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..module import Module
-from .im2col import output_size, pad_input, pair, scatter_windows, windows
+from .im2col import pad_input, pair, scatter_windows, windows
 
 
 def _pool_geometry(kernel_size, stride, padding):

@@ -25,6 +25,18 @@ def _gate_vectors(H: int, dtype):
     return scale, shift, c0, c1
 
 
+def _shift(states: np.ndarray, first: np.ndarray, reverse: bool) -> np.ndarray:
+    """states (B, T, H) after each step -> the state before each step, `first` (B, H) at the first step."""
+    prev = np.empty_like(states)
+    if reverse:
+        prev[:, :-1] = states[:, 1:]
+        prev[:, -1] = first
+    else:
+        prev[:, 1:] = states[:, :-1]
+        prev[:, 0] = first
+    return prev
+
+
 class LSTMDirection(RecurrentDirection):
     n_gates = 4
     n_state = 2
@@ -36,20 +48,21 @@ class LSTMDirection(RecurrentDirection):
         H = self.hidden_size
         W_hh = self.W_hh.data
         scale, shift, c0, c1 = _gate_vectors(H, dtype)
+        # The sigmoid's 1/2 is folded into the weights once, so a step needs one tanh and one affine map.
+        W_hh_s = W_hh * scale
         acts = self._input_projection(x)  # (B, T, 4H): pre-activations now, activations after the loop body
         acts += self.b_hh.data
+        acts *= scale
         m = self._mask(lengths, B, T, dtype)  # (B, T, 1) or None
         h, c = self._initial_state(state0, B, dtype)
         out = np.empty((B, T, H), dtype)
-        h_prev_all = np.empty((B, T, H), dtype)  # the h each step read (for dW_hh)
-        c_prev_all = np.empty((B, T, H), dtype)
+        c_all = np.empty((B, T, H), dtype)  # the cell state after each step
         tanh_c_all = np.empty((B, T, H), dtype)
+        h_prev_all = None if m is None else np.empty((B, T, H), dtype)  # the h each step read (for dW_hh)
+        h0, c_init = h, c
         for t in self._order(T, reverse):
-            h_prev_all[:, t] = h
-            c_prev_all[:, t] = c
             a = acts[:, t]  # (B, 4H) view
-            a += h @ W_hh
-            a *= scale
+            a += h @ W_hh_s
             np.tanh(a, out=a)
             a *= scale
             a += shift
@@ -63,10 +76,16 @@ class LSTMDirection(RecurrentDirection):
                 h, c = h_new, c_new
                 out[:, t] = h_new
             else:
+                h_prev_all[:, t] = h
                 mt = m[:, t]  # (B, 1)
                 h = h + mt * (h_new - h)
                 c = c + mt * (c_new - c)
                 out[:, t] = h_new * mt
+            c_all[:, t] = c
+        # What each step read: the state after the step before it (h0 / c0 first); without padding, h is `out`.
+        c_prev_all = _shift(c_all, c_init, reverse)
+        if h_prev_all is None:
+            h_prev_all = _shift(out, h0, reverse)
 
         def backward(dout=None, dfinal=None):
             dh_n, dc_n = (None, None) if dfinal is None else dfinal

@@ -14,6 +14,7 @@ _WHERE = {
     "TokenEmbedding": "embedding", "LearnedPositionalEmbedding": "positional",
     "SinusoidalPositionalEncoding": "positional", "make_positional": "positional",
     "EncoderBlock": "blocks", "DecoderBlock": "blocks",
+    "InputEmbedding": "stacks", "Encoder": "stacks", "Decoder": "stacks",
     "TransformerConfig": "config", "Seq2SeqConfig": "config", "DecoderLMConfig": "config",
     "EncoderClassifierConfig": "config",
     "Seq2SeqTransformer": "seq2seq", "DecoderLM": "lm", "EncoderClassifier": "classifier",

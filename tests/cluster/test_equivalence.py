@@ -35,8 +35,11 @@ FLOAT32_OPTIM = ["--set", 'optim.name="sgd"', "--set", "optim.momentum=0.9", "--
 
 
 def train_argv(model: str, dtype: str, out, backend: str = "local", workers: int = 1) -> list[str]:
-    """One `ndtrain train` command line; only --backend/--workers/--out differ between the runs compared."""
-    argv = ["train", *MODELS[model], "--steps", str(STEPS), "--seed", "3", "--threads", "1", "-q",
+    """One `ndtrain train` command line; only --backend/--workers/--out differ between the runs compared.
+    An empty --config: defaults + these flags, whatever the task's preset (configs/<task>.toml) says."""
+    base = out.parent / "base.toml"
+    base.write_text("# defaults + command-line flags only\n")
+    argv = ["train", "--config", str(base), *MODELS[model], "--steps", str(STEPS), "--seed", "3", "--threads", "1", "-q",
             "--set", f'run.dtype="{dtype}"', "--set", "optim.lr=0.01", "--set", "cluster.bucket_mb=0.01",
             "--backend", backend, "--out", str(out)]
     if dtype == "float32":

@@ -104,11 +104,17 @@ def hooks(tmp_path_factory):
             os.environ[k] = v
 
 
+def base_config(tmp_path) -> list[str]:
+    """An empty --config: defaults + the flags, whatever the task's preset (configs/<task>.toml) says."""
+    (tmp_path / "base.toml").write_text("# defaults + command-line flags only\n")
+    return ["--config", str(tmp_path / "base.toml")]
+
+
 def check_checksums(tmp_path, hooks, backend: str) -> None:
     sums_dir = tmp_path / "sums"
     sums_dir.mkdir()
     hooks({"checksums_dir": str(sums_dir)})
-    argv = ["train", *TRANSFORMER, "--steps", str(STEPS), "--backend", backend, "--workers", "2",
+    argv = ["train", *base_config(tmp_path), *TRANSFORMER, "--steps", str(STEPS), "--backend", backend, "--workers", "2",
             "--out", str(tmp_path / "run")]
     assert cli.main(argv) == 0
     got = [json.loads((sums_dir / f"rank{r}.json").read_text()) for r in range(2)]
@@ -125,7 +131,7 @@ def check_checksums(tmp_path, hooks, backend: str) -> None:
 def check_failure(tmp_path, hooks, capfd, backend: str) -> None:
     stamp = tmp_path / "failed_at"
     hooks({"fail_rank": 1, "fail_step": 3, "fail_stamp": str(stamp)})
-    argv = ["train", *TRANSFORMER, "--steps", "100000", "--backend", backend, "--workers", "2",
+    argv = ["train", *base_config(tmp_path), *TRANSFORMER, "--steps", "100000", "--backend", backend, "--workers", "2",
             "--out", str(tmp_path / "run")]
     rc = cli.main(argv)
     ended = time.time()

@@ -84,7 +84,6 @@ def test_tiny_overfit_decodes_exactly(attention):
         tgt_in[b, :len(s) + 1] = [BOS] + r
         tgt_out[b, :len(s) + 1] = r + [EOS]
     m, store = _model("gru", attention, layers=1, seed=0, dtype=np.float32, V=V, H=32)
-    m.cfg  # noqa: B018 (the config stays reachable for callers)
     opt = Adam(store, lr=0.02)
     first = None
     for _ in range(150):
@@ -117,3 +116,15 @@ def test_attention_gradcheck_and_masking(kind):
     (ctx, w), _ = m(q, k, mask, train=False)
     assert np.all(w[1, :, 4:] == 0) and np.allclose(w.sum(-1), 1)
     np.testing.assert_allclose(ctx[2], np.repeat(k[2, :1], 4, axis=0), rtol=1e-12)  # one real key: copied
+
+
+def test_record_exposes_attention_weights():
+    m, _ = _model("gru", "luong")
+    record = {}
+    m(SRC, TGT_IN, train=False, record=record)
+    w = record["decoder.cross_attn"]  # (B, 1 head, T, S), the Transformer's convention for heat maps
+    assert w.shape == (3, 1, 4, 4) and np.allclose(w.sum(-1), 1) and np.all(w[2, 0, :, 2:] == 0)
+    none, _ = _model("gru", "none")
+    record = {}
+    none(SRC, TGT_IN, train=False, record=record)
+    assert record == {}

@@ -36,10 +36,10 @@ def test_benchmarked_network_trains(kind):
         return s / n
 
     before = loss()
-    for _ in range(15):
+    for _ in range(40):
         fwd, bwd, opt = step(batch)
         assert min(fwd, bwd, opt) >= 0
-    assert loss() < before - 0.05
+    assert loss() < 0.97 * before
 
 
 def test_retain_freed_memory_is_accepted_by_glibc():
@@ -51,6 +51,7 @@ def test_retain_freed_memory_is_accepted_by_glibc():
 
 def test_bench_dispatch_rejects_unknown_names(capsys):
     assert main(["bench", "no_such_benchmark"]) == 2
-    assert "available: engine" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'no_such_benchmark'" in err and "engine" in err
     with pytest.raises(SystemExit):
         main(["bench", "engine", "--configs"])  # the benchmark's own parser handles its arguments
