@@ -34,8 +34,12 @@ machine, same Python, same ndtrain checkout, machines reachable on the LAN, e.g.
        If the laptops have several interfaces, pin MPI to the LAN:
          export OMPI_MCA_btl=self,tcp OMPI_MCA_btl_tcp_if_include=192.168.1.0/24
          export PRTE_MCA_oob_tcp_if_include=192.168.1.0/24
+       With a hostfile the launcher maps ranks round-robin over the hosts (`--map-by node`): by slot, Open MPI 5
+       counts the launching host's cores rather than its hostfile slots and put both ranks there.
+       The coordinator listens beside mpiexec on all interfaces and advertises the address of the default route's
+       interface; the other laptops must be able to reach it.
        This script replaces ssh by an agent that runs the command in the other namespace
-       (PRTE_MCA_plm_rsh_agent=<script>: `agent HOST COMMAND...` -> `ip netns exec NS sh -c COMMAND`).
+       (PRTE_MCA_plm_ssh_agent=<script>: `agent HOST COMMAND...` -> `ip netns exec NS sh -c COMMAND`).
 
 Addresses: 10.213.7.1 (host a) and 10.213.7.2 (host b) exist ONLY inside the two namespaces this script creates;
 no traffic leaves them.

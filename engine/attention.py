@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import init as initializers
-from .kernels import MASK_VALUE
+from .kernels import MASK_VALUE, col_sum, dropout_mask
 from .module import Module
 from .params import Param
-from .transformer.fused import col_sum, dropout_mask
 
 
 # -- masks ------------------------------------------------------------------------------------------------------------

@@ -78,15 +78,16 @@ class warmup_cosine:
 
     def __post_init__(self):
         _require(self.warmup_steps >= 0, "warmup_cosine", "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _require(self.total_steps > self.warmup_steps, "warmup_cosine", "total_steps",
-                 f"must be > warmup_steps={self.warmup_steps}, got {self.total_steps}")
+        # A run shorter than its warmup is legal (a quick try of a preset tuned for long runs): as in nanoGPT's
+        # get_lr it simply never leaves the linear warmup.
+        _require(self.total_steps >= 1, "warmup_cosine", "total_steps", f"must be >= 1, got {self.total_steps}")
         _require(0 <= self.min_lr <= self.lr, "warmup_cosine", "min_lr",
                  f"must be in [0, lr={self.lr}], got {self.min_lr}")
 
     def __call__(self, it: int) -> float:
         if it < self.warmup_steps:
             return self.lr * (it + 1) / (self.warmup_steps + 1)
-        if it > self.total_steps:
+        if it >= self.total_steps:
             return self.min_lr
         decay_ratio = (it - self.warmup_steps) / (self.total_steps - self.warmup_steps)
         return _cos_interp(self.lr, self.min_lr, decay_ratio)

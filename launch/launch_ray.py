@@ -98,6 +98,8 @@ def _run_group(ray, coord, target, args, workers, threads, multi_node, global_ba
     for k in (ENV_TEST_HANG, ENV_TEST_STEP_DELAY):  # test-only fault injection reaches the actors too
         if k in os.environ:
             env[k] = os.environ[k]
+    if coord.generation > 0:
+        env[ENV_TEST_HANG] = ""  # a hang is injected once (Ray workers inherit the driver's environment)
     actor_cls = ray.remote(RankActor)
     actors = [actor_cls.options(num_cpus=threads, max_restarts=0).remote(r, workers, env, threads)
               for r in range(workers)]

@@ -1,5 +1,6 @@
 """Conv2d and Conv1d (cross-correlation, as torch), NCHW / NCL, weights (C_out, C_in, kh, kw) / (C_out, C_in, k)
-exactly like torch so they can be copied across. Forward: im2col + one GEMM; backward: two GEMMs + col2im.
+exactly like torch so they can be copied across. Forward: im2col + GEMM chunk by chunk over the batch; backward:
+dW by gathering the columns again (chunked), dx as a convolution of dy at stride 1, else GEMM + col2im.
 Conv1d is Conv2d over a height-1 image (the weight is viewed as (C_out, C_in, 1, k); no copy).
 """
 from __future__ import annotations
@@ -8,12 +9,31 @@ from __future__ import annotations
 from .. import init as initializers
 from ..module import Module
 from ..params import Param
-from .im2col import col2im, im2col, output_size, pair, resolve_padding
+import numpy as np
+
+from .im2col import (conv_out_shape, gather_cols, image_chunks, output_size, pad_nhwc, pair, resolve_padding,
+                     scatter_cols)
+
+
+def _conv_gemm(xh, W_mat, kernel, stride, dilation):
+    """xh: padded channels-last (N, Hp, Wp, C); W_mat: (kh*kw*C, C_out) -> (N*Ho*Wo, C_out), one gather + GEMM
+    per chunk of images into a reused buffer (see im2col.CHUNK_ROWS)."""
+    N, C = xh.shape[0], xh.shape[3]
+    Ho, Wo = conv_out_shape(xh.shape, kernel, stride, dilation)
+    P = Ho * Wo
+    y = np.empty((N * P, W_mat.shape[1]), xh.dtype)
+    chunks = image_chunks(N, P)
+    buf = np.empty((chunks[0][1] - chunks[0][0], Ho, Wo) + tuple(kernel) + (C,), xh.dtype)
+    for n0, n1 in chunks:
+        cols = gather_cols(buf[:n1 - n0], xh, n0, kernel, stride, dilation)  # ((n1-n0)*P, kh*kw*C)
+        np.matmul(cols, W_mat, out=y[n0 * P:n1 * P])
+    return y
 
 
 def conv2d_forward(x, W, b, stride, pads, dilation):
-    """x: (N, C, H, W); W: (C_out, C, kh, kw); b: (C_out,) or None -> y (N, C_out, Ho, Wo) and the im2col
-    columns (N*Ho*Wo, kh*kw*C) the backward needs."""
+    """x: (N, C, H, W); W: (C_out, C, kh, kw); b: (C_out,) or None -> y (N, C_out, Ho, Wo) (a channels-last array
+    seen as NCHW: the next conv's channels-last copy is then a plain copy) and xh, the padded channels-last input
+    (N, Hp, Wp, C) from which the backward gathers the columns again (cheaper than keeping them: see CHUNK_ROWS)."""
     N, C, H, Wd = x.shape
     C_out, C_w, kh, kw = W.shape
     if C != C_w:
@@ -22,30 +42,48 @@ def conv2d_forward(x, W, b, stride, pads, dilation):
     Wo = output_size(Wd, kw, stride[1], dilation[1], pads[1])
     if Ho < 1 or Wo < 1:
         raise ValueError(f"conv: input {H}x{Wd} is smaller than the (dilated) kernel {kh}x{kw} after padding")
-    cols = im2col(x, pads, (kh, kw), stride, dilation)  # (N*Ho*Wo, kh*kw*C)
-    y = cols @ W.transpose(0, 2, 3, 1).reshape(C_out, -1).T  # (N*Ho*Wo, C_out)
+    xh = pad_nhwc(x, pads)
+    W_mat = np.ascontiguousarray(W.transpose(2, 3, 1, 0)).reshape(-1, C_out)  # (kh*kw*C, C_out), rows (ki, kj, c)
+    y = _conv_gemm(xh, W_mat, (kh, kw), stride, dilation)  # (N*Ho*Wo, C_out)
     if b is not None:
         y += b
-    return y.reshape(N, Ho, Wo, C_out).transpose(0, 3, 1, 2), cols
+    return y.reshape(N, Ho, Wo, C_out).transpose(0, 3, 1, 2), xh
 
 
-def conv2d_backward(dy, x_shape, cols, W, stride, pads, dilation, dW, db):
-    """dy: (N, C_out, Ho, Wo). Accumulates dW (C_out, C, kh, kw) and db (C_out,) when given; returns dx."""
-    C_out, C, kh, kw = W.shape
-    dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, C_out)  # (N*Ho*Wo, C_out)
-    dW += (dy2.T @ cols).reshape(C_out, kh, kw, C).transpose(0, 3, 1, 2)
+def conv2d_backward(dy, x_shape, xh, W, stride, pads, dilation, dW, db):
+    """dy: (N, C_out, Ho, Wo); xh: the forward's padded channels-last input. Accumulates dW (C_out, C, kh, kw)
+    and db (C_out,) when given; returns dx (N, C, H, W)."""
+    N, C, H, Wd = x_shape
+    C_out, _, kh, kw = W.shape
+    Ho, Wo = dy.shape[2:]
+    P = Ho * Wo
+    dy2 = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(N * P, C_out)  # free if dy is channels-last
     if db is not None:
         db += dy2.sum(axis=0)
+    # dW = dy2.T @ cols, chunk by chunk over columns gathered again from xh
+    chunks = image_chunks(N, P)
+    buf = np.empty((chunks[0][1] - chunks[0][0], Ho, Wo, kh, kw, C), xh.dtype)
+    gW = np.zeros((C_out, kh * kw * C), xh.dtype)  # columns (ki, kj, c)
+    part = np.empty_like(gW)
+    for n0, n1 in chunks:
+        cols = gather_cols(buf[:n1 - n0], xh, n0, (kh, kw), stride, dilation)
+        gW += np.matmul(dy2[n0 * P:n1 * P].T, cols, out=part)
+    dW += gW.reshape(C_out, kh, kw, C).transpose(0, 3, 1, 2)
+
     full = [d * (k - 1) for d, k in zip(dilation, (kh, kw))]
     if stride == (1, 1) and all(lo <= f and hi <= f for (lo, hi), f in zip(pads, full)):
         # At stride 1, dx is dy correlated with the flipped kernel, channels swapped (a "full" convolution):
-        # im2col + GEMM again, which beats a col2im scatter of kh*kw strided adds.
-        W_flip = W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, C_out, kh, kw)
+        # gather + GEMM again, which beats a col2im scatter of kh*kw strided adds.
         pads_t = tuple((f - lo, f - hi) for (lo, hi), f in zip(pads, full))
-        dx, _ = conv2d_forward(dy, W_flip, None, (1, 1), pads_t, dilation)
-        return dx
-    dcols = dy2 @ W.transpose(0, 2, 3, 1).reshape(C_out, -1)  # (N*Ho*Wo, kh*kw*C)
-    return col2im(dcols, x_shape, pads, W.shape[2:], stride, dilation)
+        W_flip = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)).reshape(-1, C)  # (kh*kw*C_out, C)
+        dx = _conv_gemm(pad_nhwc(dy, pads_t), W_flip, (kh, kw), (1, 1), dilation)  # (N*H*W, C)
+        return dx.reshape(N, H, Wd, C).transpose(0, 3, 1, 2)
+    W_mat = W.transpose(0, 2, 3, 1).reshape(C_out, -1)  # (C_out, kh*kw*C)
+    dxh = np.zeros(xh.shape, dy2.dtype)
+    for n0, n1 in chunks:
+        scatter_cols(dxh, dy2[n0 * P:n1 * P] @ W_mat, n0, (kh, kw), stride, dilation)
+    (t, _), (l, _) = pads
+    return dxh[:, t:t + H, l:l + Wd].transpose(0, 3, 1, 2)
 
 
 class Conv2d(Module):
@@ -64,10 +102,10 @@ class Conv2d(Module):
 
     def forward(self, x, *, train: bool):
         W, b = self.W, self.b
-        y, cols = conv2d_forward(x, W.data, None if b is None else b.data, self.stride, self.pads, self.dilation)
+        y, xh = conv2d_forward(x, W.data, None if b is None else b.data, self.stride, self.pads, self.dilation)
 
         def backward(dy):
-            return conv2d_backward(dy, x.shape, cols, W.data, self.stride, self.pads, self.dilation, W.grad,
+            return conv2d_backward(dy, x.shape, xh, W.data, self.stride, self.pads, self.dilation, W.grad,
                                    None if b is None else b.grad)
 
         return y, backward
@@ -93,10 +131,10 @@ class Conv1d(Module):
         W, b = self.W, self.b
         W4 = W.data[:, :, None, :]  # (C_out, C_in, 1, k) view
         x4 = x[:, :, None, :]  # (N, C_in, 1, L)
-        y, cols = conv2d_forward(x4, W4, None if b is None else b.data, self.stride, self.pads, self.dilation)
+        y, xh = conv2d_forward(x4, W4, None if b is None else b.data, self.stride, self.pads, self.dilation)
 
         def backward(dy):
-            dx = conv2d_backward(dy[:, :, None, :], x4.shape, cols, W4, self.stride, self.pads, self.dilation,
+            dx = conv2d_backward(dy[:, :, None, :], x4.shape, xh, W4, self.stride, self.pads, self.dilation,
                                  W.grad[:, :, None, :], None if b is None else b.grad)
             return dx[:, :, 0, :]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import kernels
 from ..module import Module
 
 
@@ -27,9 +28,7 @@ class Dropout(Module):
             return x, lambda dy: dy
         if p == 1.0:
             return np.zeros_like(x), lambda dy: np.zeros_like(dy)
-        dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
-        u = self.rng.random(x.shape, dtype=dtype)  # U[0, 1): P(u < p) = p exactly drops
-        mask = np.multiply(u >= p, 1.0 / (1.0 - p), out=u, dtype=dtype)  # reuse u: 0 or 1/(1-p)
+        mask = kernels.dropout_mask(self.rng, x.shape, p, x.dtype)  # 0 or 1/(1-p); the Transformer's too
         y = x * mask
 
         return y, lambda dy: dy * mask

@@ -2,7 +2,7 @@
 
     from ndtrain.engine.transformer import Seq2SeqTransformer, Seq2SeqConfig, DecoderLM, DecoderLMConfig
 
-Names resolve lazily (PEP 562) so that engine/attention.py can import transformer.fused without a cycle.
+Names resolve lazily (PEP 562): importing the package costs nothing until a name is used.
 """
 from __future__ import annotations
 

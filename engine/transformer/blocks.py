@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..attention import AttentionMask, MultiHeadAttention
+from ..kernels import dropout_mask
 from ..module import Module
 from .ffn import PositionWiseFFN
-from .fused import dropout_mask
 from .norm import make_norm
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import init as initializers
+from .. import kernels
 from ..module import Module
 from ..params import Param
-from . import fused
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 
@@ -33,12 +33,12 @@ class PositionWiseFFN(Module):
         if self.b1 is not None:
             h += self.b1.data
         if self.activation == "gelu":
-            a, s = fused.gelu_tanh(h)
+            a, s = kernels.gelu_tanh(h)  # the same kernel as engine.layers.GELU
         elif self.activation == "relu":
             a, s = np.maximum(h, 0), None
         else:
             gate, up = h[:, :F], h[:, F:]
-            s = fused.sigmoid(gate)
+            s = kernels.sigmoid(gate)
             silu = gate * s
             a = silu * up
         y = a @ self.w2.data
@@ -49,10 +49,10 @@ class PositionWiseFFN(Module):
             dy2 = dy.reshape(-1, D)
             self.w2.grad += a.T @ dy2
             if self.b2 is not None:
-                self.b2.grad += fused.col_sum(dy2)
+                self.b2.grad += kernels.col_sum(dy2)
             da = dy2 @ self.w2.data.T  # (N, F)
             if self.activation == "gelu":
-                dh = fused.gelu_tanh_backward(da, h, s, out=da)
+                dh = kernels.gelu_tanh_backward(da, h, s, out=da)  # da is ours: overwrite it
             elif self.activation == "relu":
                 dh = np.multiply(da, h > 0, out=da)
             else:
@@ -67,7 +67,7 @@ class PositionWiseFFN(Module):
                 np.multiply(da, dsilu, out=dh[:, :F])
             self.w1.grad += x2.T @ dh
             if self.b1 is not None:
-                self.b1.grad += fused.col_sum(dh)
+                self.b1.grad += kernels.col_sum(dh)
             return (dh @ self.w1.data.T).reshape(x.shape)
 
         return y.reshape(x.shape), backward

@@ -5,11 +5,11 @@ import numpy as np
 
 from .. import init as initializers
 from ..attention import AttentionMask
+from ..kernels import dropout_mask
 from ..module import Module, ModuleList
 from .blocks import DecoderBlock, EncoderBlock
 from .config import TransformerConfig
 from .embedding import TokenEmbedding
-from .fused import dropout_mask
 from .norm import make_norm
 from .positional import make_positional
 

@@ -12,7 +12,7 @@ separate ndtrain step (NumPy reports its allocations to it): `activations_mb` = 
 logits plus what the backward closures keep: per block the norm outputs and 1/std, the fused QKV projection, the
 scaled queries, the attention weights, the attention output, the FFN pre-activation, its sigmoid and its output);
 `peak_mem_mb` = the high-water mark over forward + loss + backward + AdamW, above the resident parameters,
-gradients and AdamW moments. By default glibc is told to keep freed memory (fused.retain_freed_memory), so the
+gradients and AdamW moments. By default glibc is told to keep freed memory (engine.memory.retain_freed_memory), so the
 steps do not page-fault through their activations each time; --no-retain-memory measures the default.
 """
 from __future__ import annotations
@@ -27,12 +27,12 @@ import tracemalloc
 
 import numpy as np
 
-from ndtrain.engine import Module, ParamStore
-from ndtrain.engine.layers.linear import Linear
+from ndtrain.engine import ParamStore
+from ndtrain.engine.layers import Linear, ReLU
 from ndtrain.engine.losses import cross_entropy_fused
+from ndtrain.engine.memory import retain_freed_memory
 from ndtrain.engine.optim import AdamW
 from ndtrain.engine.transformer import DecoderLM, DecoderLMConfig, Seq2SeqConfig, Seq2SeqTransformer
-from ndtrain.engine.transformer.fused import retain_freed_memory
 
 CONFIGS = {
     "S": dict(kind="seq2seq", d=128, h=4, ff=512, layers=(2, 2), vocab=64, batch=64, len=32),
@@ -88,27 +88,6 @@ def gemm_peak(n_rounds: int = 5, sizes=(512, 1024)) -> float:
 
 
 # -- the ndtrain side -------------------------------------------------------------------------------------------------
-class _DataLinear(Linear):
-    """The first layer: its input is data, so (like autograd) no input gradient is computed."""
-
-    def forward(self, x, *, train):
-        y, backward = super().forward(x, train=train)
-        W, b = self.W, self.b
-
-        def backward_no_dx(dy):
-            W.grad += x.T @ dy
-            b.grad += dy.sum(axis=0)
-            return None
-
-        return y, backward_no_dx
-
-
-class _ReLU(Module):
-    def forward(self, x, *, train):
-        y = np.maximum(x, 0)
-        return y, lambda dy: dy * (x > 0)
-
-
 def _data(c: dict, rng):
     if c["kind"] == "mlp":
         return {"x": rng.standard_normal((c["batch"], c["sizes"][0])).astype(np.float32),
@@ -124,7 +103,8 @@ def build_ndtrain(c: dict):
         s = c["sizes"]
         layers = []
         for i, (a, b) in enumerate(zip(s, s[1:])):
-            layers += [(_DataLinear if i == 0 else Linear)(a, b)] + ([_ReLU()] if i < len(s) - 2 else [])
+            # the first layer's input is data: like autograd, no input gradient is computed for it
+            layers += [Linear(a, b, input_grad=i > 0)] + ([ReLU()] if i < len(s) - 2 else [])
         from ndtrain.engine import Sequential
         model = Sequential(*layers)
     elif c["kind"] == "seq2seq":

@@ -9,7 +9,8 @@ Cases (float32, the same weights copied into torch):
 The backward takes a fixed random cotangent of the outputs (sum(out * c)). The two engines' steps are interleaved
 (alternating which goes first) to cancel the machine's drift; min and median per step and the ratios ndtrain / torch
 of the medians and of the minima are printed (target <= 1.5x at 1 thread). On a loaded machine the medians include
-time slices lost to other processes: read the min as capability.
+time slices lost to other processes: read the min as capability, or pass --clock cpu to time the process's CPU time
+(time.process_time: immune to preemption, exact at 1 thread, where both engines compute in the calling thread).
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per engine")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", action="store_true", help="one JSON object per case on stdout")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: perf_counter; cpu: process_time (CPU seconds of this process; use at --threads 1 "
+                        "on a loaded machine)")
 
 
 def _rnn_case(name, torch, rng):
@@ -131,10 +135,10 @@ def _cnn_case(torch, rng):
     return ours, theirs, None
 
 
-def _time(fn) -> float:
-    t0 = time.perf_counter()
+def _time(fn, clock=time.perf_counter) -> float:
+    t0 = clock()
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    return (clock() - t0) * 1e3
 
 
 def main(args) -> int:
@@ -151,8 +155,10 @@ def main(args) -> int:
         print(f"ndtrain bench rnn_cnn: unknown case(s) {unknown}; known: {', '.join(CASES)}")
         return 2
     rng = np.random.default_rng(0)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if not args.json:
-        print(f"threads {args.threads}; {args.steps} interleaved steps per engine; ms per forward+backward step")
+        print(f"threads {args.threads}; {args.steps} interleaved steps per engine; ms ({args.clock} clock) per "
+              f"forward+backward step")
         print(f"{'case':10s} {'ndtrain min':>11s} {'ndtrain med':>11s} {'torch min':>10s} {'torch med':>10s} "
               f"{'ratio med':>9s} {'ratio min':>9s}  max|diff|")
     with threadpool_limits(args.threads, "blas"):
@@ -168,12 +174,12 @@ def main(args) -> int:
             t_ours, t_torch = [], []
             for i in range(args.steps):
                 if i % 2:
-                    t_torch.append(_time(theirs))
-                    t_ours.append(_time(ours))
+                    t_torch.append(_time(theirs, clock))
+                    t_ours.append(_time(ours, clock))
                 else:
-                    t_ours.append(_time(ours))
-                    t_torch.append(_time(theirs))
-            row = {"case": case, "threads": args.threads, "ndtrain_ms_min": min(t_ours),
+                    t_ours.append(_time(ours, clock))
+                    t_torch.append(_time(theirs, clock))
+            row = {"case": case, "threads": args.threads, "clock": args.clock, "ndtrain_ms_min": min(t_ours),
                    "ndtrain_ms_median": statistics.median(t_ours), "torch_ms_min": min(t_torch),
                    "torch_ms_median": statistics.median(t_torch), "max_abs_diff": diff}
             row["ratio_median"] = row["ndtrain_ms_median"] / row["torch_ms_median"]

@@ -35,7 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=4, help="timed steps per mode per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all modes")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode before the rounds")
-    p.add_argument("--bucket-mb", type=float, default=4.0, help="GradReducer bucket size for the comm mode")
+    # 1 MB, not cluster.bucket_mb's 4 MB: S has 3.66 MB of gradients, so 4 MB buckets make ONE bucket, launched
+    # only when backward is over (no overlap at all)
+    p.add_argument("--bucket-mb", type=float, default=1.0, help="GradReducer bucket size for the comm mode")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-mpi", action="store_true")
     p.add_argument("--no-ray", action="store_true")

@@ -114,8 +114,8 @@ def check_checksums(tmp_path, hooks, backend: str) -> None:
     sums_dir = tmp_path / "sums"
     sums_dir.mkdir()
     hooks({"checksums_dir": str(sums_dir)})
-    argv = ["train", *base_config(tmp_path), *TRANSFORMER, "--steps", str(STEPS), "--backend", backend, "--workers", "2",
-            "--out", str(tmp_path / "run")]
+    argv = ["train", *base_config(tmp_path), *TRANSFORMER, "--steps", str(STEPS), "--backend", backend,
+            "--workers", "2", "--out", str(tmp_path / "run")]
     assert cli.main(argv) == 0
     got = [json.loads((sums_dir / f"rank{r}.json").read_text()) for r in range(2)]
     assert [g["world"] for g in got] == [2, 2]

@@ -142,3 +142,31 @@ def test_recovery_settings_from_config_else_environment_else_default():
         recovery_settings(no_field, env={"NDTRAIN_MAX_RESTARTS": "many"})
     with pytest.raises(ValueError, match="max_restarts"):
         recovery_settings(no_field, env={"NDTRAIN_MAX_RESTARTS": "-1"})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_hung_worker_is_restarted_and_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    """NDTRAIN_TEST_HANG hangs rank 1 at step 25 (once: the restarted group runs clean); the stall rule notices in
+    3 s, the group restarts from step 20, and the final parameters and optimizer state equal those of a run that
+    never stopped, bit for bit."""
+    pytest.importorskip("ray")
+    import numpy as np
+    base = [sys.executable, "-m", "ndtrain.launch", "train", "--task", "xor", "--model", "mlp", "--backend", "ray",
+            "--workers", "2", "--threads", "1", "--steps", "60", "--checkpoint-every", "10", "-q"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NDTRAIN_")}
+    finals = {}
+    for name, extra in (("plain", {}), ("hung", {"NDTRAIN_TEST_HANG": "1:25", "NDTRAIN_STALL_TIMEOUT": "3"})):
+        out = tmp_path / name
+        r = subprocess.run([*base, "--out", str(out)], env={**env, **extra}, capture_output=True, text=True,
+                           timeout=140)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads((out / "summary.json").read_text())["restarts"] == (1 if name == "hung" else 0)
+        finals[name] = ckpt.load(out / "checkpoints")
+    assert "rank 1 failed at step 25: hung" in r.stderr
+    a, b = finals["plain"], finals["hung"]
+    assert a.step == b.step == 60
+    for k in a.params:
+        assert np.array_equal(a.params[k], b.params[k]), k
+    for k, v in a.optim.items():
+        assert np.array_equal(np.asarray(v), np.asarray(b.optim[k])), k

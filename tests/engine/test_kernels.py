@@ -121,11 +121,11 @@ def test_gelu_tanh_extremes_without_warnings():
     x = np.array([-1000.0, -20.0, 0.0, 20.0, 1000.0], dtype=np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        y, t = K.gelu_tanh(x)
-        dx = K.gelu_tanh_backward(np.ones_like(x), x, t)
+        y, s = K.gelu_tanh(x)
+        dx = K.gelu_tanh_backward(np.ones_like(x), x, s)
     assert y.dtype == np.float32 and np.isfinite(y).all() and np.isfinite(dx).all()
     np.testing.assert_array_equal(y, [0, 0, 0, 20, 1000])
-    np.testing.assert_array_equal(t[[0, 4]], [-1, 1])
+    np.testing.assert_array_equal(s[[0, 2, 4]], [0, 0.5, 1])  # s = sigmoid(2u) = 0.5 (1 + tanh u)
     np.testing.assert_array_equal(dx[[0, 2, 4]], [0, 0.5, 1])
 
 
@@ -178,7 +178,39 @@ def test_elementwise_kernels_take_scalars_and_ints():
     for v in (0.3, np.float32(-2.0), np.array(1.5), 2):
         s = K.sigmoid(v)
         assert np.isclose(s, 1 / (1 + math.exp(-float(v))))
-        y, t = K.gelu_tanh(v)
-        assert np.isclose(t, math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))
-        assert np.isfinite(K.gelu_tanh_backward(1.0, v, t)) and np.isfinite(K.tanh_backward(1.0, t))
+        y, s_2u = K.gelu_tanh(v)
+        t = math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3))
+        assert np.isclose(s_2u, 0.5 * (1 + t)) and np.isclose(y, 0.5 * float(v) * (1 + t))
+        assert np.isfinite(K.gelu_tanh_backward(1.0, v, s_2u)) and np.isfinite(K.tanh_backward(1.0, t))
         assert np.isclose(K.silu(v)[0], float(v) * s)
+
+
+def test_gelu_tanh_matches_the_tanh_formula_and_backward_writes_into_out():
+    x = np.concatenate([np.linspace(-12, 12, 101), RNG.standard_normal(50)])
+    y, s = K.gelu_tanh(x)
+    np.testing.assert_allclose(y, 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
+                               rtol=1e-13, atol=1e-15)
+    c = RNG.standard_normal(x.shape)
+    g = K.gelu_tanh_backward(c, x, s)
+    assert check_function(lambda x_: float(np.sum(K.gelu_tanh(x_)[0] * c)), [x], [g], full_max=200)["input0"] < 1e-7
+    buf = c.copy()
+    assert K.gelu_tanh_backward(buf, x, s, out=buf) is buf
+    np.testing.assert_array_equal(buf, g)
+
+
+def test_row_mean_and_col_sum_over_leading_axes():
+    x = RNG.standard_normal((3, 4, 5))
+    np.testing.assert_allclose(K.row_mean(x), x.mean(-1, keepdims=True), rtol=1e-12)
+    np.testing.assert_allclose(K.col_sum(x), x.sum((0, 1)), rtol=1e-12)
+    assert K.row_mean(x.astype(np.float32)).dtype == np.float32 and K.col_sum(x.astype(np.float32)).dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_dropout_mask_values_rate_and_reproducibility(dtype):
+    p = 0.3
+    m = K.dropout_mask(np.random.default_rng(5), (200, 50), p, dtype)
+    assert m.dtype == (np.float64 if dtype == np.int64 else dtype)
+    scale = m.dtype.type(1.0 / (1.0 - p))
+    assert set(np.unique(m).tolist()) == {0.0, float(scale)}
+    assert abs((m == 0).mean() - p) < 0.02
+    np.testing.assert_array_equal(m, K.dropout_mask(np.random.default_rng(5), (200, 50), p, dtype))

@@ -82,7 +82,14 @@ def test_make_schedule_and_errors_name_the_field():
     with pytest.raises(ValueError, match="missing field 'total_steps'"):
         S.make_schedule("cosine", lr=1.0)
     with pytest.raises(ValueError, match="field 'total_steps'"):
-        S.make_schedule("warmup_cosine", lr=1.0, warmup_steps=10, total_steps=10)
+        S.make_schedule("warmup_cosine", lr=1.0, warmup_steps=10, total_steps=0)
+
+
+def test_warmup_cosine_run_shorter_than_warmup_stays_in_warmup():
+    """nanoGPT's get_lr: a 20-step try of a preset with warmup 200 is legal and only warms up."""
+    f = S.make_schedule("warmup_cosine", lr=1.0, warmup_steps=200, total_steps=20, min_lr=0.1)
+    lrs = [f(i) for i in range(20)]
+    assert lrs == [(i + 1) / 201 for i in range(20)]
 
 
 def test_reduce_lr_on_plateau_and_state_round_trip():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ndtrain.engine.losses import cross_entropy_fused
-from ndtrain.engine.transformer.fused import retain_freed_memory
+from ndtrain.engine.memory import retain_freed_memory
 from ndtrain.launch.bench import engine as bench
 from ndtrain.launch.cli import main
 
