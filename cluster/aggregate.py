@@ -47,6 +47,31 @@ def aggregate(by_rank: dict[int, dict]) -> dict:
     return out
 
 
+def with_rank_timing(rec: dict, rank_timing: dict[int, dict], world_size: int) -> dict:
+    """Add rank_step_s {"0": s, ...} and rank_comm_share (share of the step blocked in collectives) to a train
+    record, in place, from each rank's latest timing {"step_s", "comm_s"} (the coordinator's timing messages: one
+    measurement, time between step starts, for every rank). A record aggregated from every rank's record of this
+    step already has an exact rank_step_s: it is kept. Sets comm_share (mean over ranks) when the record has none."""
+    per = dict(rec.get("rank_step_s") or {})
+    complete = len(per) >= world_size
+    share = {}
+    for r, t in sorted(rank_timing.items()):
+        step_s, comm_s = t.get("step_s"), t.get("comm_s")
+        if not _num(step_s) or step_s <= 0:
+            continue
+        if not complete:
+            per[str(r)] = step_s
+        if _num(comm_s):
+            share[str(r)] = comm_s / step_s
+    if per:
+        rec["rank_step_s"] = dict(sorted(per.items(), key=lambda kv: int(kv[0])))
+    if share:
+        rec["rank_comm_share"] = share
+        if "comm_share" not in rec:
+            rec["comm_share"] = sum(share.values()) / len(share)
+    return rec
+
+
 def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 

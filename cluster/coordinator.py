@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .aggregate import StepAggregator
+from .aggregate import StepAggregator, with_rank_timing
 from .metrics_channel import ENV_ADDR, ENV_TOKEN
 
 
@@ -96,6 +96,7 @@ class Coordinator:
         self.last_step: dict[int, int] = {}
         self.liveness: dict[int, tuple[float, float | None]] = {}  # rank -> (when heard, comm_wait_s then or None)
         self.rank_timing: dict[int, dict] = {}  # rank -> {"step", "step_s", "comm_s"} (latest timing message)
+        self.training: set[int] = set()  # ranks past set-up (their loop has started a step)
         self.done: set[int] = set()
         self.records: list[dict] = []  # aggregated, in write order
         self._summary: dict | None = None
@@ -187,6 +188,8 @@ class Coordinator:
                 self.last_step[rank] = int(msg["step"])
             if "comm_wait_s" in msg:
                 self.liveness[rank] = (now, msg["comm_wait_s"])
+            if msg.get("training"):
+                self.training.add(rank)
         if kind == "timing":
             self.rank_timing[rank] = {k: msg.get(k) for k in ("step", "step_s", "comm_s")}
             return
@@ -255,21 +258,24 @@ class Coordinator:
         """A rank that never enters the collective its peers wait in is hung (its heartbeat thread may live on)."""
         if not self.stall_timeout:
             return
+        # set-up (loading data, building the model) may keep a rank from the first collective much longer
+        limit = self.stall_timeout if len(self.training) == self.world_size else \
+            max(self.stall_timeout, self.start_timeout)
         waits = self.comm_waits(now)
-        if not waits or max(waits.values()) <= self.stall_timeout:
+        if not waits or max(waits.values()) <= limit:
             return
-        waiting = sorted(r for r, w in waits.items() if w > self.stall_timeout)
+        waiting = sorted(r for r, w in waits.items() if w > limit)
         longest = max(waits.values())
         stuck = sorted(set(range(self.world_size)) - set(waits) - self.done)
         if stuck:
             r = stuck[0]
             others = f" (and ranks {stuck[1:]})" if len(stuck) > 1 else ""
             self._fail(r, self.last_step.get(r), f"hung{others}: ranks {waiting} have waited for it in a collective "
-                       f"for {longest:.0f} s (stall timeout {self.stall_timeout:.0f} s)")
+                       f"for {longest:.0f} s (stall timeout {limit:.0f} s)")
         else:  # every rank is blocked: name the one furthest behind
             r = min(waits, key=lambda q: (self.last_step.get(q, -1), q))
             self._fail(r, self.last_step.get(r), f"every rank has been blocked in a collective for up to "
-                       f"{longest:.0f} s (stall timeout {self.stall_timeout:.0f} s); rank {r} is furthest behind")
+                       f"{longest:.0f} s (stall timeout {limit:.0f} s); rank {r} is furthest behind")
 
     def fail(self, rank: int | None, step: int | None, reason: str, traceback: str = "") -> None:
         """For the launcher: a failure it saw itself (mpiexec exited, a Ray actor died)."""
@@ -308,33 +314,12 @@ class Coordinator:
                 continue
             self._written[kind] = max(step, self._written.get(kind, -1))
             if kind == "train":
-                self._add_rank_timing(rec)
+                with_rank_timing(rec, self.rank_timing, self.world_size)
             self.records.append(rec)
             if self.writer is not None:
                 self.writer.log(rec)
             self._tensorboard(rec)
             self._progress(rec)
-
-    def _add_rank_timing(self, rec: dict) -> None:
-        """rank_step_s / rank_comm_share from the ranks' latest timing messages (when records from every rank were
-        aggregated, their exact per-step rank_step_s is kept)."""
-        per = dict(rec.get("rank_step_s") or {})
-        complete = len(per) >= self.world_size  # every rank sent a record of this step: exact, keep it
-        share = {}
-        for r, t in sorted(self.rank_timing.items()):
-            step_s, comm_s = t.get("step_s"), t.get("comm_s")
-            if not isinstance(step_s, (int, float)) or step_s <= 0:
-                continue
-            if not complete:  # one source for every rank: the same measurement (time between step starts)
-                per[str(r)] = step_s
-            if isinstance(comm_s, (int, float)):
-                share[str(r)] = comm_s / step_s
-        if per:
-            rec["rank_step_s"] = dict(sorted(per.items(), key=lambda kv: int(kv[0])))
-        if share:
-            rec["rank_comm_share"] = share
-            if "comm_share" not in rec:
-                rec["comm_share"] = sum(share.values()) / len(share)
 
     def restart(self) -> None:
         """A new generation for a restarted rank group: a new token (connections of the old group are ignored,
@@ -344,6 +329,7 @@ class Coordinator:
         self.failure = None
         self.finished = False
         self.ranks, self.last_seen, self.last_step, self.liveness, self.rank_timing = {}, {}, {}, {}, {}
+        self.training = set()
         self.done = set()
         self._summary = None
         self._pending_logs = []

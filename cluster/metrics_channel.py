@@ -114,6 +114,7 @@ class RankReporter:
         self._last_timing = self._last_ping = 0.0
         self._comm_depth, self._comm_t0, self._comm_s = 0, 0.0, 0.0  # collective nesting; entry time; this step's
         self._hang_at, self._step_delay = _test_faults(rank, os.environ)
+        self._training = False  # progress() called: set-up (data, model, first broadcast) is over
         self._thread = threading.Thread(target=self._run, name=f"ndtrain-reporter-{rank}", daemon=True)
         self._thread.start()
 
@@ -146,6 +147,7 @@ class RankReporter:
             while True:  # test-only: a hung rank (NDTRAIN_TEST_HANG); the heartbeat thread keeps running
                 time.sleep(3600)
         now = time.monotonic()
+        self._training = True
         if step == self.step + 1:
             self._window_s += now - self._step_t0
             self._window_comm_s += self._comm_s
@@ -174,7 +176,7 @@ class RankReporter:
     def liveness(self) -> dict:
         """What a heartbeat says beyond "alive": the step, seconds on it, seconds waiting in a collective (or None)."""
         now = time.monotonic()
-        return {"step": self.step, "step_age_s": now - self._step_t0,
+        return {"step": self.step, "step_age_s": now - self._step_t0, "training": self._training,
                 "comm_wait_s": (now - self._comm_t0) if self._comm_depth > 0 else None}
 
     def error(self, step: int | None, exc: BaseException | str) -> None:

@@ -1,5 +1,6 @@
 """A Ray rank: the actor class one training process runs in (Ray places it and restarts nothing: when a rank dies
-the launcher tears the whole group down and starts a new one from the last checkpoint, launch/launch_ray.py). The driver creates W of them, joins them into a group (cluster.comm.ray_comm.form_group), then calls
+the launcher tears the whole group down and starts a new one from the last checkpoint, launch/launch_ray.py).
+The driver creates W of them, joins them into a group (cluster.comm.ray_comm.form_group), then calls
 `run(target, args)` on all at once."""
 from __future__ import annotations
 

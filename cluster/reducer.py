@@ -37,9 +37,11 @@ class Bucket:
 class GradReducer:
     """comm: a Communicator; store: the model's ParamStore; model: its root Module (for the hooks)."""
 
-    def __init__(self, comm, store, model, bucket_mb: float = 4.0, overlap: bool = True):
+    def __init__(self, comm, store, model, bucket_mb: float = 1.0, overlap: bool = True):
         self.comm, self.store, self.model = comm, store, model
-        self.overlap = bool(overlap)
+        # Overlap only where the transport really runs in the background: on a blocking one (Ray's shared-memory
+        # and TCP groups, MPICH) launching bucket by bucket during backward only adds synchronisation points.
+        self.overlap = bool(overlap) and bool(getattr(comm, "overlaps_compute", False))
         self.buckets = make_buckets(store, int(bucket_mb * (1 << 20)))
         self._bucket_of = {n: i for i, b in enumerate(self.buckets) for n in b.names}
         # module -> names of the Params it registered directly; Param name -> number of owning modules

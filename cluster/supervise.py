@@ -119,3 +119,12 @@ def cli_quiet(quiet: bool | None) -> bool:
     if quiet is not None:
         return bool(quiet)
     return any(a in ("-q", "--quiet") for a in sys.argv[1:])
+
+
+def cli_json(log_format: str | None) -> bool:
+    """`--log-format json` for launch(cfg) (stdout must then carry JSON only: no `done:` line, no progress bar):
+    the caller's value, else the command line's."""
+    if log_format is not None:
+        return log_format == "json"
+    argv = sys.argv[1:]
+    return "--log-format=json" in argv or any(a == "--log-format" and b == "json" for a, b in zip(argv, argv[1:]))

@@ -85,13 +85,23 @@ def make_loader(dataset, cfg: Config, rank: int, world: int):
         raise ConfigError(f"run.batch_size: {e}") from None
 
 
+def eval_row_count(dataset, cfg: Config) -> int:
+    """Validation rows an evaluation covers: all of them, or the first run.eval_rows."""
+    n = dataset.n_rows()
+    return min(n, cfg.run.eval_rows) if cfg.run.eval_rows else n
+
+
 def eval_batches(dataset, cfg: Config, rank: int, world: int):
-    """Rank r's share of ALL validation rows (every row once, none dropped; a share may be short or empty)."""
-    from ndtrain.data.loader import Loader
-    loader = Loader.for_eval(dataset, cfg.run.eval_batch_size * world, rank, world)
-    for batch in loader:
-        if len(next(iter(batch.values()))):
-            yield batch
+    """Rank r's share of the validation rows [0, eval_row_count): in order, global batches of eval_batch_size * W
+    rows, each split by plan.rank_share (every row once, none dropped; a share may be short or empty). A fixed
+    prefix of the split, so run.eval_rows takes the same rows - and gives the same sums - on any number of workers
+    (the order of Loader.for_eval, which this reproduces for eval_rows = 0)."""
+    from ndtrain.data.plan import rank_share
+    n, size = eval_row_count(dataset, cfg), cfg.run.eval_batch_size * world
+    for start in range(0, n, size):
+        rows = rank_share(np.arange(start, min(start + size, n), dtype=np.int64), rank, world)
+        if len(rows):
+            yield dataset.batch(rows)
 
 
 def make_schedule_fn(ocfg, total_steps: int):
@@ -140,28 +150,92 @@ def default_threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
+def resolved_threads(cfg: Config) -> int:
+    """BLAS threads of each worker: 1 in deterministic mode (a GEMM's summation order then depends only on its
+    shapes), else run.threads, else default_threads."""
+    return 1 if cfg.run.deterministic else (cfg.run.threads or default_threads(cfg.run.workers))
+
+
+_MEMORY_SET = False
+
+
+def set_up_process_memory() -> bool:
+    """Once per worker process: glibc keeps freed memory for reuse, so steady-state steps do not page-fault through
+    their activations again (engine.memory.retain_freed_memory; measured tens of ms per step). False where it is
+    unavailable (not glibc, or an engine without it)."""
+    global _MEMORY_SET
+    if _MEMORY_SET:
+        return True
+    try:
+        from ndtrain.engine.memory import retain_freed_memory
+    except ImportError:
+        try:
+            from ndtrain.engine.transformer.fused import retain_freed_memory  # where it lived first
+        except ImportError:
+            return False
+    _MEMORY_SET = bool(retain_freed_memory())
+    return _MEMORY_SET
+
+
+def write_run_files(out: str | Path, info, tokenizer=None) -> None:
+    """DIR/task_info.json (and DIR/tokenizer.json for text tasks): with config.toml and the checkpoints the run
+    directory alone rebuilds the model (launch/restore.py reads them first), even after the data is gone."""
+    import json
+    from ndtrain.launch.restore import TASK_INFO_FILE, TOKENIZER_FILE
+    from ndtrain.launch.rundir import atomic_write_text
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / TASK_INFO_FILE, json.dumps(info.to_dict(), indent=1) + "\n")
+    text = tokenizer.to_json() if tokenizer is not None else info.extra.get("tokenizer_json")
+    if text:
+        atomic_write_text(out / TOKENIZER_FILE, text)
+
+
+def local_sink(cfg: Config, console=None, append: bool = False) -> MetricsSink:
+    """Rank 0's sink when it writes the run directory itself: metrics.jsonl + summary.json, TensorBoard events
+    (run.tensorboard; env NDTRAIN_TENSORBOARD=0 turns them off) and the console (launch/progress.py)."""
+    writer = RunWriter(cfg.run.out, append=append)
+    parts: list[MetricsSink] = [writer]
+    if cfg.run.tensorboard and os.environ.get("NDTRAIN_TENSORBOARD", "1") != "0":
+        from ndtrain.launch.progress import TensorBoardSink
+        parts.append(TensorBoardSink(Path(cfg.run.out) / "tb"))
+    if console is not None:
+        parts.append(console)
+    if len(parts) == 1:
+        return writer
+    from ndtrain.launch.progress import TeeSink
+    return TeeSink(parts)
+
+
 def run_worker(cfg: Config, comm: Communicator, sink: MetricsSink | None = None, *, write_config: bool = False,
-               verbose: bool = False) -> dict:
+               verbose: bool = False, console=None, on_ready=None) -> dict:
     """Train per cfg on this rank. Returns the summary (on every rank).
 
     The model, data and optimizer are built (and so every config error raised) before anything is written.
     sink: where rank 0's records go (default: a RunWriter on run.out for rank 0, nothing for the others).
     write_config: rank 0 writes run.out/config.toml (the local backend; the coordinator does it otherwise).
+    console: a launch.progress.Console that rank 0's own sink feeds (local runs; replaces `verbose` lines).
+    on_ready(trainer): called on rank 0 once everything is built and the run files are written, before step 1.
+    Rank 0 always writes run.out/task_info.json (+ tokenizer.json), so the run directory is self-contained.
     Any exception is logged to the sink (with rank and step) and re-raised: a worker never swallows an error."""
     from threadpoolctl import threadpool_limits
-    # deterministic mode: one BLAS thread, so a GEMM's summation order depends only on its shapes
-    threads = 1 if cfg.run.deterministic else (cfg.run.threads or default_threads(cfg.run.workers))
-    with threadpool_limits(limits=threads, user_api="blas"):
+    set_up_process_memory()
+    with threadpool_limits(limits=resolved_threads(cfg), user_api="blas"):
         trainer = Trainer(cfg, comm, NullSink())
         own_sink = sink is None
         if own_sink:
             if comm.rank == 0 and cfg.run.resume:
                 from ndtrain.launch.rundir import truncate_metrics
                 truncate_metrics(cfg.run.out, trainer.step)  # records after the checkpoint are replayed
-            sink = RunWriter(cfg.run.out, append=bool(cfg.run.resume)) if comm.rank == 0 else NullSink()
-        if write_config and comm.rank == 0:
-            write_config_file(cfg, Path(cfg.run.out) / "config.toml")
+            sink = local_sink(cfg, console, append=bool(cfg.run.resume)) if comm.rank == 0 else NullSink()
+        if comm.rank == 0:
+            if write_config:
+                write_config_file(cfg, Path(cfg.run.out) / "config.toml")
+            write_run_files(cfg.run.out, trainer.info, trainer.train_data.tokenizer)
         trainer.sink, trainer.verbose = sink, verbose
+        trainer.console = console if own_sink else None
+        if on_ready is not None and comm.rank == 0:
+            on_ready(trainer)
         try:
             return trainer.run()
         except BaseException as e:
@@ -183,6 +257,7 @@ class Trainer:
     def __init__(self, cfg: Config, comm: Communicator, sink: MetricsSink, verbose: bool = False):
         from ndtrain.launch.models import build_model
         self.cfg, self.comm, self.sink, self.verbose = cfg, comm, sink, verbose
+        self.console = None  # a launch.progress.Console inside the sink: it shows the records, not _log
         self.rank, self.world = comm.rank, comm.world_size
         self.step = 0
         run = cfg.run
@@ -380,9 +455,9 @@ class Trainer:
         self.skipped_steps += 1
         self._nonfinite_in_row += 1
         limit = self.cfg.run.max_nonfinite
-        if self.verbose and self.rank == 0:
-            print(f"step {step}: non-finite loss or gradient, step skipped ({self._nonfinite_in_row} in a row, "
-                  f"stop at run.max_nonfinite={limit})", flush=True)
+        if self.rank == 0:
+            self._notice(f"step {step}: non-finite loss or gradient, step skipped ({self._nonfinite_in_row} in a "
+                         f"row, stop at run.max_nonfinite={limit})")
         if self._nonfinite_in_row < limit:
             return
         findings = self.comm.allgather_obj(self._locate_nonfinite(batch, buf))
@@ -428,10 +503,16 @@ class Trainer:
             return clip_grad_norm(self.store.grad, clip)
         return math.sqrt(grad_sq_norm(self.store.grad))
 
+    def _notice(self, message: str) -> None:
+        if self.console is not None:
+            self.console.notice(message)
+        elif self.verbose:
+            print(message, flush=True)
+
     def _log(self, record: dict) -> None:
         if self.rank == 0:
             self.sink.log(record)
-            if self.verbose:
+            if self.verbose and self.console is None:
                 ev = record.get("eval")
                 if ev is not None:
                     print(f"step {record['step']}: eval " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()),
@@ -464,6 +545,14 @@ class Trainer:
         return metrics
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
+    def _task_info_record(self) -> dict:
+        """TaskInfo for the checkpoint (launch/restore.py's fallback when DIR/task_info.json is gone); a large
+        tokenizer (BPE) is left to DIR/tokenizer.json rather than copied into every checkpoint."""
+        d = self.info.to_dict()
+        if len(d.get("extra", {}).get("tokenizer_json") or "") > 64_000:
+            d["extra"] = {k: v for k, v in d["extra"].items() if k != "tokenizer_json"}
+        return d
+
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes (every rank holds the same parameters and optimizer state); RNG states of all ranks are
         gathered so dropout resumes exactly."""
@@ -475,7 +564,8 @@ class Trainer:
                     "rng": {str(r): s for r, s in enumerate(rngs)}, "config": self.cfg.to_dict(),
                     "config_hash": config_hash(self.cfg), "world_size": self.world,
                     "param_checksum": self.store.checksum(), "skipped_steps": self.skipped_steps,
-                    "data": [data_fingerprint(d) for d in (self.train_data, self.val_data)]}
+                    "data": [data_fingerprint(d) for d in (self.train_data, self.val_data)],
+                    "task_info": self._task_info_record()}
             path = ckpt.save(self.ckpt_dir, self.step, self.store, buffers=dict(self.model.module.named_buffers()),
                              optim_state=optim_state, meta=meta, keep=self.cfg.run.keep_checkpoints)
         self.comm.barrier()

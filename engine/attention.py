@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import init as initializers
-from .kernels import MASK_VALUE, col_sum, dropout_mask
+from .kernels import MASK_VALUE, col_sum, dropout_mask, row_sum
 from .module import Module
 from .params import Param
 
@@ -87,12 +87,6 @@ def _rows(a: np.ndarray, q0: int, q1: int, k1: int | None = None):
     return a if k1 is None else a[..., :k1]
 
 
-def _rowsum(a: np.ndarray) -> np.ndarray:
-    """(..., K) contiguous -> (..., 1): one GEMV (much faster than a short-axis NumPy reduction)."""
-    K = a.shape[-1]
-    return (a.reshape(-1, K) @ np.ones(K, dtype=a.dtype)).reshape(a.shape[:-1] + (1,))
-
-
 def scaled_dot_product_attention(q, k, v, mask: AttentionMask | None = None, dropout_p: float = 0.0,
                                  rng: np.random.Generator | None = None, out: np.ndarray | None = None,
                                  need_weights: bool = True):
@@ -115,7 +109,7 @@ def scaled_dot_product_attention(q, k, v, mask: AttentionMask | None = None, dro
             p += _rows(mask.additive, q0, q1, k1)
         p -= p.max(axis=-1, keepdims=True)
         np.exp(p, out=p)
-        denom = _rowsum(p)
+        denom = row_sum(p)
         row_valid = None if mask is None else _rows(mask.row_valid, q0, q1)
         if row_valid is not None:
             with np.errstate(divide="ignore"):  # rows with no key: denom / 0 = inf, 1 / inf = 0 (denom > 0)
@@ -156,7 +150,7 @@ def scaled_dot_product_attention(q, k, v, mask: AttentionMask | None = None, dro
             if keep is not None:
                 dp *= keep
             # softmax backward in place: ds = p * (dp - sum(dp * p)); rows with no key have p = 0 -> ds = 0
-            row = _rowsum(np.multiply(dp, p))
+            row = row_sum(np.multiply(dp, p))
             dp -= row
             dp *= p
             np.matmul(dp, k[..., :k1, :], out=dq[..., q0:q1, :])

@@ -13,11 +13,23 @@ table applies only when the model matches.
 --resume takes a run directory, a checkpoints directory (the newest checkpoint that verifies; a corrupt newer one
 is skipped with a warning) or one checkpoint JSON (which must verify). The checkpoint is resolved and checked here,
 before any worker starts; metrics recorded after its step are dropped, so metrics.jsonl continues without repeats.
+
+What a run shows and leaves (every backend): the topology line on stderr at start (backend, ranks, BLAS threads
+per rank, global = per-rank batch); progress (a live line on a terminal, plain lines in logs, none with --quiet,
+or `--log-format json`: one JSON object per event on stdout, see launch/progress.py); in the run directory
+config.toml, task_info.json (+ tokenizer.json), metrics.jsonl, summary.json, checkpoints/, tb/ (TensorBoard;
+run.tensorboard) and, once training succeeded, report.html (run.report, or --no-report).
+For test suites: NDTRAIN_REPORT=0 and NDTRAIN_TENSORBOARD=0 in the environment turn the last two off.
+
+    ndtrain train --task xor --print-config        # the resolved config as TOML, nothing run
+    ndtrain train --task xor --log-format json | jq -c 'select(.event == "train") | [.step, .loss]'
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,6 +64,9 @@ def add_parser(sub) -> None:
     p.add_argument("--hostfile", help="MPI hostfile (backend mpi)")
     p.add_argument("--address", help="Ray address (backend ray)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text (default) or json: one JSON object per event on stdout, for scripts and CI")
+    p.add_argument("--no-report", action="store_true", help="skip report.html at the end (run.report=false)")
     p.set_defaults(func=main)
 
 
@@ -99,6 +114,8 @@ def resolve_config(args) -> Config:
         cfg.cluster.hostfile = args.hostfile
     if getattr(args, "address", None):
         cfg.cluster.address = args.address
+    if getattr(args, "no_report", False):
+        cfg.run.report = False
     apply_overrides(cfg, args.overrides)
     validate(cfg)
     check_names(cfg)
@@ -154,6 +171,31 @@ def _distributed_launcher(backend: str):
     return None
 
 
+def local_topology(cfg: Config):
+    """The launchers' Topology (cluster/supervise.py) of a local run: one rank on this host."""
+    from ndtrain.cluster.supervise import Topology, local_host
+    from ndtrain.cluster.worker import resolved_threads
+    return Topology("local", [local_host()], 1, resolved_threads(cfg), cfg.run.batch_size)
+
+
+def report_enabled(cfg: Config) -> bool:
+    return bool(cfg.run.report) and os.environ.get("NDTRAIN_REPORT", "1") != "0"
+
+
+def finish_report(cfg: Config, console=None) -> Path | None:
+    """report.html of a finished run (launch/report; never raises: a plotting problem is one line on stderr)."""
+    if not report_enabled(cfg):
+        return None
+    from ndtrain.launch.report import write_report
+    path = write_report(cfg.run.out)
+    if path is not None and console is not None:
+        if console.json:
+            console.emit("report", {"path": str(path)})
+        elif not console.quiet:
+            print(f"report: {path}", flush=True)
+    return path
+
+
 def main(args) -> int:
     cfg = resolve_config(args)
     if args.print_config:
@@ -161,16 +203,37 @@ def main(args) -> int:
         sys.stdout.write(tomli_w.dumps(cfg.to_dict()))
         return 0
     resolve_resume(cfg)
+    from ndtrain.launch.progress import Console
+    log_format = getattr(args, "log_format", "text") or "text"
+    console = Console(cfg.run.steps, log_format, quiet=args.quiet)
     if cfg.run.backend != "local":
         launcher = _distributed_launcher(cfg.run.backend)
         if launcher is None:
             raise UsageError(f"run.backend: the {cfg.run.backend} backend is not available yet in this build "
                              f"(use --backend local)")
-        return int(launcher.launch(cfg) or 0)
+        rc = int(launcher.launch(cfg) or 0)
+        if rc == 0:  # the driver, after the job ended well: the run directory is complete
+            if console.json:
+                from ndtrain.launch.rundir import read_summary
+                console.emit("done", {**read_summary(cfg.run.out), "run_dir": cfg.run.out})
+            finish_report(cfg, console)
+        return rc
     from ndtrain.cluster.comm.local import LocalCommunicator
     from ndtrain.cluster.worker import run_worker
-    summary = run_worker(cfg, LocalCommunicator(), write_config=True, verbose=not args.quiet)
-    ev = " ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items())
-    print(f"done: {summary['steps']} steps in {summary['wall_s']:.1f}s; final loss {summary['final_loss']:.4f}; "
-          f"eval {ev}; run directory {cfg.run.out}")
+
+    def on_ready(trainer) -> None:
+        from ndtrain.launch.rundir import atomic_write_text
+        topo = local_topology(cfg)
+        print(topo.line(), file=sys.stderr, flush=True)  # as launch_mpi / launch_ray print it
+        atomic_write_text(Path(cfg.run.out) / "topology.json", json.dumps(topo.to_dict(), indent=1) + "\n")
+        console.emit("topology", topo.to_dict())
+
+    summary = run_worker(cfg, LocalCommunicator(), write_config=True, console=console, on_ready=on_ready)
+    if console.json:
+        console.emit("done", {**summary, "run_dir": cfg.run.out})
+    else:
+        ev = " ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items())
+        print(f"done: {summary['steps']} steps in {summary['wall_s']:.1f}s; final loss {summary['final_loss']:.4f}; "
+              f"eval {ev}; run directory {cfg.run.out}")
+    finish_report(cfg, console)
     return 0

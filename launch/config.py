@@ -53,6 +53,11 @@ class RunConfig:
     log_every: int = _f(10, min=1, doc="steps between metrics records")
     eval_every: int = _f(0, min=0, doc="steps between evaluations (0: only at the end)")
     eval_batch_size: int = _f(1024, min=1, doc="rows per eval batch, per rank")
+    eval_rows: int = _f(0, min=0, doc="evaluate on the first N validation rows only (0: all); the same rows on any "
+                                      "number of workers")
+    report: bool = _f(True, doc="write DIR/report.html (plots) when training ends (env NDTRAIN_REPORT=0 turns it "
+                                "off, e.g. in test suites)")
+    tensorboard: bool = _f(True, doc="write TensorBoard events to DIR/tb (env NDTRAIN_TENSORBOARD=0 turns it off)")
     backend: str = _f("local", choices=("local", "mpi", "ray"))
     workers: int = _f(1, min=1)
     threads: int = _f(0, min=0, doc="BLAS threads per worker (0: cores // workers)")
@@ -90,7 +95,7 @@ class DataConfig:
 
 @dataclass
 class ClusterConfig:
-    bucket_mb: float = _f(4.0, min=POSITIVE, doc="all-reduce bucket size")
+    bucket_mb: float = _f(1.0, min=POSITIVE, doc="all-reduce bucket size in MB (the S Transformer's 3.7 MB of gradients make 4 buckets, so all but the last overlap backward)")
     overlap: bool = _f(True, doc="all-reduce buckets while backward runs")
     hostfile: str = _f("", doc="MPI hostfile")
     address: str = _f("", doc="Ray address ('' = start a local Ray)")

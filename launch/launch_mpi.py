@@ -25,8 +25,8 @@ from ndtrain.cluster.coordinator import Coordinator
 from ndtrain.cluster.rank_entry import THREAD_ENV, default_threads
 
 from ndtrain.cluster.metrics_channel import ENV_TEST_HANG, ENV_TEST_STEP_DELAY
-from ndtrain.cluster.supervise import (Topology, cli_quiet, done_line, local_host, recovery_settings, report_failure,
-                                       supervise)
+from ndtrain.cluster.supervise import (Topology, cli_json, cli_quiet, done_line, local_host, recovery_settings,
+                                       report_failure, supervise)
 
 
 def find_mpiexec() -> str:
@@ -159,13 +159,14 @@ def _stop(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
             continue
 
 
-def launch(cfg, quiet: bool | None = None) -> int:
+def launch(cfg, quiet: bool | None = None, log_format: str | None = None) -> int:
     """`ndtrain train --backend mpi`: write the run's config, run the training loop on run.workers MPI ranks, print
     the `done:` line. A dead or hung rank ends the job (non-zero); --resume continues it."""
     settings = recovery_settings(cfg)
-    rc = run_mpi(**_train_job(cfg), hostfile=cfg.cluster.hostfile, quiet=cli_quiet(quiet),
+    json_out = cli_json(log_format)
+    rc = run_mpi(**_train_job(cfg), hostfile=cfg.cluster.hostfile, quiet=cli_quiet(quiet) or json_out,
                  heartbeat_timeout=settings["heartbeat_timeout"], stall_timeout=settings["stall_timeout"])
-    if rc == 0:
+    if rc == 0 and not json_out:  # the JSON console prints its own "done" event
         print(done_line(cfg.run.out), flush=True)
     else:
         print(f"ndtrain: continue the run from its last checkpoint with the same options and --resume {cfg.run.out}",

@@ -21,7 +21,8 @@ from pathlib import Path
 from ndtrain.cluster.coordinator import Coordinator
 from ndtrain.cluster.metrics_channel import ENV_TEST_HANG, ENV_TEST_STEP_DELAY
 from ndtrain.cluster.rank_entry import THREAD_ENV, default_threads
-from ndtrain.cluster.supervise import Topology, cli_quiet, done_line, recovery_settings, report_failure, supervise
+from ndtrain.cluster.supervise import (Topology, cli_json, cli_quiet, done_line, recovery_settings, report_failure,
+                                       supervise)
 
 
 def ensure_ray(address: str = "", num_cpus: int | None = None):
@@ -163,20 +164,22 @@ def _watch(ray, futures, coord=None):
     return is_running
 
 
-def launch(cfg, quiet: bool | None = None) -> int:
+def launch(cfg, quiet: bool | None = None, log_format: str | None = None) -> int:
     """`ndtrain train --backend ray`: write the run's config, run the training loop on run.workers Ray actors
     (restarting the group from the last checkpoint when a process dies), print the `done:` line."""
     from ndtrain.launch.launch_mpi import _train_job
     settings = recovery_settings(cfg)
+    json_out = cli_json(log_format)
     ckpt_dir = Path(cfg.run.out) / "checkpoints"
 
     def resume_args(args: dict) -> dict:
         from ndtrain.cluster import checkpoint as ckpt
         return {**args, "resume": str(ckpt_dir.resolve())} if ckpt.latest(ckpt_dir) is not None else args
 
-    rc = run_ray(**_train_job(cfg), address=cfg.cluster.address, quiet=cli_quiet(quiet), on_restart=resume_args,
+    rc = run_ray(**_train_job(cfg), address=cfg.cluster.address, quiet=cli_quiet(quiet) or json_out,
+                 on_restart=resume_args,
                  max_restarts=settings["max_restarts"], heartbeat_timeout=settings["heartbeat_timeout"],
                  stall_timeout=settings["stall_timeout"])
-    if rc == 0:
+    if rc == 0 and not json_out:  # the JSON console prints its own "done" event
         print(done_line(cfg.run.out), flush=True)
     return rc

@@ -115,7 +115,11 @@ def task_info_and_tokenizer(cfg, run_dir: Path | None = None, checkpoint=None, d
     tokenizer = None
     if run_dir is not None and (run_dir / TOKENIZER_FILE).is_file():
         tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
-    data_dir = data_dir or cfg.data.dir
+    # A run directory that saved its task info (and its tokenizer, for text tasks) needs no data directory: eval
+    # and generate keep working after the data is moved or deleted. An explicit --data still takes precedence.
+    self_contained = saved is not None and saved.is_file() and (
+        tokenizer is not None or info.kind in ("classification", "regression"))
+    data_dir = data_dir or (None if self_contained else cfg.data.dir)
     if data_dir:
         from ndtrain.data.reader import manifest_info, read_manifest
         from ndtrain.data.shards import DataError

@@ -5,6 +5,12 @@
                           eval events have step, time and an `eval` object ({"loss": .., "accuracy": ..} / "mse")
     DIR/summary.json      at least steps, wall_s, final_loss, eval (the task's final metrics)
     DIR/checkpoints/      ckpt-<step>.npz + ckpt-<step>.json (cluster.checkpoint)
+    DIR/task_info.json    TaskInfo.to_dict() of the task the model was built for (written by rank 0 at start)
+    DIR/tokenizer.json    the task's tokenizer, for text tasks: with task_info.json the directory is self-contained
+                          for `ndtrain eval` / `generate` (launch/restore.py)
+    DIR/topology.json     backend, hosts, ranks, threads per rank, global / per-rank batch (cluster.supervise)
+    DIR/tb/               TensorBoard events (train/<key>, eval/<key>), unless run.tensorboard = false
+    DIR/report.html       + DIR/plots/: written when training succeeded, unless run.report = false
 
 Writers append and flush one line per event, so a crash loses at most the event being written; summary.json and
 config.toml are replaced atomically (temp file + rename), so a reader never sees half a file.

@@ -4,3 +4,8 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+# Runs made by tests skip the end-of-run HTML report (~3.5 s each) and TensorBoard events unless a test asks for
+# them (tests of those features delete these variables with monkeypatch).
+os.environ.setdefault("NDTRAIN_REPORT", "0")
+os.environ.setdefault("NDTRAIN_TENSORBOARD", "0")

@@ -22,6 +22,9 @@ class DoneHandle(Handle):
 class Communicator(ABC):
     rank: int
     world_size: int
+    # Does iallreduce make progress in the background while the caller computes? Only then is it worth starting
+    # all-reduces bucket by bucket during backward; a blocking transport would only add synchronisation points.
+    overlaps_compute: bool = False
 
     @abstractmethod
     def allreduce(self, buf: np.ndarray) -> None:

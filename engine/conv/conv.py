@@ -5,28 +5,30 @@ Conv1d is Conv2d over a height-1 image (the weight is viewed as (C_out, C_in, 1,
 """
 from __future__ import annotations
 
+import numpy as np
 
 from .. import init as initializers
 from ..module import Module
 from ..params import Param
-import numpy as np
-
-from .im2col import (conv_out_shape, gather_cols, image_chunks, output_size, pad_nhwc, pair, resolve_padding,
+from .im2col import (conv_windows, gather_cols, image_chunks, output_size, pad_nhwc, pair, resolve_padding,
                      scatter_cols)
 
 
-def _conv_gemm(xh, W_mat, kernel, stride, dilation):
-    """xh: padded channels-last (N, Hp, Wp, C); W_mat: (kh*kw*C, C_out) -> (N*Ho*Wo, C_out), one gather + GEMM
-    per chunk of images into a reused buffer (see im2col.CHUNK_ROWS)."""
-    N, C = xh.shape[0], xh.shape[3]
-    Ho, Wo = conv_out_shape(xh.shape, kernel, stride, dilation)
+def _conv_gemm(xh, W_mat, b, kernel, stride, dilation):
+    """xh: padded channels-last (N, Hp, Wp, C); W_mat: (kh*kw*C, C_out); b: (C_out,) or None -> (N*Ho*Wo, C_out),
+    one gather + GEMM (+ bias, while the chunk is in cache) per chunk of images into a reused buffer (see
+    im2col.CHUNK_ROWS)."""
+    win = conv_windows(xh, kernel, stride, dilation)  # (N, Ho, Wo, kh, kw, C) view
+    N, Ho, Wo = win.shape[:3]
     P = Ho * Wo
     y = np.empty((N * P, W_mat.shape[1]), xh.dtype)
     chunks = image_chunks(N, P)
-    buf = np.empty((chunks[0][1] - chunks[0][0], Ho, Wo) + tuple(kernel) + (C,), xh.dtype)
+    buf = np.empty((chunks[0][1] - chunks[0][0],) + win.shape[1:], xh.dtype)
     for n0, n1 in chunks:
-        cols = gather_cols(buf[:n1 - n0], xh, n0, kernel, stride, dilation)  # ((n1-n0)*P, kh*kw*C)
-        np.matmul(cols, W_mat, out=y[n0 * P:n1 * P])
+        cols = gather_cols(buf[:n1 - n0], xh, win, n0, kernel, stride, dilation)  # ((n1-n0)*P, kh*kw*C)
+        y_chunk = np.matmul(cols, W_mat, out=y[n0 * P:n1 * P])
+        if b is not None:
+            y_chunk += b
     return y
 
 
@@ -44,9 +46,7 @@ def conv2d_forward(x, W, b, stride, pads, dilation):
         raise ValueError(f"conv: input {H}x{Wd} is smaller than the (dilated) kernel {kh}x{kw} after padding")
     xh = pad_nhwc(x, pads)
     W_mat = np.ascontiguousarray(W.transpose(2, 3, 1, 0)).reshape(-1, C_out)  # (kh*kw*C, C_out), rows (ki, kj, c)
-    y = _conv_gemm(xh, W_mat, (kh, kw), stride, dilation)  # (N*Ho*Wo, C_out)
-    if b is not None:
-        y += b
+    y = _conv_gemm(xh, W_mat, b, (kh, kw), stride, dilation)  # (N*Ho*Wo, C_out)
     return y.reshape(N, Ho, Wo, C_out).transpose(0, 3, 1, 2), xh
 
 
@@ -60,28 +60,41 @@ def conv2d_backward(dy, x_shape, xh, W, stride, pads, dilation, dW, db):
     dy2 = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(N * P, C_out)  # free if dy is channels-last
     if db is not None:
         db += dy2.sum(axis=0)
-    # dW = dy2.T @ cols, chunk by chunk over columns gathered again from xh
-    chunks = image_chunks(N, P)
-    buf = np.empty((chunks[0][1] - chunks[0][0], Ho, Wo, kh, kw, C), xh.dtype)
-    gW = np.zeros((C_out, kh * kw * C), xh.dtype)  # columns (ki, kj, c)
-    part = np.empty_like(gW)
-    for n0, n1 in chunks:
-        cols = gather_cols(buf[:n1 - n0], xh, n0, (kh, kw), stride, dilation)
-        gW += np.matmul(dy2[n0 * P:n1 * P].T, cols, out=part)
-    dW += gW.reshape(C_out, kh, kw, C).transpose(0, 3, 1, 2)
-
     full = [d * (k - 1) for d, k in zip(dilation, (kh, kw))]
-    if stride == (1, 1) and all(lo <= f and hi <= f for (lo, hi), f in zip(pads, full)):
-        # At stride 1, dx is dy correlated with the flipped kernel, channels swapped (a "full" convolution):
-        # gather + GEMM again, which beats a col2im scatter of kh*kw strided adds.
-        pads_t = tuple((f - lo, f - hi) for (lo, hi), f in zip(pads, full))
+    # At stride 1, dx is dy correlated with the flipped kernel, channels swapped (a "full" convolution): gather +
+    # GEMM again, which beats a col2im scatter of kh*kw strided adds. Not when C < C_out (the first layer): then the
+    # GEMM + scatter moves kh*kw*C values per pixel against the gather's kh*kw*C_out.
+    as_conv = stride == (1, 1) and C >= C_out and all(lo <= f and hi <= f for (lo, hi), f in zip(pads, full))
+    win = conv_windows(xh, (kh, kw), stride, dilation)  # (N, Ho, Wo, kh, kw, C)
+    if as_conv:
+        dyh = pad_nhwc(dy, tuple((f - lo, f - hi) for (lo, hi), f in zip(pads, full)))
+        dwin = conv_windows(dyh, (kh, kw), (1, 1), dilation)  # (N, H, W, kh, kw, C_out)
         W_flip = np.ascontiguousarray(W[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)).reshape(-1, C)  # (kh*kw*C_out, C)
-        dx = _conv_gemm(pad_nhwc(dy, pads_t), W_flip, (kh, kw), (1, 1), dilation)  # (N*H*W, C)
-        return dx.reshape(N, H, Wd, C).transpose(0, 3, 1, 2)
-    W_mat = W.transpose(0, 2, 3, 1).reshape(C_out, -1)  # (C_out, kh*kw*C)
-    dxh = np.zeros(xh.shape, dy2.dtype)
+        dx = np.empty((N * H * Wd, C), dy2.dtype)
+    else:
+        W_mat = W.transpose(0, 2, 3, 1).reshape(C_out, -1)  # (C_out, kh*kw*C)
+        dxh = np.zeros(xh.shape, dy2.dtype)
+    chunks = image_chunks(N, P)
+    b = chunks[0][1] - chunks[0][0]
+    per_image = max(win[0].size, dwin[0].size if as_conv else 0)
+    buf = np.empty(b * per_image, xh.dtype)  # one scratch buffer for both gathers, hot in cache
+    gW = np.zeros((C_out, kh * kw * C), xh.dtype)  # dW with columns (ki, kj, c)
+    part = np.empty_like(gW)
+    # one pass over the chunks does dW and dx, so each chunk of dy is read while in cache
     for n0, n1 in chunks:
-        scatter_cols(dxh, dy2[n0 * P:n1 * P] @ W_mat, n0, (kh, kw), stride, dilation)
+        dy_chunk = dy2[n0 * P:n1 * P]
+        cols = gather_cols(buf[:(n1 - n0) * win[0].size].reshape((n1 - n0,) + win.shape[1:]), xh, win, n0,
+                           (kh, kw), stride, dilation)
+        gW += np.matmul(dy_chunk.T, cols, out=part)
+        if as_conv:
+            dcols = gather_cols(buf[:(n1 - n0) * dwin[0].size].reshape((n1 - n0,) + dwin.shape[1:]), dyh, dwin, n0,
+                                (kh, kw), (1, 1), dilation)
+            np.matmul(dcols, W_flip, out=dx[n0 * H * Wd:n1 * H * Wd])
+        else:
+            scatter_cols(dxh, dy_chunk @ W_mat, n0, (kh, kw), stride, dilation)
+    dW += gW.reshape(C_out, kh, kw, C).transpose(0, 3, 1, 2)
+    if as_conv:
+        return dx.reshape(N, H, Wd, C).transpose(0, 3, 1, 2)
     (t, _), (l, _) = pads
     return dxh[:, t:t + H, l:l + Wd].transpose(0, 3, 1, 2)
 

@@ -85,26 +85,33 @@ def conv_out_shape(xh_shape, kernel, stride, dilation) -> tuple[int, int]:
             output_size(xh_shape[2], kernel[1], stride[1], dilation[1], no_pad[1]))
 
 
-def gather_cols(out: np.ndarray, xh: np.ndarray, n0: int, kernel, stride, dilation) -> np.ndarray:
-    """Fills out (n, Ho, Wo, kh, kw, C) with the windows of images n0 .. n0+n of xh (N, Hp, Wp, C); returns
-    out viewed as the im2col matrix (n*Ho*Wo, kh*kw*C): row order (n, i, j), column order (ki, kj, c).
+def conv_windows(xh: np.ndarray, kernel, stride, dilation) -> np.ndarray:
+    """xh: padded channels-last (N, Hp, Wp, C) -> read-only view (N, Ho, Wo, kh, kw, C) of every (strided,
+    dilated) window: copied as is, it is the im2col matrix (row order (n, i, j), column order (ki, kj, c))."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    v = sliding_window_view(xh, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(1, 2))  # (N, Ho', Wo', C, kh', kw')
+    return v[:, ::sh, ::sw, :, ::dh, ::dw].transpose(0, 1, 2, 4, 5, 3)
+
+
+def gather_cols(out: np.ndarray, xh: np.ndarray, win: np.ndarray, n0: int, kernel, stride, dilation) -> np.ndarray:
+    """Fills out (n, Ho, Wo, kh, kw, C) with the windows of images n0 .. n0+n of xh (N, Hp, Wp, C), whose
+    conv_windows view is win; returns out viewed as the im2col matrix (n*Ho*Wo, kh*kw*C).
 
     Channels-last makes each window row a run of kw*C contiguous values; gathering NCHW windows copies runs of kw
     (often 3) values and was ~4x slower."""
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     n, Ho, Wo, C = out.shape[0], out.shape[1], out.shape[2], out.shape[5]
-    src = xh[n0:n0 + n]
     if C < 8:
         # few channels (the first layer): one strided slice copy per kernel offset is ~20x faster than the
         # 6-D gather, whose innermost run would be C values
+        src = xh[n0:n0 + n]
         for ki in range(kh):
             r0 = ki * dh
             for kj in range(kw):
                 c0 = kj * dw
                 out[:, :, :, ki, kj] = src[:, r0:r0 + sh * (Ho - 1) + 1:sh, c0:c0 + sw * (Wo - 1) + 1:sw]
     else:
-        v = sliding_window_view(src, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(1, 2))  # (n, Ho', Wo', C, ..)
-        np.copyto(out, v[:, ::sh, ::sw, :, ::dh, ::dw].transpose(0, 1, 2, 4, 5, 3))
+        np.copyto(out, win[n0:n0 + n])
     return out.reshape(n * Ho * Wo, kh * kw * C)
 
 
@@ -119,9 +126,8 @@ def im2col(x: np.ndarray, pads, kernel, stride, dilation) -> np.ndarray:
     """x: (N, C, H, W) -> cols (N*Ho*Wo, kh*kw*C) in one piece (conv.py gathers chunk by chunk instead). A torch
     weight (C_out, C, kh, kw) multiplies these columns as W.transpose(0, 2, 3, 1).reshape(C_out, -1)."""
     xh = pad_nhwc(x, pads)
-    Ho, Wo = conv_out_shape(xh.shape, kernel, stride, dilation)
-    out = np.empty((x.shape[0], Ho, Wo) + tuple(kernel) + (x.shape[1],), x.dtype)
-    return gather_cols(out, xh, 0, kernel, stride, dilation)
+    win = conv_windows(xh, kernel, stride, dilation)
+    return gather_cols(np.empty(win.shape, x.dtype), xh, win, 0, kernel, stride, dilation)
 
 
 def scatter_cols(dxh: np.ndarray, dcols: np.ndarray, n0: int, kernel, stride, dilation) -> None:

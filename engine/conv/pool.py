@@ -29,6 +29,8 @@ class MaxPool2d(Module):
 
     def forward(self, x, *, train: bool):
         (kh, kw), s, pads = self.kernel_size, self.stride, self.pads
+        if s == (kh, kw) and pads == ((0, 0), (0, 0)):
+            return _max_pool_tiled(x, kh, kw)
         xp = pad_input(x, pads, value=-np.inf)
         v = windows(xp, (kh, kw), s, (1, 1))  # (N, C, Ho, Wo, kh, kw) view
         N, C, Ho, Wo = v.shape[:4]
@@ -44,6 +46,37 @@ class MaxPool2d(Module):
             return dxp[:, :, t:t + x.shape[2], l:l + x.shape[3]]
 
         return y, backward
+
+
+def _max_pool_tiled(x, kh, kw):
+    """MaxPool2d with stride == kernel and no padding (the common MaxPool2d(2)): the windows tile the image, so
+    they are a reshape view (N, C, Ho, kh, Wo, kw) of x and the max is kh*kw - 1 elementwise maxima; no window
+    copy, no argmax. Outputs and dx keep x's memory layout (conv outputs are channels-last arrays seen as NCHW),
+    so the ReLU and conv around the pool do not have to convert layouts."""
+    N, C, H, W = x.shape
+    Ho, Wo = H // kh, W // kw  # torch floors: trailing rows / columns that do not fill a window are dropped
+    v = np.reshape(x[:, :, :Ho * kh, :Wo * kw], (N, C, Ho, kh, Wo, kw), copy=False)  # splitting axes: a view
+    y = v[:, :, :, 0, :, 0].copy(order="K")  # (N, C, Ho, Wo)
+    for ki in range(kh):
+        for kj in range(kw):
+            if ki or kj:
+                np.maximum(y, v[:, :, :, ki, :, kj], out=y)
+
+    def backward(dy):
+        dx = np.zeros_like(x, dtype=dy.dtype)  # order "K": x's layout
+        dv = np.reshape(dx[:, :, :Ho * kh, :Wo * kw], (N, C, Ho, kh, Wo, kw), copy=False)
+        taken = np.zeros(y.shape, bool)
+        for ki in range(kh):
+            for kj in range(kw):
+                # the first maximum in window order gets the gradient (torch's choice on ties)
+                hit = v[:, :, :, ki, :, kj] == y
+                if ki or kj:
+                    hit &= ~taken
+                taken |= hit
+                np.multiply(dy, hit, out=dv[:, :, :, ki, :, kj])
+        return dx
+
+    return y, backward
 
 
 class AvgPool2d(Module):

@@ -102,7 +102,8 @@ class GELU(Module):
     """Gaussian Error Linear Unit (Hendrycks & Gimpel 2016): x Phi(x). x: (...) -> (...).
 
     approximate="tanh" (the default here; GPT-2's and BERT's choice, PyTorch's approximate="tanh") uses
-    0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))): numpy has tanh but no erf, so it is the fast one.
+    0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))), computed as x sigmoid(2u) by kernels.gelu_tanh (the kernel the
+    Transformer FFN uses too): numpy has no erf, so it is the fast one.
     approximate="none" is exact (erf from scipy), PyTorch's default; the two differ by < 1e-3.
     """
 
@@ -114,8 +115,8 @@ class GELU(Module):
 
     def forward(self, x, *, train: bool):
         if self.approximate == "tanh":
-            y, t = kernels.gelu_tanh(x)
-            return y, lambda dy: kernels.gelu_tanh_backward(dy, x, t)
+            y, s = kernels.gelu_tanh(x)  # s = sigmoid(2u), all the backward needs besides x
+            return y, lambda dy: kernels.gelu_tanh_backward(dy, x, s)
         y, cdf = kernels.gelu_erf(x)
         return y, lambda dy: kernels.gelu_erf_backward(dy, x, cdf)
 

@@ -1,4 +1,6 @@
-"""LayerNorm and RMSNorm over the last axis: x (..., D) -> y (..., D). Math in engine.kernels."""
+"""LayerNorm and RMSNorm over the last axis: x (..., D) -> y (..., D). Math in engine.kernels.
+
+The engine's only norm layers: the Transformer uses these too (engine.transformer.norm.make_norm)."""
 from __future__ import annotations
 
 from .. import init as initializers

@@ -42,7 +42,7 @@ class SwiGLU(Module):
             dh2 = dh.reshape(-1, 2 * H)  # (N, 2H)
             Wgu.grad += x.reshape(-1, d_in).T @ dh2  # (d_in, 2H)
             if b is not None:
-                b.grad += dh2.sum(axis=0)
+                b.grad += kernels.col_sum(dh2)
             return dh @ Wgu.data.T  # (..., d_in)
 
         return y, backward

@@ -35,7 +35,7 @@ class PositionWiseFFN(Module):
         if self.activation == "gelu":
             a, s = kernels.gelu_tanh(h)  # the same kernel as engine.layers.GELU
         elif self.activation == "relu":
-            a, s = np.maximum(h, 0), None
+            a, s = kernels.relu(h), None
         else:
             gate, up = h[:, :F], h[:, F:]
             s = kernels.sigmoid(gate)
@@ -54,7 +54,7 @@ class PositionWiseFFN(Module):
             if self.activation == "gelu":
                 dh = kernels.gelu_tanh_backward(da, h, s, out=da)  # da is ours: overwrite it
             elif self.activation == "relu":
-                dh = np.multiply(da, h > 0, out=da)
+                dh = kernels.relu_backward(da, h, out=da)
             else:
                 dh = np.empty_like(h)
                 np.multiply(da, silu, out=dh[:, F:])  # d up

@@ -5,6 +5,7 @@ import numpy as np
 
 from .. import init as initializers
 from ..attention import make_attention_mask
+from ..kernels import col_sum
 from ..module import Module
 from ..params import Param
 from .config import Seq2SeqConfig
@@ -54,7 +55,7 @@ class Seq2SeqTransformer(Module):
         def backward(dlogits):
             dl2 = dlogits.reshape(B * T, -1)
             self.w_out.grad += h2.T @ dl2
-            self.b_out.grad += dl2.sum(axis=0)
+            self.b_out.grad += col_sum(dl2)
             return (dl2 @ self.w_out.data.T).reshape(B, T, D)
 
         return y.reshape(B, T, -1), backward

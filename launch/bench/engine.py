@@ -12,8 +12,8 @@ separate ndtrain step (NumPy reports its allocations to it): `activations_mb` = 
 logits plus what the backward closures keep: per block the norm outputs and 1/std, the fused QKV projection, the
 scaled queries, the attention weights, the attention output, the FFN pre-activation, its sigmoid and its output);
 `peak_mem_mb` = the high-water mark over forward + loss + backward + AdamW, above the resident parameters,
-gradients and AdamW moments. By default glibc is told to keep freed memory (engine.memory.retain_freed_memory), so the
-steps do not page-fault through their activations each time; --no-retain-memory measures the default.
+gradients and AdamW moments. By default glibc is told to keep freed memory (engine.memory.retain_freed_memory), so
+the steps do not page-fault through their activations each time; --no-retain-memory measures the default.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ndtrain.cluster.aggregate import aggregate
+from ndtrain.cluster.aggregate import aggregate, with_rank_timing
 from ndtrain.cluster.coordinator import Coordinator
 from ndtrain.cluster.rank_entry import WatchedComm
 from ndtrain.launch.rundir import read_metrics
@@ -62,8 +62,10 @@ def _resume_completes(out):
     assert re.search(rf"^done: {STEPS} steps in .*; eval loss .* accuracy", r.stdout, re.M), r.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS
-    train = [rec["step"] for rec in read_metrics(out) if "eval" not in rec]
+    records = [rec for rec in read_metrics(out) if "eval" not in rec]
+    train = [rec["step"] for rec in records]
     assert train[-1] == STEPS and train == sorted(train)
+    assert set(records[-1]["rank_step_s"]) == {"0", "1"} and all(v > 0 for v in records[-1]["rank_step_s"].values())
 
 
 @pytest.mark.timeout(150)
@@ -126,9 +128,9 @@ def _coord(world=2, **kw) -> Coordinator:
 
 def test_stall_names_the_rank_its_peers_wait_for():
     c = _coord(3, stall_timeout=5.0)
-    c.handle({"type": "hb", "rank": 0, "step": 7, "step_age_s": 9.0, "comm_wait_s": 6.0})
-    c.handle({"type": "hb", "rank": 1, "step": 6, "step_age_s": 9.0, "comm_wait_s": None})
-    c.handle({"type": "hb", "rank": 2, "step": 7, "step_age_s": 9.0, "comm_wait_s": 2.0})
+    c.handle({"type": "hb", "rank": 0, "step": 7, "training": True, "comm_wait_s": 6.0})
+    c.handle({"type": "hb", "rank": 1, "step": 6, "training": True, "comm_wait_s": None})
+    c.handle({"type": "hb", "rank": 2, "step": 7, "training": True, "comm_wait_s": 2.0})
     c.poll(0)
     assert c.failure is not None and c.failure.rank == 1 and c.failure.step == 6
     assert "hung" in c.failure.reason and "ranks [0]" in c.failure.reason
@@ -136,8 +138,8 @@ def test_stall_names_the_rank_its_peers_wait_for():
 
 def test_no_stall_while_waits_are_short_or_a_rank_left_the_collective():
     c = _coord(2, stall_timeout=5.0)
-    c.handle({"type": "hb", "rank": 0, "step": 3, "comm_wait_s": 4.0})
-    c.handle({"type": "hb", "rank": 1, "step": 3, "comm_wait_s": None})
+    c.handle({"type": "hb", "rank": 0, "step": 3, "training": True, "comm_wait_s": 4.0})
+    c.handle({"type": "hb", "rank": 1, "step": 3, "training": True, "comm_wait_s": None})
     c.poll(0)
     assert c.failure is None
     c.handle({"type": "step", "rank": 0, "step": 4, "comm_wait_s": None})  # left it: no longer waiting
@@ -148,10 +150,21 @@ def test_no_stall_while_waits_are_short_or_a_rank_left_the_collective():
 
 def test_stall_with_every_rank_blocked_names_the_one_furthest_behind():
     c = _coord(2, stall_timeout=5.0)
-    c.handle({"type": "hb", "rank": 0, "step": 9, "comm_wait_s": 8.0})
-    c.handle({"type": "hb", "rank": 1, "step": 8, "comm_wait_s": 8.0})
+    c.handle({"type": "hb", "rank": 0, "step": 9, "training": True, "comm_wait_s": 8.0})
+    c.handle({"type": "hb", "rank": 1, "step": 8, "training": True, "comm_wait_s": 8.0})
     c.poll(0)
     assert c.failure.rank == 1 and "every rank" in c.failure.reason
+
+
+def test_set_up_gets_the_start_timeout_not_the_stall_timeout():
+    c = _coord(2, stall_timeout=5.0, start_timeout=60.0)
+    c.handle({"type": "hb", "rank": 0, "step": 0, "training": False, "comm_wait_s": 30.0})  # waits at start-up
+    c.handle({"type": "hb", "rank": 1, "step": 0, "training": False, "comm_wait_s": None})  # still loading data
+    c.poll(0)
+    assert c.failure is None
+    c.handle({"type": "hb", "rank": 0, "step": 0, "training": False, "comm_wait_s": 61.0})
+    c.poll(0)
+    assert c.failure is not None and c.failure.rank == 1 and "stall timeout 60 s" in c.failure.reason
 
 
 class _Rec:
@@ -208,11 +221,40 @@ def test_watched_comm_marks_every_blocking_call_and_forwards_the_rest():
     assert comm.abort() == "aborted" and (comm.rank, comm.world_size) == (0, 2)
 
 
+def test_reporter_tells_the_coordinator_its_step_time_and_collective_waits():
+    from ndtrain.cluster.metrics_channel import RankReporter
+    c = Coordinator(1, tensorboard=False).start()
+    rep = RankReporter(c.address, c.token, 0, 1, heartbeat_s=0.05)
+    try:
+        for step in range(3):
+            rep.progress(step)
+            rep.enter_comm()
+            time.sleep(0.02)
+            assert rep.liveness()["comm_wait_s"] >= 0.02
+            rep.leave_comm()
+            time.sleep(0.02)
+        assert rep.liveness()["comm_wait_s"] is None and rep.liveness()["training"]
+        rep.progress(3)
+        deadline = time.monotonic() + 5
+        while 0 not in c.rank_timing and time.monotonic() < deadline:
+            c.poll(0.05)
+        t = c.rank_timing[0]
+        assert t["step_s"] >= 0.04 and 0.02 <= t["comm_s"] < t["step_s"]
+        assert c.last_step[0] >= 1 and 0 in c.training
+    finally:
+        rep.close()
+        c.close()
+
+
 def test_aggregate_keeps_each_ranks_step_time():
     rec = aggregate({0: {"step": 5, "step_time": 0.2, "comm_time": 0.05},
                      1: {"step": 5, "step_time": 0.3, "comm_time": 0.15}})
     assert rec["rank_step_s"] == {"0": 0.2, "1": 0.3}
     assert rec["step_time"] == 0.3 and rec["comm_share"] == pytest.approx((0.25 + 0.5) / 2)
+    # every rank's record of the step: exact per-step times, kept over the coordinator's latest timing messages
+    with_rank_timing(rec, {0: {"step_s": 9.0, "comm_s": 1.0}, 1: {"step_s": 9.0, "comm_s": 3.0}}, 2)
+    assert rec["rank_step_s"] == {"0": 0.2, "1": 0.3} and rec["comm_share"] == pytest.approx(0.375)
+    assert rec["rank_comm_share"] == {"0": pytest.approx(1 / 9), "1": pytest.approx(1 / 3)}
 
 
 def test_coordinator_adds_rank_step_s_and_comm_share_from_timing_messages():

@@ -21,6 +21,8 @@ def no_leftover_hooks():
 class FakeWorld(Communicator):
     """Pretends to be rank 0 of `world_size` ranks whose gradients are `others` (one flat array per other rank)."""
 
+    overlaps_compute = True  # behaves like a transport that progresses in the background
+
     def __init__(self, others, log):
         self.rank, self.world_size = 0, len(others) + 1
         self.others, self.log, self.base = others, log, None
@@ -135,6 +137,22 @@ def test_overlap_launches_buckets_during_backward():
     assert log[first_launch - 1] == ("bwd", 2) and log[first_launch + 1] == ("bwd", 1)
     reducer.finish()
     assert sum(e[0] == "wait" for e in log) == len(reducer.buckets)
+
+
+def test_blocking_transport_is_not_overlapped():
+    """A communicator whose iallreduce blocks (Ray's shared-memory group) gets one launch per bucket in finish()."""
+    log = []
+    model, store = make_model(log)
+    comm = FakeWorld([np.zeros(store.size)], log)
+    comm.overlaps_compute = False
+    comm.base = store.grad
+    reducer = GradReducer(comm, store, model, bucket_mb=0.001, overlap=True)
+    assert not reducer.overlap
+    reducer.begin()
+    run_step(model, np.ones((2, 6)))
+    assert not any(e[0] == "launch" for e in log)
+    reducer.finish()
+    assert sum(e[0] == "launch" for e in log) == len(reducer.buckets) > 1
 
 
 def test_no_overlap_launches_only_in_finish():

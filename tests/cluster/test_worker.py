@@ -18,6 +18,13 @@ from ndtrain.launch.models import build_model
 from ndtrain.launch.rundir import NullSink, read_metrics
 
 
+@pytest.fixture(autouse=True)
+def _no_report_no_tensorboard(monkeypatch):
+    """report.html and TensorBoard cost seconds per run; tests/launch/test_trainer_polish.py covers them."""
+    monkeypatch.setenv("NDTRAIN_REPORT", "0")
+    monkeypatch.setenv("NDTRAIN_TENSORBOARD", "0")
+
+
 class ThreadGroup:
     """World of W in-process ranks: collectives meet at a barrier and sum in rank order (deterministic)."""
 

@@ -137,3 +137,84 @@ def test_im2col_paths_agree():
         ref = np.array([[xp[n, c, i * 2 + ki, j + kj * 2] for ki in range(3) for kj in range(2) for c in range(C)]
                         for n in range(2) for i in range(Ho) for j in range(Wo)])
         np.testing.assert_array_equal(cols, ref)
+
+
+# -- the fast paths: chunked GEMMs, many channels, channels-last inputs, tiled max pooling ---------------------------
+@pytest.mark.parametrize("case", [dict(kernel_size=3, padding="same"), dict(kernel_size=3, padding=1, stride=2),
+                                  dict(kernel_size=(3, 2), padding="same", dilation=(1, 2), bias=False)], ids=str)
+def test_conv2d_many_channels_several_chunks_gradcheck(case, monkeypatch):
+    """C >= 8 takes the windowed gather, C >= C_out the flipped-kernel dx at stride 1; 2 images per chunk."""
+    from ndtrain.engine.conv import im2col as im2col_module
+    monkeypatch.setattr(im2col_module, "CHUNK_ROWS", 30)
+    rng = np.random.default_rng(8)
+    assert_gradcheck(Conv2d(9, 5, **case), [rng.standard_normal((5, 9, 5, 4))])
+
+
+@pytest.mark.parametrize("rows", [1, 50, 130])  # 1, 2 and 5 images of 25 rows per chunk
+def test_chunking_does_not_change_results(rows, monkeypatch):
+    from ndtrain.engine.conv import im2col as im2col_module
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((6, 10, 5, 5))
+    dy = rng.standard_normal((6, 12, 5, 5))
+    outs = []
+    for chunk_rows in (10_000, rows):
+        monkeypatch.setattr(im2col_module, "CHUNK_ROWS", chunk_rows)
+        m = Conv2d(10, 12, 3, padding="same")
+        ParamStore.from_module(m, dtype=np.float64, seed=3)
+        y, bwd = m(x, train=True)
+        outs.append((y, bwd(dy), m.W.grad.copy(), m.b.grad.copy()))
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_input_and_tiled_maxpool_layouts():
+    """Conv outputs are channels-last arrays seen as NCHW; the layers after them accept any layout and agree with
+    the same values stored NCHW-contiguous."""
+    rng = np.random.default_rng(10)
+    x_cl = _distinct(rng, (2, 5, 4, 9)).transpose(0, 3, 1, 2)  # (2, 9, 5, 4), channels-last memory
+    x_c = np.ascontiguousarray(x_cl)
+    m = Sequential(Conv2d(9, 9, 3, padding="same"), MaxPool2d(2))
+    ParamStore.from_module(m, dtype=np.float64, seed=4)
+    (y1, b1), (y2, b2) = m(x_cl, train=True), m(x_c, train=True)
+    np.testing.assert_array_equal(y1, y2)
+    dy = rng.standard_normal(y1.shape)
+    np.testing.assert_allclose(b1(dy), b2(dy), rtol=1e-13, atol=1e-13)
+    pool_cl, pool_c = MaxPool2d(2)(x_cl, train=True), MaxPool2d(2)(x_c, train=True)
+    np.testing.assert_array_equal(pool_cl[0], pool_c[0])
+    np.testing.assert_array_equal(pool_cl[1](dy), pool_c[1](dy))
+
+
+def test_maxpool_ties_and_odd_sizes_equal_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 3, (2, 3, 7, 5)).astype(np.float64)  # many ties in every window; odd sizes drop the edge
+    for k in (2, 3, (2, 3)):
+        y, bwd = MaxPool2d(k)(x, train=True)
+        xt = torch.from_numpy(x).requires_grad_()
+        yt = torch.nn.MaxPool2d(k)(xt)
+        np.testing.assert_array_equal(y, yt.detach().numpy())
+        dy = rng.standard_normal(y.shape)
+        yt.backward(torch.from_numpy(dy))
+        np.testing.assert_array_equal(bwd(dy), xt.grad.numpy())
+
+
+def test_many_channel_conv_equals_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(12)
+    for case in (dict(kernel_size=3, padding="same"), dict(kernel_size=3, padding=1, stride=2)):
+        m = Conv2d(9, 8, **case)
+        ParamStore.from_module(m, dtype=np.float64, seed=5)
+        tm = torch.nn.Conv2d(9, 8, **case).double()
+        with torch.no_grad():
+            tm.weight.copy_(torch.from_numpy(m.W.data))
+            tm.bias.copy_(torch.from_numpy(m.b.data))
+        x = rng.standard_normal((3, 9, 6, 5))
+        y, bwd = m(x, train=True)
+        xt = torch.from_numpy(x).requires_grad_()
+        yt = tm(xt)
+        np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-12)
+        dy = rng.standard_normal(y.shape)
+        yt.backward(torch.from_numpy(dy))
+        np.testing.assert_allclose(bwd(dy), xt.grad.numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(m.W.grad, tm.weight.grad.numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(m.b.grad, tm.bias.grad.numpy(), rtol=1e-12, atol=1e-12)

@@ -14,6 +14,13 @@ from ndtrain.launch.cli import main
 from ndtrain.launch.rundir import eval_events, read_metrics, read_summary, train_events
 
 
+@pytest.fixture(autouse=True)
+def _no_report_no_tensorboard(monkeypatch):
+    """report.html and TensorBoard cost seconds per run; tests/launch/test_trainer_polish.py covers them."""
+    monkeypatch.setenv("NDTRAIN_REPORT", "0")
+    monkeypatch.setenv("NDTRAIN_TENSORBOARD", "0")
+
+
 def train(tmp_path, name, *args):
     out = tmp_path / name
     rc = main(["train", "--out", str(out), "--quiet", *args])
