@@ -74,7 +74,7 @@ def report_failure(failure) -> None:
     print(failure.message(), file=sys.stderr, flush=True)
 
 
-# recovery settings: a config field when the config has one, else these environment variables, else the default
+# recovery settings: the config field when set (>= 0), else these environment variables, else the default
 RECOVERY = {  # name: (config section, environment variable, default)
     "max_restarts": ("cluster", "NDTRAIN_MAX_RESTARTS", 3),
     "heartbeat_timeout": ("cluster", "NDTRAIN_HEARTBEAT_TIMEOUT", 30.0),
@@ -89,6 +89,8 @@ def recovery_settings(cfg, env=None) -> dict:
     out = {}
     for name, (section, var, default) in RECOVERY.items():
         value = getattr(getattr(cfg, section, None), name, None)
+        if value is not None and value < 0:  # the config's "automatic": environment, else default
+            value = None
         if value is None and env.get(var, "") != "":
             try:
                 value = type(default)(float(env[var]))

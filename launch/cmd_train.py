@@ -211,7 +211,7 @@ def main(args) -> int:
         if launcher is None:
             raise UsageError(f"run.backend: the {cfg.run.backend} backend is not available yet in this build "
                              f"(use --backend local)")
-        rc = int(launcher.launch(cfg) or 0)
+        rc = int(launcher.launch(cfg, quiet=args.quiet, log_format=log_format) or 0)
         if rc == 0:  # the driver, after the job ended well: the run directory is complete
             if console.json:
                 from ndtrain.launch.rundir import read_summary

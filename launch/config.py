@@ -99,6 +99,13 @@ class ClusterConfig:
     overlap: bool = _f(True, doc="all-reduce buckets while backward runs")
     hostfile: str = _f("", doc="MPI hostfile")
     address: str = _f("", doc="Ray address ('' = start a local Ray)")
+    # Recovery (cluster/supervise.py). -1 = automatic: the environment variable named, else the built-in default.
+    max_restarts: int = _f(-1, min=-1, doc="Ray: worker-group restarts from the last checkpoint after a dead worker "
+                                           "(-1: $NDTRAIN_MAX_RESTARTS or 3)")
+    heartbeat_timeout: float = _f(-1.0, min=-1.0, doc="seconds of silence after which a rank has failed "
+                                                      "(-1: $NDTRAIN_HEARTBEAT_TIMEOUT or 30)")
+    stall_timeout: float = _f(-1.0, min=-1.0, doc="seconds peers may wait for a rank in a collective before it is "
+                                                  "declared hung; 0 turns the rule off (-1: $NDTRAIN_STALL_TIMEOUT or 20)")
 
 
 @dataclass

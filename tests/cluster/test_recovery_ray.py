@@ -49,7 +49,7 @@ def test_killed_worker_is_restarted_from_checkpoint_and_run_completes(tmp_path):
     pytest.importorskip("ray")
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("NDTRAIN_")}
-    env.update(NDTRAIN_TEST_STEP_DELAY="0.04", NDTRAIN_MAX_RESTARTS="2", RAY_IGNORE_UNHANDLED_ERRORS="1")
+    env.update(NDTRAIN_TEST_STEP_DELAY="0.1", NDTRAIN_MAX_RESTARTS="2", RAY_IGNORE_UNHANDLED_ERRORS="1")
     argv = [sys.executable, "-m", "ndtrain.launch", "train", "--task", "xor", "--model", "mlp", "--backend", "ray",
             "--workers", "2", "--threads", "1", "--steps", str(STEPS), "--checkpoint-every", "10",
             "--set", "run.log_every=5", "--out", str(out), "-q"]
@@ -61,9 +61,15 @@ def test_killed_worker_is_restarted_from_checkpoint_and_run_completes(tmp_path):
             assert time.monotonic() < deadline and p.poll() is None, err.text()
             time.sleep(0.05)
         first_pids = {r["rank"]: r["pid"] for r in json.loads((out / "ranks.json").read_text())}
+        killed_after = ckpt.load(out / "checkpoints").step
+        # The kill must land mid-run for the test to mean anything (a 12 s run at 0.1 s per step gives a wide window
+        # even on a loaded machine).
+        assert killed_after < STEPS // 2, f"the kill came too late (checkpoint at step {killed_after})"
         os.kill(first_pids[1], signal.SIGKILL)
         t_kill = time.monotonic()
-        stdout = p.communicate(timeout=120)[0]
+        # Not p.communicate(): it would also read stderr, racing the _Lines thread for the lines checked below.
+        p.wait(timeout=120)
+        stdout = p.stdout.read()
     finally:
         if p.poll() is None:
             p.kill()
