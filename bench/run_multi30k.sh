@@ -31,8 +31,8 @@ if [ ! -f "$DATA/val/manifest.json" ]; then
 fi
 t "$ND" train --config "$HERE/configs/multi30k.toml" --set data.dir="$DATA" --out "$RUN" "$@"
 t "$ND" eval --run "$RUN" --json | tee "$WORK/eval.json"
-zcat "$SRC/val.en.gz" | head -5 > "$WORK/sample.en"
-zcat "$SRC/val.de.gz" | head -5 > "$WORK/sample.de"
+zcat "$SRC/val.en.gz" | sed -n 1,5p > "$WORK/sample.en"  # sed reads to the end: no SIGPIPE under pipefail
+zcat "$SRC/val.de.gz" | sed -n 1,5p > "$WORK/sample.de"
 echo "--- greedy translations of the first 5 validation sentences (reference below):"
 "$ND" generate --run "$RUN" --input "$WORK/sample.en"
 echo "--- references:"

@@ -11,9 +11,9 @@ JSON of every other field), so a truncated or edited file of either kind is reje
 `load_valid(dir)` (automatic resume) walks back from the newest checkpoint to the newest one that verifies, with a
 CheckpointWarning for each one skipped.
 
-Atomic: the npz goes to a temporary name and is renamed, then the JSON the same way, LAST. A checkpoint exists only
-once its JSON exists, so a crash mid-write never leaves a half checkpoint that `latest()` would pick up. On load the
-npz's sha256 is checked against the JSON; a mismatch names the file.
+Atomic (ndtrain.data.atomic): the npz goes to a temporary name, is fsync'ed and renamed, then the JSON the same
+way, LAST. A checkpoint exists only once its JSON exists, so a crash mid-write never leaves a half checkpoint that
+`latest()` would pick up. On load the npz's sha256 is checked against the JSON; a mismatch names the file.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ndtrain.data.atomic import atomic_open
 
 FORMAT = "ndtrain-checkpoint-1"
 _NAME = re.compile(r"^ckpt-(\d+)\.json$")
@@ -64,12 +66,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _replace_atomically(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def _split_optim(state: dict) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Arrays go to the npz, everything else (step counters, hyper-parameters) to the JSON."""
     arrays, scalars = {}, {}
@@ -99,10 +95,8 @@ def save(ckpt_dir: str | os.PathLike, step: int, store, *, buffers: dict[str, np
     for k, v in optim_arrays.items():
         arrays[f"optim/{k}"] = v
 
-    tmp = ckpt_dir / f".{stem}.npz.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(npz, "wb") as f:
         np.savez(f, **arrays)
-    _replace_atomically(tmp, npz)
 
     record = {
         "format": FORMAT,
@@ -118,10 +112,8 @@ def save(ckpt_dir: str | os.PathLike, step: int, store, *, buffers: dict[str, np
         **(meta or {}),
     }
     record["record_sha256"] = _record_digest(record)
-    tmp = ckpt_dir / f".{stem}.json.tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(js, "w") as f:
         json.dump(record, f, indent=1)
-    _replace_atomically(tmp, js)
     if keep:
         prune(ckpt_dir, keep)
     return js

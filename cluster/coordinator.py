@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ndtrain.data.atomic import atomic_write_text
+
 from .aggregate import StepAggregator, with_rank_timing
 from .metrics_channel import ENV_ADDR, ENV_TOKEN
 
@@ -53,21 +55,6 @@ class Failure:
         if self.traceback:
             text += "\n" + "\n".join(f"  [rank {self.rank}] {line}" for line in self.traceback.rstrip().splitlines())
         return text
-
-
-def _summary_writer(path):
-    """tensorboardX's SummaryWriter, imported with torch hidden: tensorboardX imports torch when it is installed
-    (4+ s, and product code must not load torch); scalars never need it."""
-    import sys
-    hidden = "torch" not in sys.modules
-    if hidden:
-        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX tolerates
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        if hidden:
-            del sys.modules["torch"]
-    return SummaryWriter(str(path))
 
 
 class Coordinator:
@@ -301,9 +288,7 @@ class Coordinator:
         if self.run_dir is None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, self.run_dir / name)
+        atomic_write_text(self.run_dir / name, json.dumps(obj, indent=2) + "\n")
 
     def _emit(self, records: list[dict]) -> None:
         for rec in records:
@@ -337,19 +322,14 @@ class Coordinator:
         self._t0 = time.monotonic()
 
     def _tensorboard(self, rec: dict) -> None:
+        """train/<key> and eval/<key> scalars in DIR/tb, as a local run writes them (launch.progress.TensorBoardSink);
+        the writer is made at the first record, so a job that fails at start-up leaves no events file."""
         if not self.tensorboard or self.run_dir is None:
             return
         if self._tb is None:
-            self._tb = _summary_writer(self.run_dir / "tb")
-        step = int(rec["step"])
-        if "eval" in rec and isinstance(rec["eval"], dict):
-            for k, v in rec["eval"].items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"eval/{k}", v, step)
-            return
-        for k, v in rec.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self._tb.add_scalar(f"train/{k}", v, step)
+            from ndtrain.launch.progress import TensorBoardSink
+            self._tb = TensorBoardSink(self.run_dir / "tb")
+        self._tb.log(rec)
 
     def _progress(self, rec: dict) -> None:
         if self.quiet or "eval" in rec:

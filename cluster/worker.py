@@ -12,13 +12,14 @@ ranks skip the step together (no update, optimizer untouched, counted as `skippe
 in a row every rank re-runs its share of the batch under engine.debug.detect_nonfinite and the job stops with a
 WorkerError naming the first layer (and rank) that produced the non-finite value.
 Deterministic mode (run.deterministic): see cluster/deterministic.py — results bitwise equal for W = 1, 2, 4.
+Built from: cluster/task_data.py (datasets, loader, eval shares), cluster/optimizer_setup.py (optimizer, schedule),
+cluster/worker_process.py (BLAS threads, memory, run files, rank 0's local sink).
 
     summary = run_worker(cfg, comm, sink)      # cfg: launch.config.Config; sink: launch.rundir.MetricsSink
 """
 from __future__ import annotations
 
 import math
-import os
 import time
 import traceback
 from pathlib import Path
@@ -31,180 +32,18 @@ from ndtrain.engine.module import seed_rngs
 from ndtrain.engine.params import ParamStore
 from ndtrain.launch.config import Config, ConfigError, config_hash
 from ndtrain.launch.config import write_config as write_config_file
-from ndtrain.launch.rundir import MetricsSink, NullSink, RunWriter
+from ndtrain.launch.rundir import MetricsSink, NullSink
+
+# The parts the loop is built from, each in a module of its own; imported here by name, so `cluster.worker` keeps
+# exporting them (and a test may replace one on this module: Trainer and run_worker look them up here).
+from ndtrain.cluster.optimizer_setup import make_optimizer, make_schedule_fn
+from ndtrain.cluster.task_data import data_fingerprint, eval_batches, eval_row_count, load_task_data, make_loader
+from ndtrain.cluster.worker_process import (default_threads, local_sink, resolved_threads, set_up_process_memory,
+                                            write_run_files)
 
 
 class WorkerError(RuntimeError):
     """A failure inside the loop; the message names the rank and step."""
-
-
-# -- the parts the loop is built from (data, optimizer, schedule), from the config ----------------------------------
-def load_task_data(cfg: Config):
-    """(TaskInfo, train Dataset, val Dataset) from, in order of preference: a prepared shard directory (data.dir,
-    with train/ and val/), the shard cache (data.cache: built-in task prepared once, then memory-mapped), or the
-    built-in task generated in memory. Bad data is a ConfigError naming the field and the file."""
-    from ndtrain import data as nd
-    from ndtrain.data.prepare import TRAIN_DIR, VAL_DIR, default_val_rows
-    run, dcfg = cfg.run, cfg.data
-    rows = dcfg.rows or None
-    try:
-        if dcfg.dir or dcfg.cache:
-            root = Path(dcfg.dir) if dcfg.dir else nd.ensure_prepared(run.task, dcfg.cache, rows, run.seed)
-            train = nd.open_dataset(root / TRAIN_DIR)
-            val = nd.open_dataset(root / VAL_DIR, expect=train.info)  # the same vocabulary / shapes as train
-            return train.info, train, val
-    except nd.DataError as e:
-        raise ConfigError(f"data.{'dir' if dcfg.dir else 'cache'}: {e}") from None
-    if run.task not in nd.TASKS:
-        raise ConfigError(f"run.task: unknown task {run.task!r}; built-in tasks: {', '.join(nd.TASKS)}")
-    # the same split sizes as `ndtrain data prepare`, so in-memory and sharded runs see the same rows
-    train = nd.as_dataset(nd.generate(run.task, rows, run.seed, "train"))
-    val = nd.as_dataset(nd.generate(run.task, default_val_rows(run.task, rows), run.seed, "val"))
-    return train.info, train, val
-
-
-def data_fingerprint(ds) -> str:
-    """What ranks compare at start: the manifest's hash for shards, the row count for in-memory data."""
-    import hashlib
-    manifest = Path(ds.source) / "manifest.json"
-    if ds.source != "<memory>" and manifest.is_file():
-        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
-    return f"{ds.info.name}:{ds.n_rows()} rows"
-
-
-def make_loader(dataset, cfg: Config, rank: int, world: int):
-    """This rank's share of every global batch (ndtrain.data.loader.Loader: order from (seed, epoch) only); in
-    deterministic mode a list of this rank's fixed micro-batches of it (cluster.deterministic.MicroBatchLoader)."""
-    from ndtrain.data.loader import Loader
-    try:
-        if cfg.run.deterministic:
-            from ndtrain.cluster.deterministic import MicroBatchLoader
-            return MicroBatchLoader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed, cfg.run.micro_batches)
-        return Loader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed)
-    except ValueError as e:
-        raise ConfigError(f"run.batch_size: {e}") from None
-
-
-def eval_row_count(dataset, cfg: Config) -> int:
-    """Validation rows an evaluation covers: all of them, or the first run.eval_rows."""
-    n = dataset.n_rows()
-    return min(n, cfg.run.eval_rows) if cfg.run.eval_rows else n
-
-
-def eval_batches(dataset, cfg: Config, rank: int, world: int):
-    """Rank r's share of the validation rows [0, eval_row_count): in order, global batches of eval_batch_size * W
-    rows, each split by plan.rank_share (every row once, none dropped; a share may be short or empty). A fixed
-    prefix of the split, so run.eval_rows takes the same rows - and gives the same sums - on any number of workers
-    (the order of Loader.for_eval, which this reproduces for eval_rows = 0)."""
-    from ndtrain.data.plan import rank_share
-    n, size = eval_row_count(dataset, cfg), cfg.run.eval_batch_size * world
-    for start in range(0, n, size):
-        rows = rank_share(np.arange(start, min(start + size, n), dtype=np.int64), rank, world)
-        if len(rows):
-            yield dataset.batch(rows)
-
-
-def make_schedule_fn(ocfg, total_steps: int):
-    """lr(step) from optim.schedule + optim.schedule_kwargs; lr / max_lr and total_steps filled in from the
-    config when the schedule takes them and they are not given."""
-    import dataclasses
-    from ndtrain.engine import schedules
-    kwargs = dict(ocfg.schedule_kwargs)
-    cls = schedules.SCHEDULES.get(ocfg.schedule)
-    if cls is None:
-        raise ConfigError(f"optim.schedule: unknown schedule {ocfg.schedule!r}; known: "
-                          f"{', '.join(sorted(schedules.SCHEDULES))}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for key, value in (("lr", ocfg.lr), ("max_lr", ocfg.lr), ("total_steps", total_steps)):
-        if key in fields:
-            kwargs.setdefault(key, value)
-    try:
-        return schedules.make_schedule(ocfg.schedule, **kwargs)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"optim.schedule_kwargs: {e}") from None
-
-
-def make_optimizer(ocfg, store):
-    """The optimizer named by optim.name over the flat buffers (engine.optim); `step(lr)` updates in place.
-    Each optimizer gets the optim.* fields its constructor takes (betas for Adam, momentum for SGD, ...)."""
-    import inspect
-    from ndtrain.engine import optim
-    cls = optim.OPTIMIZERS.get(ocfg.name)
-    if cls is None:
-        raise ConfigError(f"optim.name: unknown optimizer {ocfg.name!r}; known: {', '.join(sorted(optim.OPTIMIZERS))}")
-    given = {"lr": ocfg.lr, "betas": tuple(ocfg.betas), "eps": ocfg.eps, "momentum": ocfg.momentum,
-             "nesterov": ocfg.nesterov, "weight_decay": ocfg.weight_decay}
-    accepted = inspect.signature(cls.__init__).parameters
-    try:
-        return cls(store, **{k: v for k, v in given.items() if k in accepted})
-    except ValueError as e:
-        raise ConfigError(f"optim: {e}") from None
-
-
-def default_threads(workers: int) -> int:
-    """BLAS threads per worker when run.threads is 0: OMP/OPENBLAS_NUM_THREADS if the user set them, else
-    cores // workers."""
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
-            return int(os.environ[var])
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
-
-
-def resolved_threads(cfg: Config) -> int:
-    """BLAS threads of each worker: 1 in deterministic mode (a GEMM's summation order then depends only on its
-    shapes), else run.threads, else default_threads."""
-    return 1 if cfg.run.deterministic else (cfg.run.threads or default_threads(cfg.run.workers))
-
-
-_MEMORY_SET = False
-
-
-def set_up_process_memory() -> bool:
-    """Once per worker process: glibc keeps freed memory for reuse, so steady-state steps do not page-fault through
-    their activations again (engine.memory.retain_freed_memory; measured tens of ms per step). False where it is
-    unavailable (not glibc, or an engine without it)."""
-    global _MEMORY_SET
-    if _MEMORY_SET:
-        return True
-    try:
-        from ndtrain.engine.memory import retain_freed_memory
-    except ImportError:
-        try:
-            from ndtrain.engine.transformer.fused import retain_freed_memory  # where it lived first
-        except ImportError:
-            return False
-    _MEMORY_SET = bool(retain_freed_memory())
-    return _MEMORY_SET
-
-
-def write_run_files(out: str | Path, info, tokenizer=None) -> None:
-    """DIR/task_info.json (and DIR/tokenizer.json for text tasks): with config.toml and the checkpoints the run
-    directory alone rebuilds the model (launch/restore.py reads them first), even after the data is gone."""
-    import json
-    from ndtrain.launch.restore import TASK_INFO_FILE, TOKENIZER_FILE
-    from ndtrain.launch.rundir import atomic_write_text
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / TASK_INFO_FILE, json.dumps(info.to_dict(), indent=1) + "\n")
-    text = tokenizer.to_json() if tokenizer is not None else info.extra.get("tokenizer_json")
-    if text:
-        atomic_write_text(out / TOKENIZER_FILE, text)
-
-
-def local_sink(cfg: Config, console=None, append: bool = False) -> MetricsSink:
-    """Rank 0's sink when it writes the run directory itself: metrics.jsonl + summary.json, TensorBoard events
-    (run.tensorboard; env NDTRAIN_TENSORBOARD=0 turns them off) and the console (launch/progress.py)."""
-    writer = RunWriter(cfg.run.out, append=append)
-    parts: list[MetricsSink] = [writer]
-    if cfg.run.tensorboard and os.environ.get("NDTRAIN_TENSORBOARD", "1") != "0":
-        from ndtrain.launch.progress import TensorBoardSink
-        parts.append(TensorBoardSink(Path(cfg.run.out) / "tb"))
-    if console is not None:
-        parts.append(console)
-    if len(parts) == 1:
-        return writer
-    from ndtrain.launch.progress import TeeSink
-    return TeeSink(parts)
 
 
 def run_worker(cfg: Config, comm: Communicator, sink: MetricsSink | None = None, *, write_config: bool = False,

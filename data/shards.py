@@ -6,19 +6,19 @@ Directory layout:
   DIR/shard-00000.arrow ...  one Arrow IPC *file* (uncompressed, one record batch) per shard
 Columns: lm `tokens` list<int32>; seq2seq `src`, `tgt` list<int32>; vector `x` fixed_size_list<float32>[D] and `y`
 int64 (classification) or fixed_size_list<float32>[K] (regression). Token ids never include BOS/EOS.
-Every file goes to a temporary name in DIR first and is moved into place with os.replace.
+Every file goes to a per-process temporary name in DIR first and is moved into place (data.atomic).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from .atomic import atomic_write_bytes
 from .info import BOS, EOS, PAD, UNK, TaskInfo
 
 SCHEMA_VERSION = 1
@@ -48,15 +48,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _list_array(rows: list[np.ndarray]) -> pa.ListArray:
@@ -93,7 +84,7 @@ def write_shard(path: Path, batch: pa.RecordBatch) -> dict:
     with ipc.new_file(sink, batch.schema) as w:
         w.write_batch(batch)
     buf = sink.getvalue()
-    atomic_write_bytes(path, memoryview(buf))
+    atomic_write_bytes(path, memoryview(buf), unique=True)
     return {"file": path.name, "rows": batch.num_rows, "bytes": buf.size,
             "sha256": hashlib.sha256(memoryview(buf)).hexdigest()}
 
@@ -113,7 +104,7 @@ def write_dataset(out_dir: str | Path, info: TaskInfo, columns: dict, *, shard_r
     tok_entry = None
     if tokenizer is not None:
         text = tokenizer.to_json().encode("utf-8")
-        atomic_write_bytes(out / TOKENIZER_FILE, text)
+        atomic_write_bytes(out / TOKENIZER_FILE, text, unique=True)
         tok_entry = {"file": TOKENIZER_FILE, "kind": tokenizer.kind, "sha256": hashlib.sha256(text).hexdigest()}
     shards = []
     for s, lo in enumerate(range(0, n, shard_rows)):
@@ -136,7 +127,7 @@ def write_dataset(out_dir: str | Path, info: TaskInfo, columns: dict, *, shard_r
         "source": source or {},
         "shards": shards,
     }
-    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
+    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"), unique=True)
     return out
 
 

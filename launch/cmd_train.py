@@ -222,7 +222,7 @@ def main(args) -> int:
     from ndtrain.cluster.worker import run_worker
 
     def on_ready(trainer) -> None:
-        from ndtrain.launch.rundir import atomic_write_text
+        from ndtrain.data.atomic import atomic_write_text
         topo = local_topology(cfg)
         print(topo.line(), file=sys.stderr, flush=True)  # as launch_mpi / launch_ray print it
         atomic_write_text(Path(cfg.run.out) / "topology.json", json.dumps(topo.to_dict(), indent=1) + "\n")

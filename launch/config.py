@@ -326,14 +326,14 @@ def to_toml_dict(cfg: Config) -> dict:
 
 
 def write_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as TOML, atomically (temp file + rename)."""
+    """Write the resolved config as TOML, atomically (temp file + fsync + rename)."""
     import tomli_w
+
+    from ndtrain.data.atomic import atomic_open  # imported here: `ndtrain --help` does not load pyarrow
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         tomli_w.dump(to_toml_dict(cfg), f)
-    os.replace(tmp, path)
 
 
 def config_hash(cfg: Config) -> str:

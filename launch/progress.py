@@ -29,7 +29,7 @@ LOG_FORMATS = ("text", "json")
 
 def summary_writer_class():
     """tensorboardX's SummaryWriter, imported with torch hidden: tensorboardX imports torch when it is installed
-    (seconds, and product code must not load torch); scalars never need it. (As cluster/coordinator.py.)"""
+    (seconds, and product code must not load torch); scalars never need it."""
     hidden = "torch" not in sys.modules
     if hidden:
         sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX tolerates
@@ -46,7 +46,8 @@ def summary_writer(path):
 
 
 class TensorBoardSink(MetricsSink):
-    """Scalars of every record: train/<key> for train records, eval/<key> for eval records (the coordinator's tags).
+    """Scalars of every record: train/<key> for train records, eval/<key> for eval records (the coordinator writes
+    its aggregated records through one of these too).
     The writer is created at the first record, so a run that fails at start-up leaves no events file."""
 
     def __init__(self, path: str | Path):

@@ -13,7 +13,8 @@
     DIR/report.html       + DIR/plots/: written when training succeeded, unless run.report = false
 
 Writers append and flush one line per event, so a crash loses at most the event being written; summary.json and
-config.toml are replaced atomically (temp file + rename), so a reader never sees half a file.
+config.toml are replaced atomically (ndtrain.data.atomic: temp file + fsync + rename), so a reader never sees half
+a file.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
+from ndtrain.data.atomic import atomic_write_text  # re-exported: report tools write through rundir
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
@@ -43,16 +46,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)  # "nan", "inf": visible, and still valid JSON
     return x
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class MetricsSink:

@@ -42,7 +42,12 @@ class ThreadComm(Communicator):
         self.g.slots[self.rank] = item
         self.g.barrier.wait()
         items = list(self.g.slots)
-        self.g.barrier.wait()
+        try:
+            self.g.barrier.wait()  # nobody overwrites a slot before every rank has read them
+        except threading.BrokenBarrierError:
+            # A peer failed right after this exchange (e.g. on the config check) and aborted the barrier while we
+            # were still waking up: our exchange had completed, so go on and fail on our own terms.
+            pass
         return items
 
     def allreduce(self, buf):

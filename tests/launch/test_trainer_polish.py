@@ -12,7 +12,7 @@ import tomllib
 import numpy as np
 import pytest
 
-from ndtrain.cluster import worker as worker_mod
+from ndtrain.cluster import worker_process
 from ndtrain.cluster.comm.base import Communicator
 from ndtrain.cluster.worker import Trainer, eval_batches, eval_row_count, load_task_data
 from ndtrain.data.info import TaskInfo
@@ -293,7 +293,7 @@ def test_retain_freed_memory_called_once_per_process(tmp_path, monkeypatch):
     import ndtrain.engine.memory as memory
     calls = []
     monkeypatch.setattr(memory, "retain_freed_memory", lambda: calls.append(1) or True)
-    monkeypatch.setattr(worker_mod, "_MEMORY_SET", False)
+    monkeypatch.setattr(worker_process, "_MEMORY_SET", False)  # set_up_process_memory's flag
     train(tmp_path / "a", *XOR)
     train(tmp_path / "b", *XOR)
     assert calls == [1]

@@ -1,0 +1,79 @@
+"""The data side of the training loop, from the config: the task's datasets, this rank's loader, its share of the
+validation rows, and the fingerprint ranks (and checkpoints) compare.
+
+    info, train, val = load_task_data(cfg)                 # data.dir, the shard cache, or generated in memory
+    loader = make_loader(train, cfg, rank, world)          # rank r's share of every global batch
+    for batch in eval_batches(val, cfg, rank, world): ...  # every validation row once, over all ranks
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ndtrain.launch.config import Config, ConfigError
+
+
+def load_task_data(cfg: Config):
+    """(TaskInfo, train Dataset, val Dataset) from, in order of preference: a prepared shard directory (data.dir,
+    with train/ and val/), the shard cache (data.cache: built-in task prepared once, then memory-mapped), or the
+    built-in task generated in memory. Bad data is a ConfigError naming the field and the file."""
+    from ndtrain import data as nd
+    from ndtrain.data.prepare import TRAIN_DIR, VAL_DIR, default_val_rows
+    run, dcfg = cfg.run, cfg.data
+    rows = dcfg.rows or None
+    try:
+        if dcfg.dir or dcfg.cache:
+            root = Path(dcfg.dir) if dcfg.dir else nd.ensure_prepared(run.task, dcfg.cache, rows, run.seed)
+            train = nd.open_dataset(root / TRAIN_DIR)
+            val = nd.open_dataset(root / VAL_DIR, expect=train.info)  # the same vocabulary / shapes as train
+            return train.info, train, val
+    except nd.DataError as e:
+        raise ConfigError(f"data.{'dir' if dcfg.dir else 'cache'}: {e}") from None
+    if run.task not in nd.TASKS:
+        raise ConfigError(f"run.task: unknown task {run.task!r}; built-in tasks: {', '.join(nd.TASKS)}")
+    # the same split sizes as `ndtrain data prepare`, so in-memory and sharded runs see the same rows
+    train = nd.as_dataset(nd.generate(run.task, rows, run.seed, "train"))
+    val = nd.as_dataset(nd.generate(run.task, default_val_rows(run.task, rows), run.seed, "val"))
+    return train.info, train, val
+
+
+def data_fingerprint(ds) -> str:
+    """What ranks compare at start: the manifest's hash for shards, the row count for in-memory data."""
+    import hashlib
+    manifest = Path(ds.source) / "manifest.json"
+    if ds.source != "<memory>" and manifest.is_file():
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    return f"{ds.info.name}:{ds.n_rows()} rows"
+
+
+def make_loader(dataset, cfg: Config, rank: int, world: int):
+    """This rank's share of every global batch (ndtrain.data.loader.Loader: order from (seed, epoch) only); in
+    deterministic mode a list of this rank's fixed micro-batches of it (cluster.deterministic.MicroBatchLoader)."""
+    from ndtrain.data.loader import Loader
+    try:
+        if cfg.run.deterministic:
+            from ndtrain.cluster.deterministic import MicroBatchLoader
+            return MicroBatchLoader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed, cfg.run.micro_batches)
+        return Loader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed)
+    except ValueError as e:
+        raise ConfigError(f"run.batch_size: {e}") from None
+
+
+def eval_row_count(dataset, cfg: Config) -> int:
+    """Validation rows an evaluation covers: all of them, or the first run.eval_rows."""
+    n = dataset.n_rows()
+    return min(n, cfg.run.eval_rows) if cfg.run.eval_rows else n
+
+
+def eval_batches(dataset, cfg: Config, rank: int, world: int):
+    """Rank r's share of the validation rows [0, eval_row_count): in order, global batches of eval_batch_size * W
+    rows, each split by plan.rank_share (every row once, none dropped; a share may be short or empty). A fixed
+    prefix of the split, so run.eval_rows takes the same rows - and gives the same sums - on any number of workers
+    (the order of Loader.for_eval, which this reproduces for eval_rows = 0)."""
+    from ndtrain.data.plan import rank_share
+    n, size = eval_row_count(dataset, cfg), cfg.run.eval_batch_size * world
+    for start in range(0, n, size):
+        rows = rank_share(np.arange(start, min(start + size, n), dtype=np.int64), rank, world)
+        if len(rows):
+            yield dataset.batch(rows)
