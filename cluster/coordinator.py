@@ -334,6 +334,16 @@ class Coordinator:
     def _progress(self, rec: dict) -> None:
         if self.quiet or "eval" in rec:
             return
+        if not sys.stderr.isatty():
+            # Logs and CI: one plain line per aggregated record, as a local run prints, not tqdm's \r frames.
+            parts = [f"step {int(rec['step'])}/{self.total_steps}:"]
+            if isinstance(rec.get("loss"), (int, float)):
+                parts.append(f"loss {rec['loss']:.4g}")
+            if isinstance(rec.get("tokens_per_s"), (int, float)):
+                parts.append(f"({rec['tokens_per_s']:.0f} tok/s")
+                parts[-1] += f", comm {100 * rec['comm_share']:.1f}%)" if "comm_share" in rec else ")"
+            print(" ".join(parts), file=sys.stderr, flush=True)
+            return
         if self._bar is None:
             from tqdm import tqdm
             self._bar = tqdm(total=self.total_steps, unit="step", file=sys.stderr, dynamic_ncols=True,

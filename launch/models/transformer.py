@@ -278,6 +278,10 @@ def build_lm(task_info: TaskInfo, cfg) -> LMModel:
     _check_kind(task_info, "lm", ("lm",))
     opts = _engine_options(_options(cfg, "lm"))
     block = opts["block_size"] or task_info.max_tgt_len
+    if task_info.max_tgt_len and block < task_info.max_tgt_len:
+        # The loader serves the data's fixed blocks; a shorter context would see positions it has no embedding for.
+        raise ValueError(f"model.block_size: {block} is shorter than the data's blocks of {task_info.max_tgt_len} "
+                         f"tokens (set at `ndtrain data import --block-size`); use >= {task_info.max_tgt_len} or 0")
     mc = _config(DecoderLMConfig, {**opts, "vocab_size": task_info.vocab_size, "max_len": block})
     return LMModel(DecoderLM(mc), block, opts["label_smoothing"])
 

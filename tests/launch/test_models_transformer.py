@@ -281,3 +281,10 @@ def test_beam_search_on_a_real_model_uses_the_kv_cache_consistently():
         tgt_in = np.array([[BOS, *seq[:n - 1]]], np.int32)
         lp = log_softmax(model.module(src[b:b + 1], tgt_in, train=False)[0])[0]
         assert score[b] == pytest.approx(sum(lp[t, seq[t]] for t in range(n)), rel=1e-8)
+
+
+def test_lm_context_shorter_than_the_data_blocks_is_refused_naming_the_field():
+    info = TaskInfo("t", "lm", tgt_vocab_size=V, max_tgt_len=64)
+    with pytest.raises(ValueError, match=r"model\.block_size: 16 is shorter than the data's blocks of 64"):
+        built("lm", info, {**TINY, "n_layers": 1, "block_size": 16})
+    assert built("lm", info, {**TINY, "n_layers": 1, "block_size": 128}).block_size == 128  # longer is fine
