@@ -87,6 +87,37 @@ def _rows(a: np.ndarray, q0: int, q1: int, k1: int | None = None):
     return a if k1 is None else a[..., :k1]
 
 
+def _exp_scores(qs, k, mask: AttentionMask | None, q0: int, q1: int, k1: int, row_valid):
+    """exp(scores - c) (B, H, tq, k1) and its row sums (B, H, tq, 1), for a stabilizing shift c; rows with no key
+    (row_valid 0) get a sum of inf.
+
+    c is the max of each (b, h) score matrix, not of each row: a reduction over T*T contiguous values is ~10x
+    cheaper than NumPy's reduction over short rows (T = 32: 0.04 vs 0.4 ms at B*H = 256), and softmax is
+    shift-invariant. Should a row with a key sit so far below its matrix's max that its exps near the bottom of the
+    float range (row sum < sqrt(tiny)), the block is redone with the per-row max, the textbook form."""
+    p = np.matmul(qs, k.swapaxes(-1, -2))  # (B, H, tq, k1)
+    if mask is not None and mask.additive is not None:
+        p += _rows(mask.additive, q0, q1, k1)
+    if p.size == 0:
+        return p, row_sum(p)
+    B, H = p.shape[:2]
+    p -= p.reshape(B, H, -1).max(axis=-1).reshape(B, H, 1, 1)
+    np.exp(p, out=p)
+    denom = row_sum(p)
+    if row_valid is not None:  # rows with no key at all get weights 0: a sum of inf makes 1 / sum = 0
+        denom = np.where(row_valid > 0, denom, np.asarray(np.inf, p.dtype))
+    if denom.min() < np.sqrt(np.finfo(p.dtype).tiny):
+        np.matmul(qs, k.swapaxes(-1, -2), out=p)
+        if mask is not None and mask.additive is not None:
+            p += _rows(mask.additive, q0, q1, k1)
+        p -= p.max(axis=-1, keepdims=True)
+        np.exp(p, out=p)
+        denom = row_sum(p)
+        if row_valid is not None:
+            denom = np.where(row_valid > 0, denom, np.asarray(np.inf, p.dtype))
+    return p, denom
+
+
 def scaled_dot_product_attention(q, k, v, mask: AttentionMask | None = None, dropout_p: float = 0.0,
                                  rng: np.random.Generator | None = None, out: np.ndarray | None = None,
                                  need_weights: bool = True):
@@ -104,19 +135,9 @@ def scaled_dot_product_attention(q, k, v, mask: AttentionMask | None = None, dro
     blocks = _blocks(mask, Tq, Tk)
     saved = []
     for q0, q1, k1 in blocks:
-        p = np.matmul(qs[..., q0:q1, :], k[..., :k1, :].swapaxes(-1, -2))  # (B, H, tq, k1)
-        if mask is not None and mask.additive is not None:
-            p += _rows(mask.additive, q0, q1, k1)
-        p -= p.max(axis=-1, keepdims=True)
-        np.exp(p, out=p)
-        denom = row_sum(p)
         row_valid = None if mask is None else _rows(mask.row_valid, q0, q1)
-        if row_valid is not None:
-            with np.errstate(divide="ignore"):  # rows with no key: denom / 0 = inf, 1 / inf = 0 (denom > 0)
-                denom /= row_valid
-                np.reciprocal(denom, out=denom)
-        else:
-            np.reciprocal(denom, out=denom)
+        p, denom = _exp_scores(qs[..., q0:q1, :], k[..., :k1, :], mask, q0, q1, k1, row_valid)
+        np.reciprocal(denom, out=denom)  # rows with no key: 1 / inf = 0
         p *= denom
         keep = dropout_mask(rng, p.shape, dropout_p, p.dtype) if dropout_p > 0.0 else None
         pd = p * keep if keep is not None else p

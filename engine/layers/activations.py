@@ -115,6 +115,9 @@ class GELU(Module):
 
     def forward(self, x, *, train: bool):
         if self.approximate == "tanh":
+            if train:  # dgelu/dx computed now, chunk by chunk in cache: the backward is one multiply
+                y, dydx = kernels.gelu_tanh_with_derivative(x)
+                return y, lambda dy: np.multiply(dy, dydx, dtype=np.result_type(dy, dydx))
             y, s = kernels.gelu_tanh(x)  # s = sigmoid(2u), all the backward needs besides x
             return y, lambda dy: kernels.gelu_tanh_backward(dy, x, s)
         y, cdf = kernels.gelu_erf(x)

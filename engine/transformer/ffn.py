@@ -10,6 +10,8 @@ from ..module import Module
 from ..params import Param
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
+# Hidden elements per row block of the training GELU forward (GEMM, GELU, GEMM on one block at a time).
+FFN_BLOCK_ELEMS = 1 << 17
 
 
 class PositionWiseFFN(Module):
@@ -29,6 +31,11 @@ class PositionWiseFFN(Module):
     def forward(self, x, *, train: bool):
         D, F = self.d_model, self.d_ff
         x2 = x.reshape(-1, D)
+        # training GELU: by blocks of rows, GEMM -> bias, GELU and its derivative -> GEMM, each block's hidden
+        # activations still in cache; the derivative overwrites h (dead after it), so the backward is one multiply
+        # and keeps dgelu (N, F) instead of h and sigmoid(2u)
+        if self.activation == "gelu" and train:
+            return self._forward_gelu_train(x, x2)
         h = x2 @ self.w1.data  # (N, F) or (N, 2F)
         if self.b1 is not None:
             h += self.b1.data
@@ -69,5 +76,42 @@ class PositionWiseFFN(Module):
             if self.b1 is not None:
                 self.b1.grad += kernels.col_sum(dh)
             return (dh @ self.w1.data.T).reshape(x.shape)
+
+        return y.reshape(x.shape), backward
+
+    def _forward_gelu_train(self, x, x2):
+        D, F = self.d_model, self.d_ff
+        N = x2.shape[0]
+        b1 = None if self.b1 is None else self.b1.data
+        dgelu = np.empty((N, F), dtype=np.result_type(x2, self.w1.data))  # h, then dgelu/dh in place
+        a = np.empty_like(dgelu)  # (N, F)
+        y = np.empty((N, D), dtype=dgelu.dtype)
+        G = max(1, FFN_BLOCK_ELEMS // F)
+        for r0 in range(0, N, G):
+            r1 = min(N, r0 + G)
+            hb = np.matmul(x2[r0:r1], self.w1.data, out=dgelu[r0:r1])
+            kernels.gelu_tanh_with_derivative(hb, y=a[r0:r1], dydx=hb, bias=b1)
+            np.matmul(a[r0:r1], self.w2.data, out=y[r0:r1])
+        if self.b2 is not None:
+            y += self.b2.data
+
+        def backward(dy):
+            dy2 = dy.reshape(-1, D)
+            self.w2.grad += a.T @ dy2
+            if self.b2 is not None:
+                self.b2.grad += kernels.col_sum(dy2)
+            # by blocks of rows, as the forward: a block's dh (G, F) is consumed (dW1, db1, dx) while in cache
+            dx = np.empty((N, D), dtype=dy2.dtype)
+            dh_buf = np.empty((min(G, N), F), dtype=dy2.dtype)
+            dw1 = np.empty((D, F), dtype=dy2.dtype)
+            for r0 in range(0, N, G):
+                r1 = min(N, r0 + G)
+                dh = np.matmul(dy2[r0:r1], self.w2.data.T, out=dh_buf[:r1 - r0])  # da (G, F)
+                dh *= dgelu[r0:r1]
+                self.w1.grad += np.matmul(x2[r0:r1].T, dh, out=dw1)
+                if self.b1 is not None:
+                    self.b1.grad += kernels.col_sum(dh)
+                np.matmul(dh, self.w1.data.T, out=dx[r0:r1])
+            return dx.reshape(x.shape)
 
         return y.reshape(x.shape), backward

@@ -162,3 +162,22 @@ def test_causal_block_skipping_is_exact_and_differentiable(q_offset):
     f = lambda q, k, v: float(np.sum(scaled_dot_product_attention(q, k, v, mask)[0] * c))  # noqa: E731
     errors = check_function(f, [q, k, v], grads, n_dirs=6)
     assert max(errors.values()) < 1e-6, errors
+
+
+def test_sdpa_per_matrix_shift_falls_back_to_row_max_for_rows_far_below():
+    """The exp shift is each (b, h) matrix's max; a row whose scores sit ~1000 below another row's would underflow to
+    a zero sum with that shift: the kernel must notice and redo the block with per-row maxima (float32 and 64)."""
+    for dtype in (np.float32, np.float64):
+        q = RNG.standard_normal((1, 2, 3, 4)).astype(dtype)
+        k = RNG.standard_normal((1, 2, 5, 4)).astype(dtype)
+        v = RNG.standard_normal((1, 2, 5, 4)).astype(dtype)
+        k[..., 0] = 1.0
+        q[0, 0, 0, 0] = 2000.0  # row 0 of head 0: scores ~1000 above the other rows of that matrix
+        q[0, 0, 1, 0] = -2000.0  # row 1: ~1000 below
+        mask = make_attention_mask(causal=False, tq=3, tk=5)  # no mask: AttentionMask() with no arrays
+        ctx, p, _ = scaled_dot_product_attention(q, k, v, mask)
+        ref_ctx, ref_p = _reference(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), mask)
+        assert np.isfinite(p).all() and np.isfinite(ctx).all()
+        tol = 1e-3 if dtype == np.float32 else 1e-12  # float32 scores of size 1000 carry ~1e-4 rounding
+        np.testing.assert_allclose(p, ref_p, rtol=tol, atol=tol)
+        np.testing.assert_allclose(ctx, ref_ctx, rtol=tol, atol=tol)

@@ -42,14 +42,17 @@ def test_log_softmax_matches_log_of_softmax():
     np.testing.assert_allclose(K.log_softmax(x), np.log(K.softmax(x)), rtol=1e-12, atol=1e-14)
 
 
-def test_layer_norm_kernel_gradients():
-    x = RNG.standard_normal((4, 6)) * 2 + 1
+@pytest.mark.parametrize("shape", [(4, 6), (3, 5, 6)])
+def test_layer_norm_kernel_gradients(shape):
+    """Values against the textbook formula and gradients by central differences."""
+    x = RNG.standard_normal(shape) * 2 + 1
     gamma, beta = RNG.uniform(0.5, 1.5, 6), RNG.standard_normal(6)
     y, (xhat, rstd) = K.layer_norm(x, gamma, beta)
     np.testing.assert_allclose(y, (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
                                * gamma + beta, rtol=1e-12)
     c = RNG.standard_normal(y.shape)
     dx, dgamma, dbeta = K.layer_norm_backward(c, xhat, rstd, gamma)
+    assert dx.shape == x.shape and xhat.shape == x.shape and rstd.shape == x.shape[:-1] + (1,)
     loss = lambda x_, g_, b_: float(np.sum(K.layer_norm(x_, g_, b_)[0] * c))
     assert max(check_function(loss, [x, gamma, beta], [dx, dgamma, dbeta]).values()) < 1e-7
 
@@ -214,3 +217,40 @@ def test_dropout_mask_values_rate_and_reproducibility(dtype):
     assert set(np.unique(m).tolist()) == {0.0, float(scale)}
     assert abs((m == 0).mean() - p) < 0.02
     np.testing.assert_array_equal(m, K.dropout_mask(np.random.default_rng(5), (200, 50), p, dtype))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 40])  # one chunk, chunks with a short last one (chunk = 3 rows below)
+def test_gelu_tanh_with_derivative_matches_forward_and_backward_kernels(monkeypatch, rows):
+    """The training kernel (bias, GELU and dGELU/dx chunk by chunk) equals gelu_tanh and gelu_tanh_backward, and its
+    derivative passes a central-difference check; in place (dydx = x) it overwrites x with the derivative."""
+    monkeypatch.setattr(K, "GELU_CHUNK_ELEMS", 15)  # F = 5: 3 rows per chunk
+    x = RNG.standard_normal((rows, 5)) * 3
+    b = RNG.standard_normal(5)
+    y, d = K.gelu_tanh_with_derivative(x.copy(), bias=b)
+    y_ref, s = K.gelu_tanh(x + b)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(d, K.gelu_tanh_backward(np.ones_like(x), x + b, s), rtol=1e-13, atol=1e-15)
+    assert grad_err(lambda x_: K.gelu_tanh(x_)[0], x, lambda c: c * K.gelu_tanh_with_derivative(x.copy())[1]) < 1e-7
+    h = x.copy()
+    y2, d2 = K.gelu_tanh_with_derivative(h, dydx=h, bias=b)
+    assert d2 is h and np.array_equal(d2, d) and np.array_equal(y2, y)
+
+
+def test_gelu_tanh_with_derivative_extremes_without_warnings():
+    x = np.array([[-1000.0, -20.0, 0.0, 20.0, 1000.0]], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, d = K.gelu_tanh_with_derivative(x.copy())
+    assert y.dtype == d.dtype == np.float32 and np.isfinite(y).all() and np.isfinite(d).all()
+    np.testing.assert_array_equal(y, [[0, 0, 0, 20, 1000]])
+    np.testing.assert_array_equal(d[0, [0, 2, 4]], [0, 0.5, 1])
+
+
+def test_gelu_tanh_with_derivative_takes_non_contiguous_input_and_rejects_bad_destinations():
+    x = RNG.standard_normal((6, 4)).T  # (4, 6), Fortran order
+    y, d = K.gelu_tanh_with_derivative(x)
+    y_ref, s = K.gelu_tanh(x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-14)
+    np.testing.assert_allclose(d, K.gelu_tanh_backward(np.ones_like(x), x, s), rtol=1e-13)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        K.gelu_tanh_with_derivative(np.ascontiguousarray(x), y=np.empty((6, 4)).T)

@@ -143,3 +143,17 @@ def test_dropout_only_in_training_and_reproducible_by_seed():
     seed_rngs(blk, 1)
     np.testing.assert_array_equal(blk(x, train=True)[0], b)
     assert not np.allclose(a, b)
+
+
+@pytest.mark.parametrize("block_elems", [20, 1 << 30])  # d_ff 10: 2 rows per block (a short last one), one block
+def test_ffn_gelu_training_path_by_row_blocks(monkeypatch, block_elems):
+    """The training GELU FFN runs GEMM -> GELU -> GEMM by blocks of rows (forward and backward): same outputs as the
+    inference path, and gradients pass the float64 check whatever the block size."""
+    from ndtrain.engine.transformer import ffn
+    monkeypatch.setattr(ffn, "FFN_BLOCK_ELEMS", block_elems)
+    m = PositionWiseFFN(6, 10, "gelu")
+    ParamStore.from_module(m, dtype=np.float64, seed=2)
+    _perturb(m)
+    x = RNG.standard_normal((3, 5, 6))  # 15 rows
+    np.testing.assert_allclose(m(x, train=True)[0], m(x, train=False)[0], rtol=1e-13, atol=1e-14)
+    assert_gradcheck(m, [x])
