@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml setup.py
 DEMO_RUN := runs/demo
 demo: $(STAMP)
 	rm -rf $(DEMO_RUN)
-	$(BIN)/ndtrain train --task dates --model transformer --backend mpi --workers 2 --steps 1000 \
-	    --set optim.schedule_kwargs.warmup_steps=100 --set run.eval_every=1000 --set run.eval_rows=500 \
+	$(BIN)/ndtrain train --task dates --model transformer --backend mpi --workers 2 --steps 1500 \
+	    --set optim.schedule_kwargs.warmup_steps=100 --set run.eval_every=1500 --set run.eval_rows=500 \
 	    --out $(DEMO_RUN)
 	printf '%s\n' 'Wednesday, 3 March 2021' '14 jul 89' 'DECEMBER 25 1999' '07/04/76' 'Tue, Feb 29 2000' \
 	    '1.1.2000' > $(DEMO_RUN)/demo_inputs.txt
