@@ -11,7 +11,7 @@ Driver side (launch/launch_ray.py):
 """
 from __future__ import annotations
 
-import pickle
+import json
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,10 @@ class RayCommunicator(Communicator):
     def allgather_obj(self, obj: Any) -> list:
         if self.world_size == 1:
             return [obj]
-        return [pickle.loads(b) for b in self.group.allgather_bytes(pickle.dumps(obj))]
+        # JSON, not pickle: these bytes come off our own shared-memory / TCP transport (possibly from another host),
+        # and the records are small JSON-able dicts by contract (config hashes, checksums, metric sums, RNG states).
+        blob = json.dumps(obj, default=_json_default).encode()
+        return [json.loads(b) for b in self.group.allgather_bytes(blob)]
 
     def abort(self) -> None:
         if hasattr(self.group, "abort"):
@@ -80,3 +83,10 @@ def form_group(actors: list, token: str, slot_bytes: int = 4 << 20, timeout: flo
     for n in nodes:
         n["transport"] = transport
     return nodes
+
+
+def _json_default(x):
+    """NumPy scalars and arrays inside a gathered record become plain numbers and lists."""
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    raise TypeError(f"allgather_obj: {type(x).__name__} is not JSON-serialisable (records must be small JSON data)")

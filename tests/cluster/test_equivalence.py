@@ -85,16 +85,6 @@ def _moved(tmp_path, model):
 
 
 # -- MPI -----------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def mpi_ok():
-    pytest.importorskip("mpi4py")
-    from ndtrain.launch.launch_mpi import find_mpiexec
-    try:
-        find_mpiexec()
-    except FileNotFoundError:
-        pytest.skip("no mpiexec")
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("model", [pytest.param("mlp", marks=pytest.mark.slow), "transformer"])
 def test_mpi_two_workers_equal_one_float64(mpi_ok, tmp_path, model):

@@ -29,16 +29,6 @@ def _train_argv(out, *extra) -> list[str]:
             "--set", "run.log_every=5", "--out", str(out), "-q", *extra]
 
 
-@pytest.fixture(scope="module")
-def mpi_ok():
-    pytest.importorskip("mpi4py")
-    from ndtrain.launch.launch_mpi import find_mpiexec
-    try:
-        find_mpiexec()
-    except FileNotFoundError:
-        pytest.skip("no mpiexec")
-
-
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NDTRAIN_")}
     env["NDTRAIN_TEST_STEP_DELAY"] = "0.03"  # ~2 s of training: time to kill a rank mid-run

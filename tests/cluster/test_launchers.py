@@ -20,16 +20,6 @@ def _check_run_dir(out, steps, W):
 
 
 # -- MPI -----------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def mpi_ok():
-    pytest.importorskip("mpi4py")
-    from ndtrain.launch.launch_mpi import find_mpiexec
-    try:
-        find_mpiexec()
-    except FileNotFoundError:
-        pytest.skip("no mpiexec")
-
-
 @pytest.mark.timeout(60)
 def test_mpi_job_runs_and_writes_run_directory(mpi_ok, tmp_path):
     from ndtrain.launch.launch_mpi import run_mpi

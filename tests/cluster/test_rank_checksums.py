@@ -144,16 +144,6 @@ def check_failure(tmp_path, hooks, capfd, backend: str) -> None:
 
 
 # -- MPI -----------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def mpi_ok():
-    pytest.importorskip("mpi4py")
-    from ndtrain.launch.launch_mpi import find_mpiexec
-    try:
-        find_mpiexec()
-    except FileNotFoundError:
-        pytest.skip("no mpiexec")
-
-
 @pytest.mark.timeout(90)
 def test_mpi_ranks_hold_identical_parameters_after_every_step(mpi_ok, hooks, tmp_path):
     check_checksums(tmp_path, hooks, "mpi")
