@@ -17,7 +17,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
-import numpy as np  # noqa: E402
 
 from ndtrain.data import tasks  # noqa: E402
 from ndtrain.data.loader import Loader  # noqa: E402

@@ -34,8 +34,7 @@ import sys
 from pathlib import Path
 
 from ndtrain.launch.cli import UsageError
-from ndtrain.launch.config import (Config, ConfigError, apply_overrides, load_config, merge_dict, validate,
-                                   write_config)
+from ndtrain.launch.config import Config, ConfigError, apply_overrides, load_config, merge_dict, validate
 
 # flag -> run.<field>
 RUN_FLAGS = {"task": "task", "model": "model", "steps": "steps", "out": "out", "batch_size": "batch_size",

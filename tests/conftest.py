@@ -9,3 +9,9 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 # them (tests of those features delete these variables with monkeypatch).
 os.environ.setdefault("NDTRAIN_REPORT", "0")
 os.environ.setdefault("NDTRAIN_TENSORBOARD", "0")
+
+# Shared helpers (tests/helpers/) import as `helpers.*` from any test folder.
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -17,7 +17,8 @@ from ndtrain.cluster.worker import run_worker
 from ndtrain.data import tasks
 from ndtrain.data.dataset import as_dataset
 from ndtrain.launch.config import ConfigError
-from test_worker import ThreadComm, ThreadGroup, make_cfg, run_threads
+from helpers.threads import ThreadComm, ThreadGroup, run_threads
+from test_worker import make_cfg
 
 
 def _explicit_tree(xs):

@@ -12,7 +12,8 @@ from ndtrain.data import tasks
 from ndtrain.data.dataset import as_dataset
 from ndtrain.data.loader import Loader
 from ndtrain.launch.rundir import NullSink, read_metrics, read_summary
-from test_worker import make_cfg, run_threads
+from helpers.threads import run_threads
+from test_worker import make_cfg
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -73,7 +74,7 @@ def _run_threads_without_abort(cfgs):
     """Like test_worker.run_threads, but a failing rank does not break the others' barrier: each must stop on its
     own (a rank left waiting would hit the barrier's 60 s timeout instead and show up as BrokenBarrierError)."""
     import threading
-    from test_worker import ThreadComm, ThreadGroup
+    from helpers.threads import ThreadComm, ThreadGroup
     group = ThreadGroup(len(cfgs))
     errs = [None] * len(cfgs)
 

@@ -5,7 +5,7 @@ import pytest
 from ndtrain.cluster.comm.base import Communicator, Handle
 from ndtrain.cluster.comm.local import LocalCommunicator
 from ndtrain.cluster.reducer import GradReducer, make_buckets
-from ndtrain.engine import Module, Param, ParamStore, Sequential
+from ndtrain.engine import Module, ParamStore, Sequential
 from ndtrain.engine import module as engine_module
 from ndtrain.engine.layers import Linear
 

@@ -1,14 +1,13 @@
 """The training loop against the Communicator: one step by hand, W ranks == one rank (threads standing in for
 processes), exact eval over all rows, start-up checks and errors that name rank and step."""
-import threading
 
 import numpy as np
 import pytest
 
 from ndtrain.cluster import checkpoint as ckpt
-from ndtrain.cluster.comm.base import Communicator
 from ndtrain.cluster.comm.local import LocalCommunicator
 from ndtrain.cluster.worker import Trainer, WorkerError, run_worker
+from helpers.threads import run_threads
 from ndtrain.data import tasks
 from ndtrain.data.dataset import as_dataset
 from ndtrain.data.loader import Loader
@@ -25,48 +24,6 @@ def _no_report_no_tensorboard(monkeypatch):
     monkeypatch.setenv("NDTRAIN_TENSORBOARD", "0")
 
 
-class ThreadGroup:
-    """World of W in-process ranks: collectives meet at a barrier and sum in rank order (deterministic)."""
-
-    def __init__(self, world: int):
-        self.world = world
-        self.barrier = threading.Barrier(world, timeout=60)
-        self.slots = [None] * world
-
-
-class ThreadComm(Communicator):
-    def __init__(self, group: ThreadGroup, rank: int):
-        self.g, self.rank, self.world_size = group, rank, group.world
-
-    def _exchange(self, item):
-        self.g.slots[self.rank] = item
-        self.g.barrier.wait()
-        items = list(self.g.slots)
-        try:
-            self.g.barrier.wait()  # nobody overwrites a slot before every rank has read them
-        except threading.BrokenBarrierError:
-            # A peer failed right after this exchange (e.g. on the config check) and aborted the barrier while we
-            # were still waking up: our exchange had completed, so go on and fail on our own terms.
-            pass
-        return items
-
-    def allreduce(self, buf):
-        items = self._exchange(buf.copy())
-        total = items[0].copy()
-        for x in items[1:]:
-            total += x
-        buf[...] = total
-
-    def broadcast(self, buf, root=0):
-        buf[...] = self._exchange(buf.copy())[root]
-
-    def barrier(self):
-        self.g.barrier.wait()
-
-    def allgather_obj(self, obj):
-        return self._exchange(obj)
-
-
 def make_cfg(tmp_path, *sets, workers=1):
     cfg = Config()
     cfg.run.out = str(tmp_path)
@@ -75,26 +32,6 @@ def make_cfg(tmp_path, *sets, workers=1):
     cfg.run.workers = workers
     cfg.run.backend = "local" if workers == 1 else "mpi"
     return validate(cfg)
-
-
-def run_threads(cfgs):
-    """run_worker on len(cfgs) thread-ranks; returns (summaries, errors) by rank."""
-    group = ThreadGroup(len(cfgs))
-    out, errs = [None] * len(cfgs), [None] * len(cfgs)
-
-    def target(r):
-        try:
-            out[r] = run_worker(cfgs[r], ThreadComm(group, r), None if r == 0 else NullSink())
-        except BaseException as e:  # collected and asserted on by the test
-            errs[r] = e
-            group.barrier.abort()
-
-    ts = [threading.Thread(target=target, args=(r,)) for r in range(len(cfgs))]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
-    return out, errs
 
 
 def test_one_step_is_sgd_on_the_global_mean_loss(tmp_path):

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 
 from ndtrain.data.columns import RaggedColumn
-from ndtrain.data.dataset import Dataset, from_columns
+from ndtrain.data.dataset import from_columns
 from ndtrain.data.info import BOS, EOS, PAD, TaskInfo
 from ndtrain.data.loader import Loader
-from ndtrain.data.tasks import generate
 
 
 def ids_dataset(n, kind="classification"):

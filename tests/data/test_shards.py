@@ -1,6 +1,5 @@
 """Arrow shards: write/read round trip, every bad-input check, rank coverage over shards, the prepare cache."""
 import json
-import shutil
 
 import numpy as np
 import pyarrow as pa

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ndtrain.engine import Module, ModuleList, Param, ParamStore, Sequential
+from ndtrain.engine import Module, ModuleList, ParamStore, Sequential
 from ndtrain.engine import init
 from ndtrain.engine.gradcheck import assert_gradcheck, check_module
 from ndtrain.engine.layers import Linear

@@ -1,7 +1,6 @@
 """`ndtrain worker --config`: a rank started by someone else (alone here, or under mpirun) trains what `ndtrain
 train` trains from the same resolved config."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -8,7 +8,7 @@ from ndtrain.engine import decoding
 from ndtrain.engine.module import Module
 from ndtrain.engine.params import ParamStore
 from ndtrain.launch.models import build_model, model_names
-from ndtrain.launch.models.transformer import LMModel, Seq2SeqModel
+from ndtrain.launch.models.transformer import Seq2SeqModel
 
 TINY = {"d_model": 8, "n_heads": 2, "d_ff": 16, "dropout": 0.0}
 V = 11  # ids 4..10 are "symbols"

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from ndtrain.cluster import worker_process
-from ndtrain.cluster.comm.base import Communicator
 from ndtrain.cluster.worker import Trainer, eval_batches, eval_row_count, load_task_data
 from ndtrain.data.info import TaskInfo
 from ndtrain.data.loader import Loader
@@ -22,6 +21,7 @@ from ndtrain.launch.config import Config, apply_overrides, validate
 from ndtrain.launch.models import model_names
 from ndtrain.launch.progress import Console
 from ndtrain.launch.rundir import NullSink, read_metrics, train_events
+from helpers.threads import ThreadComm, ThreadGroup
 
 
 @pytest.fixture(autouse=True)
@@ -116,38 +116,6 @@ def test_eval_and_generate_work_after_the_data_is_deleted(tmp_path, lm_data, cap
 
 
 # -- 3. capped evaluation --------------------------------------------------------------------------------------------
-class ThreadGroup:
-    def __init__(self, world):
-        self.world, self.barrier, self.slots = world, threading.Barrier(world, timeout=60), [None] * world
-
-
-class ThreadComm(Communicator):
-    """In-process ranks (threads): collectives meet at a barrier and sum in rank order."""
-
-    def __init__(self, group, rank):
-        self.g, self.rank, self.world_size = group, rank, group.world
-
-    def _exchange(self, item):
-        self.g.slots[self.rank] = item
-        self.g.barrier.wait()
-        items = list(self.g.slots)
-        self.g.barrier.wait()
-        return items
-
-    def allreduce(self, buf):
-        items = self._exchange(buf.copy())
-        buf[...] = np.sum(items, axis=0)
-
-    def broadcast(self, buf, root=0):
-        buf[...] = self._exchange(buf.copy())[root]
-
-    def barrier(self):
-        self.g.barrier.wait()
-
-    def allgather_obj(self, obj):
-        return self._exchange(obj)
-
-
 def _cfg(tmp_path, *sets, workers=1):
     cfg = Config()
     cfg.run.out = str(tmp_path)
