@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import init as initializers
-from .kernels import MASK_VALUE, col_sum, dropout_mask, row_sum
+from .kernels import MASK_VALUE, add_row_, col_sum, dropout_mask, row_sum
 from .module import Module
 from .params import Param
 
@@ -25,16 +25,18 @@ from .params import Param
 @dataclass
 class AttentionMask:
     """additive: (B|1, 1, Tq|1, Tk), 0 or MASK_VALUE; row_valid: (B|1, 1, Tq|1, 1) 1/0, None when every row sees a
-    key; causal_offset: q_offset of a look-ahead mask (lets attention skip key blocks every query masks), else None."""
+    key; causal_offset: q_offset of a look-ahead mask (lets attention skip key blocks every query masks), else None;
+    padded: whether key padding is part of the mask (a look-ahead mask alone masks no key before a query block)."""
 
     additive: np.ndarray | None = None
     row_valid: np.ndarray | None = None
     causal_offset: int | None = None
+    padded: bool = True
 
     def select(self, idx: np.ndarray) -> "AttentionMask":
         """Rows of the batch (beam search reorders its hypotheses); broadcast (1, ...) masks are kept."""
         pick = lambda a: a if a is None or a.shape[0] == 1 else a[idx]  # noqa: E731
-        return AttentionMask(pick(self.additive), pick(self.row_valid), self.causal_offset)
+        return AttentionMask(pick(self.additive), pick(self.row_valid), self.causal_offset, self.padded)
 
 
 def make_attention_mask(key_padding_mask: np.ndarray | None = None, causal: bool = False, tq: int | None = None,
@@ -59,7 +61,7 @@ def make_attention_mask(key_padding_mask: np.ndarray | None = None, causal: bool
     additive = np.where(blocked, np.asarray(MASK_VALUE, dtype), np.asarray(0, dtype)).astype(dtype)
     empty = blocked.all(axis=-1, keepdims=True)  # (B|1, 1, Tq, 1)
     row_valid = (~empty).astype(dtype) if empty.any() else None
-    return AttentionMask(additive, row_valid, q_offset if causal else None)
+    return AttentionMask(additive, row_valid, q_offset if causal else None, key_padding_mask is not None)
 
 
 # -- scaled dot-product attention -------------------------------------------------------------------------------------
@@ -87,21 +89,38 @@ def _rows(a: np.ndarray, q0: int, q1: int, k1: int | None = None):
     return a if k1 is None else a[..., :k1]
 
 
+# Scores at most this large need no stabilizing shift: exp(64) = 6e27, and a row sum of a million of them is still
+# far below float32's max (3e38).
+SHIFT_FREE_MAX = 64.0
+
+
+def _add_mask(p, mask: AttentionMask, q0: int, q1: int, k1: int) -> None:
+    """p (B, H, tq, k1) += the additive mask of query rows q0:q1. A look-ahead mask alone masks no key before the
+    block's first query (q_offset + q0): only the keys from there on get the add."""
+    c0 = 0
+    if mask.causal_offset is not None and not mask.padded:
+        c0 = min(k1, max(0, mask.causal_offset + q0))
+    p[..., c0:] += _rows(mask.additive, q0, q1, k1)[..., c0:]
+
+
 def _exp_scores(qs, k, mask: AttentionMask | None, q0: int, q1: int, k1: int, row_valid):
     """exp(scores - c) (B, H, tq, k1) and its row sums (B, H, tq, 1), for a stabilizing shift c; rows with no key
     (row_valid 0) get a sum of inf.
 
-    c is the max of each (b, h) score matrix, not of each row: a reduction over T*T contiguous values is ~10x
-    cheaper than NumPy's reduction over short rows (T = 32: 0.04 vs 0.4 ms at B*H = 256), and softmax is
-    shift-invariant. Should a row with a key sit so far below its matrix's max that its exps near the bottom of the
-    float range (row sum < sqrt(tiny)), the block is redone with the per-row max, the textbook form."""
+    c = 0 when no score exceeds SHIFT_FREE_MAX (nothing can overflow: one max, no subtraction pass), else the max of
+    each (b, h) score matrix, not of each row: a reduction over T*T contiguous values is ~10x cheaper than NumPy's
+    reduction over short rows (T = 32: 0.04 vs 0.4 ms at B*H = 256), and softmax is shift-invariant. Should a row
+    with a key sit so far below c that its exps near the bottom of the float range (row sum < sqrt(tiny)), the block
+    is redone with the per-row max, the textbook form."""
     p = np.matmul(qs, k.swapaxes(-1, -2))  # (B, H, tq, k1)
     if mask is not None and mask.additive is not None:
-        p += _rows(mask.additive, q0, q1, k1)
+        _add_mask(p, mask, q0, q1, k1)
     if p.size == 0:
         return p, row_sum(p)
     B, H = p.shape[:2]
-    p -= p.reshape(B, H, -1).max(axis=-1).reshape(B, H, 1, 1)
+    top = p.reshape(B, H, -1).max(axis=-1)  # (B, H)
+    if not top.max() <= SHIFT_FREE_MAX:  # (NaN scores also take the shift)
+        p -= top.reshape(B, H, 1, 1)
     np.exp(p, out=p)
     denom = row_sum(p)
     if row_valid is not None:  # rows with no key at all get weights 0: a sum of inf makes 1 / sum = 0
@@ -109,7 +128,7 @@ def _exp_scores(qs, k, mask: AttentionMask | None, q0: int, q1: int, k1: int, ro
     if denom.min() < np.sqrt(np.finfo(p.dtype).tiny):
         np.matmul(qs, k.swapaxes(-1, -2), out=p)
         if mask is not None and mask.additive is not None:
-            p += _rows(mask.additive, q0, q1, k1)
+            _add_mask(p, mask, q0, q1, k1)
         p -= p.max(axis=-1, keepdims=True)
         np.exp(p, out=p)
         denom = row_sum(p)
@@ -222,7 +241,7 @@ class MultiHeadAttention(Module):
     def _project(x2, W, b):
         y = x2 @ W.data
         if b is not None:
-            y += b.data
+            add_row_(y, b.data)
         return y
 
     @staticmethod

@@ -25,7 +25,7 @@ class Linear(Module):
         W, b, input_grad = self.W, self.b, self.input_grad
         y = x @ W.data  # (..., d_out)
         if b is not None:
-            y += b.data
+            kernels.add_row_(y, b.data)
 
         def backward(dy):
             x2 = x.reshape(-1, self.d_in)  # (N, d_in)

@@ -11,7 +11,7 @@ from ..params import Param
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 # Hidden elements per row block of the training GELU forward (GEMM, GELU, GEMM on one block at a time).
-FFN_BLOCK_ELEMS = 1 << 17
+FFN_BLOCK_ELEMS = 1 << 18
 
 
 class PositionWiseFFN(Module):
@@ -38,7 +38,7 @@ class PositionWiseFFN(Module):
             return self._forward_gelu_train(x, x2)
         h = x2 @ self.w1.data  # (N, F) or (N, 2F)
         if self.b1 is not None:
-            h += self.b1.data
+            kernels.add_row_(h, self.b1.data)
         if self.activation == "gelu":
             a, s = kernels.gelu_tanh(h)  # the same kernel as engine.layers.GELU
         elif self.activation == "relu":
@@ -50,7 +50,7 @@ class PositionWiseFFN(Module):
             a = silu * up
         y = a @ self.w2.data
         if self.b2 is not None:
-            y += self.b2.data
+            kernels.add_row_(y, self.b2.data)
 
         def backward(dy):
             dy2 = dy.reshape(-1, D)
@@ -93,25 +93,26 @@ class PositionWiseFFN(Module):
             kernels.gelu_tanh_with_derivative(hb, y=a[r0:r1], dydx=hb, bias=b1)
             np.matmul(a[r0:r1], self.w2.data, out=y[r0:r1])
         if self.b2 is not None:
-            y += self.b2.data
+            kernels.add_row_(y, self.b2.data)
 
         def backward(dy):
+            """May be called once: dh (N, F) overwrites dgelu in place (no second (N, F) buffer)."""
             dy2 = dy.reshape(-1, D)
             self.w2.grad += a.T @ dy2
             if self.b2 is not None:
                 self.b2.grad += kernels.col_sum(dy2)
-            # by blocks of rows, as the forward: a block's dh (G, F) is consumed (dW1, db1, dx) while in cache
+            # by blocks of rows, as the forward: a block's da (G, F) meets dgelu and feeds dx while in cache; the
+            # weight gradient is then one GEMM over all N rows (K = N runs near peak; G-row pieces of it did not)
             dx = np.empty((N, D), dtype=dy2.dtype)
-            dh_buf = np.empty((min(G, N), F), dtype=dy2.dtype)
-            dw1 = np.empty((D, F), dtype=dy2.dtype)
+            da_buf = np.empty((min(G, N), F), dtype=dy2.dtype)
             for r0 in range(0, N, G):
                 r1 = min(N, r0 + G)
-                dh = np.matmul(dy2[r0:r1], self.w2.data.T, out=dh_buf[:r1 - r0])  # da (G, F)
-                dh *= dgelu[r0:r1]
-                self.w1.grad += np.matmul(x2[r0:r1].T, dh, out=dw1)
-                if self.b1 is not None:
-                    self.b1.grad += kernels.col_sum(dh)
+                da = np.matmul(dy2[r0:r1], self.w2.data.T, out=da_buf[:r1 - r0])  # (G, F)
+                dh = np.multiply(da, dgelu[r0:r1], out=dgelu[r0:r1])
                 np.matmul(dh, self.w1.data.T, out=dx[r0:r1])
+            self.w1.grad += x2.T @ dgelu  # dgelu now holds dh (N, F)
+            if self.b1 is not None:
+                self.b1.grad += kernels.col_sum(dgelu)
             return dx.reshape(x.shape)
 
         return y.reshape(x.shape), backward

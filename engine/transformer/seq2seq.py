@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import init as initializers
 from ..attention import make_attention_mask
-from ..kernels import col_sum
+from ..kernels import add_row_, col_sum
 from ..module import Module
 from ..params import Param
 from .config import Seq2SeqConfig
@@ -50,7 +50,7 @@ class Seq2SeqTransformer(Module):
         B, T, D = h.shape
         h2 = h.reshape(B * T, D)
         y = h2 @ self.w_out.data
-        y += self.b_out.data
+        add_row_(y, self.b_out.data)
 
         def backward(dlogits):
             dl2 = dlogits.reshape(B * T, -1)

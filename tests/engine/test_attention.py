@@ -181,3 +181,48 @@ def test_sdpa_per_matrix_shift_falls_back_to_row_max_for_rows_far_below():
         tol = 1e-3 if dtype == np.float32 else 1e-12  # float32 scores of size 1000 carry ~1e-4 rounding
         np.testing.assert_allclose(p, ref_p, rtol=tol, atol=tol)
         np.testing.assert_allclose(ctx, ref_ctx, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("q_offset", [0, 5])
+def test_causal_blocks_without_padding_mask_only_the_keys_they_must(q_offset):
+    """A look-ahead mask alone (padded False) adds the mask only from each block's first query on: same weights as
+    the reference, exactly 0 above the diagonal, and gradients pass the float64 check."""
+    from ndtrain.engine import attention
+    Tq = attention.CAUSAL_MIN_T + 6
+    Tk = Tq + q_offset
+    mask = make_attention_mask(causal=True, tq=Tq, tk=Tk, q_offset=q_offset, dtype=np.float64)
+    assert not mask.padded and make_attention_mask(np.zeros((1, Tk), bool), causal=True, tq=Tq).padded
+    assert len(attention._blocks(mask, Tq, Tk)) == 3
+    q = RNG.standard_normal((2, 2, Tq, 3))
+    k, v = RNG.standard_normal((2, 2, Tk, 3)), RNG.standard_normal((2, 2, Tk, 3))
+    ctx, p, backward = scaled_dot_product_attention(q, k, v, mask)
+    ref_ctx, ref_p = _reference(q, k, v, mask)
+    np.testing.assert_allclose(p, ref_p, rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(ctx, ref_ctx, rtol=1e-11, atol=1e-12)
+    assert np.all(p[..., np.arange(Tk)[None, :] > q_offset + np.arange(Tq)[:, None]] == 0.0)
+    c = RNG.standard_normal(ctx.shape)
+    f = lambda q, k, v: float(np.sum(scaled_dot_product_attention(q, k, v, mask)[0] * c))  # noqa: E731
+    errors = check_function(f, [q, k, v], backward(c), n_dirs=6)
+    assert max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("level", [60.0, 70.0, -200.0])
+def test_sdpa_scores_around_the_shift_free_limit(dtype, level):
+    """Scores up to SHIFT_FREE_MAX take exp unshifted, larger ones the per-matrix shift, and a row whose scores all
+    sit far below 0 (exp underflows to a zero sum without a shift) the per-row fallback: all equal the reference."""
+    from ndtrain.engine.attention import SHIFT_FREE_MAX
+    q = RNG.standard_normal((2, 2, 3, 4)).astype(dtype)
+    k = RNG.standard_normal((2, 2, 5, 4)).astype(dtype)
+    v = RNG.standard_normal((2, 2, 5, 4)).astype(dtype)
+    k[..., 0] = 1.0
+    q[..., 0] = 0.0
+    q[0, 1, 2, 0] = 2.0 * level  # one row of one matrix: scores near `level` (the scale is 1/2)
+    mask = make_attention_mask(causal=False, tq=3, tk=5)
+    ctx, p, _ = scaled_dot_product_attention(q, k, v, mask)
+    ref_ctx, ref_p = _reference(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), mask)
+    assert np.isfinite(p).all() and np.isfinite(ctx).all()
+    assert (level > SHIFT_FREE_MAX) == (level == 70.0)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(p, ref_p, rtol=tol, atol=tol)
+    np.testing.assert_allclose(ctx, ref_ctx, rtol=tol, atol=tol)
