@@ -6,8 +6,10 @@ learned positional embeddings, causal decoder self-attention, cross-entropy over
   M    decoder-only LM d_model 256, 8 heads, d_ff 1024, 4 layers, vocab 256 (tied embeddings), batch 32, length 128
   MLP  784-256-128-10 ReLU, batch 128 (issue 3)
 The two engines' timed steps are interleaved (alternating which goes first) to cancel the machine's drift; min and
-median are reported. GFLOP/s counts FLOPs as ANCHORS.md does; the peak is the best NumPy float32 GEMM measured in
-this run at the same thread count (probed before and between the timed steps). Memory, by tracemalloc over one
+median are reported, and `ratio_paired`, the median over steps of each ndtrain step's time over the torch step
+timed next to it (the most drift-proof of the three). --floor adds the step's GEMMs replayed alone (gemm_floor.py).
+GFLOP/s counts FLOPs as ANCHORS.md does; the peak is the best NumPy float32 GEMM measured in this run at the same
+thread count (probed before and between the timed steps). Memory, by tracemalloc over one
 separate ndtrain step (NumPy reports its allocations to it): `activations_mb` = arrays alive after the forward (the
 logits plus what the backward closures keep: per block the norm outputs and 1/std, the fused QKV projection, the
 scaled queries, the attention weights, the attention output, the FFN pre-activation, its sigmoid and its output);
@@ -50,6 +52,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-torch", action="store_true", help="time ndtrain only")
     p.add_argument("--json", action="store_true", help="one JSON object per config on stdout")
     p.add_argument("--profile", action="store_true", help="cProfile a few ndtrain steps (top functions)")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the step's GEMMs alone (bench/gemm_floor.py), interleaved with the engines")
     p.add_argument("--no-retain-memory", action="store_true",
                    help="leave glibc's defaults (by default freed memory is kept for reuse: no page faults per step;"
                         " process-wide, so both engines get it)")
@@ -269,6 +273,9 @@ def run_config(name: str, args, peak: float, torch_ok: bool) -> dict:
         t_step, to_torch = build_torch(c)
         tbatch = to_torch(batch)
         engines["torch"] = lambda _b: t_step(tbatch)
+    if getattr(args, "floor", False) and c["kind"] != "mlp":
+        from .gemm_floor import make_replay
+        engines["gemm_floor"] = make_replay(c)
     for _ in range(args.warmup):
         for f in engines.values():
             f(batch)
@@ -290,9 +297,18 @@ def run_config(name: str, args, peak: float, torch_ok: bool) -> dict:
         tt = _summary(times["torch"])
         row.update({"ms_torch": round(tt["median"], 2), "ms_torch_min": round(tt["min"], 2),
                     "torch_fwd_bwd_opt_ms": [round(tt[k], 2) for k in ("fwd", "bwd", "opt")],
-                    "ratio": round(nd["median"] / tt["median"], 3), "ratio_min": round(nd["min"] / tt["min"], 3)})
+                    "ratio": round(nd["median"] / tt["median"], 3), "ratio_min": round(nd["min"] / tt["min"], 3),
+                    # each ndtrain step over the torch step timed next to it: immune to the machine's slow drift
+                    "ratio_paired": round(statistics.median(sum(a) / sum(b) for a, b in
+                                                            zip(times["ndtrain"], times["torch"])), 3)})
     else:
         row.update({"ms_torch": None, "ratio": None})
+    if "gemm_floor" in times:  # the step's GEMMs alone: what no NumPy engine on this BLAS can go below
+        fl = _summary(times["gemm_floor"])
+        row["ms_gemm_floor"] = round(fl["median"], 2)
+        row["gemm_floor_share"] = round(fl["median"] / nd["median"], 3)  # of the ndtrain step
+        if torch_ok:
+            row["floor_ratio"] = round(fl["median"] / tt["median"], 3)  # floor / torch step
     if c["kind"] != "mlp":
         row["activations_mb"] = round(activation_mb(c, model, batch), 1)
     row["peak_mem_mb"] = round(memory_profile(c, nd_step, batch)["peak_mb"], 1)
@@ -346,8 +362,11 @@ def main(args) -> int:
 
 def _print_row(r: dict) -> None:
     t = (f"torch {r['ms_torch']:.1f} ms (min {r['ms_torch_min']:.1f}, fwd/bwd/opt {r['torch_fwd_bwd_opt_ms']}), "
-         f"ratio {r['ratio']:.3f} (min/min {r['ratio_min']:.3f})" if r["ms_torch"] is not None else "torch n/a")
+         f"ratio {r['ratio']:.3f} (min/min {r['ratio_min']:.3f}, paired {r['ratio_paired']:.3f})" if r["ms_torch"] is not None else "torch n/a")
     mem = f", activations {r['activations_mb']} MB" if "activations_mb" in r else ""
+    if "ms_gemm_floor" in r:
+        mem += (f" | GEMMs alone {r['ms_gemm_floor']:.1f} ms = {r['gemm_floor_share']:.2f} of the ndtrain step"
+                + (f", {r['floor_ratio']:.3f}x torch's" if "floor_ratio" in r else ""))
     print(f"{r['config']:>3} @{r['threads']} thr: ndtrain {r['ms_ndtrain']:.1f} ms median (min {r['ms_ndtrain_min']:.1f},"
           f" fwd/bwd/opt {r['ndtrain_fwd_bwd_opt_ms']}) | {t} | {r['gflops']} GFLOP/s = {r['pct_of_peak']}% of "
           f"{r['peak_gflops']} peak | peak step memory {r['peak_mem_mb']} MB{mem}", flush=True)

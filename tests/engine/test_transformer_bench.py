@@ -55,3 +55,18 @@ def test_bench_dispatch_rejects_unknown_names(capsys):
     assert "unknown benchmark 'no_such_benchmark'" in err and "engine" in err
     with pytest.raises(SystemExit):
         main(["bench", "engine", "--configs"])  # the benchmark's own parser handles its arguments
+
+
+def test_gemm_floor_lists_the_products_of_a_step():
+    """The floor's product list carries exactly the step's FLOPs: all of S (T = 32: attention is one block), and for
+    M the 2-D products plus the causal blocks' 62.5% of the full attention products (keys 32+64+96+128 of 4*128)."""
+    from ndtrain.launch.bench import gemm_floor
+    S, M = bench.CONFIGS["S"], bench.CONFIGS["M"]
+    assert gemm_floor.gflop(gemm_floor.gemm_list(S)) == pytest.approx(bench.gflop_per_step(S), rel=1e-12)
+    d, B, T, L = M["d"], M["batch"], M["len"], M["layers"][1]
+    attn_full = B * 12 * d * L * T * T / 1e9
+    expected = bench.gflop_per_step(M) - attn_full + 0.625 * attn_full
+    assert gemm_floor.gflop(gemm_floor.gemm_list(M)) == pytest.approx(expected, rel=1e-12)
+    tiny = dict(kind="seq2seq", d=8, h=2, ff=16, layers=(1, 1), vocab=10, batch=2, len=4)
+    seconds, _, _ = gemm_floor.make_replay(tiny)(None)
+    assert seconds > 0
