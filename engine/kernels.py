@@ -46,6 +46,13 @@ def col_sum(a: np.ndarray) -> np.ndarray:
 ROW_TILE_ELEMS = 8192
 
 
+def tile_rows(v: np.ndarray, R: int) -> np.ndarray:
+    """v (D,) repeated as R rows: (R, D) C-contiguous (one assignment: ~3x faster than np.tile at these sizes)."""
+    t = np.empty((R, v.shape[-1]), v.dtype)
+    t[...] = v
+    return t
+
+
 def row_op(ufunc, a: np.ndarray, v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """ufunc(a, v) broadcasting v (D,) over the rows of a (..., D), by long inner loops (see ROW_TILE_ELEMS).
     out: optional destination shaped like a (may be a itself). Same values as ufunc(a, v, out=out)."""
@@ -60,7 +67,7 @@ def row_op(ufunc, a: np.ndarray, v: np.ndarray, out: np.ndarray | None = None) -
     R = min(R, N)
     M = N - N % R  # rows done R at a time; the rest row by row
     if M:
-        ufunc(a2[:M].reshape(-1, R * D), np.tile(v, R), out=o2[:M].reshape(-1, R * D))
+        ufunc(a2[:M].reshape(-1, R * D), tile_rows(v, R).reshape(-1), out=o2[:M].reshape(-1, R * D))
     if M < N:
         ufunc(a2[M:], v, out=o2[M:])
     return out
@@ -246,14 +253,15 @@ def gelu_tanh_with_derivative(x: np.ndarray, y: np.ndarray | None = None, dydx: 
     R = max(1, min(N, GELU_CHUNK_ELEMS // max(F, 1)))
     q_buf = np.empty((R, F), dtype=x.dtype)
     t_buf = np.empty((R, F), dtype=x.dtype)
+    bias_rows = None if bias is None else tile_rows(np.asarray(bias, x.dtype), R)  # (R, F): same-shape adds
     k = _SQRT_2_OVER_PI
     with np.errstate(over="ignore"):
         for r0 in range(0, N, R):
             r1 = min(N, r0 + R)
             xb, yb, db = x2[r0:r1], y2[r0:r1], d2[r0:r1]
             q, t = q_buf[:r1 - r0], t_buf[:r1 - r0]
-            if bias is not None:
-                add_row_(xb, bias)
+            if bias_rows is not None:
+                np.add(xb, bias_rows[:r1 - r0], out=xb)
             np.multiply(xb, xb, out=q)  # x^2
             np.multiply(q, -2.0 * 0.044715 * k, out=t)
             t -= 2.0 * k

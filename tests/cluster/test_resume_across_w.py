@@ -100,7 +100,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     _run(out, 1, "run.steps=6", "run.checkpoint_every=2", "run.keep_checkpoints=3")
     npz = out / "checkpoints" / "ckpt-00000006.npz"
     npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])  # truncated
-    with pytest.warns(ckpt.CheckpointWarning, match="ckpt-00000006.npz"):
+    with pytest.warns(ckpt.CheckpointWarning, match="ckpt-00000006.npz"), \
+            pytest.warns(ckpt.CheckpointWarning, match="resuming from .*ckpt-00000004.json"):
         c = ckpt.load_valid(out)
     assert c.step == 4
     with pytest.warns(ckpt.CheckpointWarning):
