@@ -102,7 +102,7 @@ def test_corpus_bleu_edge_cases_match_sacrebleu():
 
 
 def test_tokenize_13a_matches_sacrebleu():
-    sacrebleu = pytest.importorskip("sacrebleu")
+    pytest.importorskip("sacrebleu")
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
     tok = Tokenizer13a()
     for line in ["Hello, world. It costs $3.50 (about 1,000 yen)!", "well-known 2-3 a&amp;b &quot;q&quot;",
