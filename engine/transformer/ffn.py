@@ -53,10 +53,7 @@ class PositionWiseFFN(Module):
             kernels.add_row_(y, self.b2.data)
 
         def backward(dy):
-            dy2 = dy.reshape(-1, D)
-            self.w2.grad += a.T @ dy2
-            if self.b2 is not None:
-                self.b2.grad += kernels.col_sum(dy2)
+            dy2 = self._output_backward(dy, a)
             da = dy2 @ self.w2.data.T  # (N, F)
             if self.activation == "gelu":
                 dh = kernels.gelu_tanh_backward(da, h, s, out=da)  # da is ours: overwrite it
@@ -79,6 +76,15 @@ class PositionWiseFFN(Module):
 
         return y.reshape(x.shape), backward
 
+    def _output_backward(self, dy, a):
+        """The output projection's parameter gradients from dy (..., D) and the hidden activation a (N, F);
+        returns dy as (N, D)."""
+        dy2 = dy.reshape(-1, self.d_model)
+        self.w2.grad += a.T @ dy2
+        if self.b2 is not None:
+            self.b2.grad += kernels.col_sum(dy2)
+        return dy2
+
     def _forward_gelu_train(self, x, x2):
         D, F = self.d_model, self.d_ff
         N = x2.shape[0]
@@ -97,10 +103,7 @@ class PositionWiseFFN(Module):
 
         def backward(dy):
             """May be called once: dh (N, F) overwrites dgelu in place (no second (N, F) buffer)."""
-            dy2 = dy.reshape(-1, D)
-            self.w2.grad += a.T @ dy2
-            if self.b2 is not None:
-                self.b2.grad += kernels.col_sum(dy2)
+            dy2 = self._output_backward(dy, a)
             # by blocks of rows, as the forward: a block's da (G, F) meets dgelu and feeds dx while in cache; the
             # weight gradient is then one GEMM over all N rows (K = N runs near peak; G-row pieces of it did not)
             dx = np.empty((N, D), dtype=dy2.dtype)
