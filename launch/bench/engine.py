@@ -53,7 +53,7 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per config on stdout")
     p.add_argument("--profile", action="store_true", help="cProfile a few ndtrain steps (top functions)")
     p.add_argument("--floor", action="store_true",
-                   help="also time the step's GEMMs alone (bench/gemm_floor.py), interleaved with the engines")
+                   help="also time the step's GEMMs alone (launch/bench/gemm_floor.py), interleaved with the engines")
     p.add_argument("--no-retain-memory", action="store_true",
                    help="leave glibc's defaults (by default freed memory is kept for reuse: no page faults per step;"
                         " process-wide, so both engines get it)")
