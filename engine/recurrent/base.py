@@ -66,6 +66,13 @@ class RecurrentDirection(Module):
             out.append(s.copy())
         return out
 
+    def _final_grads(self, dfinal, B: int, dtype) -> list[np.ndarray]:
+        """The backward's starting gradients of the n_state final states: fresh (B, H) copies of dfinal's entries,
+        zeros where dfinal (or an entry of it) is None."""
+        dfinal = (None,) * self.n_state if dfinal is None else dfinal
+        H = self.hidden_size
+        return [np.zeros((B, H), dtype) if d is None else np.array(d, dtype) for d in dfinal]
+
     @staticmethod
     def _mask(lengths, B: int, T: int, dtype):
         """(B, T, 1) with 1 at real steps, or None when every row is full (the fast path)."""

@@ -60,8 +60,7 @@ class GRUDirection(RecurrentDirection):
                 out[:, t] = h_new * mt
 
         def backward(dout=None, dfinal=None):
-            dh_n = None if dfinal is None else dfinal[0]
-            dh = np.zeros((B, H), dtype) if dh_n is None else np.array(dh_n, dtype)
+            (dh,) = self._final_grads(dfinal, B, dtype)
             dG_x = np.empty((B, T, 3 * H), dtype)
             dG_h = np.empty((B, T, 3 * H), dtype)
             W_hhT = W_hh.T

@@ -88,9 +88,7 @@ class LSTMDirection(RecurrentDirection):
             h_prev_all = _shift(out, h0, reverse)
 
         def backward(dout=None, dfinal=None):
-            dh_n, dc_n = (None, None) if dfinal is None else dfinal
-            dh = np.zeros((B, H), dtype) if dh_n is None else np.array(dh_n, dtype)
-            dc = np.zeros((B, H), dtype) if dc_n is None else np.array(dc_n, dtype)
+            dh, dc = self._final_grads(dfinal, B, dtype)
             dG = np.empty((B, T, 4 * H), dtype)
             W_hhT = W_hh.T
             for t in self._order(T, not reverse):

@@ -40,8 +40,7 @@ class RNNDirection(RecurrentDirection):
                 out[:, t] = a * mt
 
         def backward(dout=None, dfinal=None):
-            dh_n = None if dfinal is None else dfinal[0]
-            dh = np.zeros((B, H), dtype) if dh_n is None else np.array(dh_n, dtype)
+            (dh,) = self._final_grads(dfinal, B, dtype)
             dG = np.empty((B, T, H), dtype)
             W_hhT = W_hh.T
             for t in self._order(T, not reverse):
