@@ -40,16 +40,7 @@ def test_mpi_rank_that_raises_ends_job_nonzero(mpi_ok, tmp_path, capfd):
     assert "Traceback" in err
 
 
-# -- Ray (one session for the module: start-up costs seconds) -------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
+# -- Ray (the ray_session fixture, one Ray session per module, is in conftest.py) ----------------------------------
 
 
 @pytest.mark.timeout(60)
