@@ -7,7 +7,11 @@ from __future__ import annotations
 import os
 import socket
 
-from .rank_entry import RankContext, pin_threads, reports, run_target, watched
+from .comm.ray_comm import RayCommunicator
+from .comm.shm import ShmGroup
+from .comm.tcp import TcpGroup
+from .rank_entry import start_rank
+from .worker_process import pin_threads
 
 
 class RankActor:
@@ -19,20 +23,18 @@ class RankActor:
         self._shm = None
 
     def node_info(self) -> dict:
-        import ray
+        import ray  # the actor runs inside Ray; this module is importable without it
         ctx = ray.get_runtime_context()
         return {"rank": self.rank, "host": socket.gethostname(), "ip": ray.util.get_node_ip_address(),
                 "pid": os.getpid(), "node": ctx.get_node_id()}
 
     def join_shm(self, path: str, create: bool, slot_bytes: int, timeout: float) -> None:
-        from .comm.shm import ShmGroup
         self.group = ShmGroup(path, self.rank, self.world_size, create, slot_bytes=slot_bytes, timeout=timeout)
 
     def unlink_shm(self) -> None:
         self.group.unlink()
 
     def listen_tcp(self) -> int:
-        from .comm.tcp import TcpGroup
         self.group = TcpGroup(self.rank, self.world_size)
         return self.group.port
 
@@ -41,9 +43,4 @@ class RankActor:
         self.group.connect([tuple(p) for p in peers])
 
     def run(self, target: str, args: dict):
-        from .comm.ray_comm import RayCommunicator
-        from .metrics_channel import RankReporter
-        comm = RayCommunicator(self.rank, self.world_size, self.group)
-        reporter = RankReporter.from_env(self.rank, self.world_size, reports=reports(args, self.rank))
-        ctx = RankContext(watched(comm, reporter), reporter, self.rank, self.world_size, self.threads, dict(args))
-        return run_target(target, ctx)
+        return start_rank(RayCommunicator(self.rank, self.world_size, self.group), target, args, self.threads)

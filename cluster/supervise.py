@@ -1,13 +1,11 @@
 """What the MPI and Ray launchers share: the resolved topology (printed at start and stored in the run directory),
-the supervision loop around the coordinator, the recovery settings and the final `done:` line."""
+the supervision loop around the coordinator and the recovery settings."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 
@@ -101,32 +99,3 @@ def recovery_settings(cfg, env=None) -> dict:
             raise ValueError(f"{name} ({section}.{name} or {var}): must be >= 0, got {value}")
         out[name] = value
     return out
-
-
-def done_line(out: str | os.PathLike) -> str:
-    """The final line of a distributed `ndtrain train`, as the local backend prints it, from DIR/summary.json."""
-    summary = json.loads((Path(out) / "summary.json").read_text())
-    ev = " ".join(f"{k} {v:.4f}" for k, v in (summary.get("eval") or {}).items() if isinstance(v, (int, float)))
-    loss = summary.get("final_loss")
-    loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else str(loss)
-    restarts = summary.get("restarts")
-    again = f" ({restarts} restart{'s' if restarts != 1 else ''})" if restarts else ""
-    return (f"done: {summary.get('steps')} steps in {summary.get('wall_s', 0.0):.1f}s{again}; final loss {loss_s}; "
-            f"eval {ev}; run directory {out}")
-
-
-def cli_quiet(quiet: bool | None) -> bool:
-    """`--quiet` for launch(cfg): the caller's value, else whether the command line asked for it (cmd_train does
-    not pass it to launchers yet)."""
-    if quiet is not None:
-        return bool(quiet)
-    return any(a in ("-q", "--quiet") for a in sys.argv[1:])
-
-
-def cli_json(log_format: str | None) -> bool:
-    """`--log-format json` for launch(cfg) (stdout must then carry JSON only: no `done:` line, no progress bar):
-    the caller's value, else the command line's."""
-    if log_format is not None:
-        return log_format == "json"
-    argv = sys.argv[1:]
-    return "--log-format=json" in argv or any(a == "--log-format" and b == "json" for a, b in zip(argv, argv[1:]))

@@ -7,24 +7,16 @@ import argparse
 import importlib
 import sys
 
+from ndtrain.launch.errors import UsageError  # re-exported: commands raise it, main() turns it into exit 2
+
 COMMANDS = ["train", "worker", "data", "eval", "generate", "report", "bench"]
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ndtrain", description="Distributed training with a pure-NumPy engine.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"ndtrain.launch.cmd_{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"ndtrain.launch.cmd_{name}":
-                raise
-            continue  # not built yet
-        mod.add_parser(sub)
+        importlib.import_module(f"ndtrain.launch.cmd_{name}").add_parser(sub)
     return parser
 
 

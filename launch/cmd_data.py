@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ndtrain.launch.cli import UsageError
+from ndtrain.launch.errors import UsageError
 
 
 def add_parser(subparsers) -> None:

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from ndtrain.launch.cli import UsageError
+from ndtrain.launch.errors import UsageError
 
 DEFAULT_LM_TOKENS = 200
 SEQ2SEQ_CHUNK = 64  # sources decoded together (padded to the longest)

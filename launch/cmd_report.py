@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ndtrain.launch.cli import UsageError
+from ndtrain.launch.errors import UsageError
 
 
 def add_parser(sub) -> None:

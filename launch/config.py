@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ndtrain.launch.cli import UsageError
+from ndtrain.launch.errors import UsageError
 
 
 class ConfigError(UsageError):

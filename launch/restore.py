@@ -19,6 +19,7 @@ Every failure is a RunError (a UsageError: one line, exit status 2) naming the f
 """
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from dataclasses import dataclass
@@ -26,10 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ndtrain.launch.cli import UsageError
-
-TASK_INFO_FILE = "task_info.json"
-TOKENIZER_FILE = "tokenizer.json"
+from ndtrain.cluster import checkpoint as ckpt
+from ndtrain.data import tasks
+from ndtrain.data.info import TaskInfo
+from ndtrain.data.reader import check_expected, manifest_info, read_manifest
+from ndtrain.data.shards import DataError
+from ndtrain.data.tokenizer import load_tokenizer, tokenizer_from_json
+from ndtrain.engine.params import ParamStore
+from ndtrain.launch import rundir
+from ndtrain.launch.config import ConfigError, from_dict, load_config, validate
+from ndtrain.launch.errors import UsageError
+from ndtrain.launch.job import build_model_for
+from ndtrain.launch.task_data import load_task_data
 
 
 class RunError(UsageError):
@@ -57,17 +66,16 @@ def check_run_dir(run_dir: str | Path) -> Path:
     d = Path(run_dir)
     if not d.is_dir():
         raise RunError(f"{d}: no such run directory")
-    if not (d / "config.toml").is_file():
-        raise RunError(f"{d / 'config.toml'}: missing - not a run directory written by `ndtrain train`")
+    if not (d / rundir.CONFIG).is_file():
+        raise RunError(f"{d / rundir.CONFIG}: missing - not a run directory written by `ndtrain train`")
     return d
 
 
 def load_checkpoint(run_dir: Path):
     """The newest checkpoint of run_dir that loads and passes its sha256 check (cluster.checkpoint.Checkpoint)."""
-    from ndtrain.cluster import checkpoint as ckpt
-    found = ckpt.list_checkpoints(run_dir / "checkpoints")
+    found = ckpt.list_checkpoints(rundir.checkpoints_dir(run_dir))
     if not found:
-        raise RunError(f"{run_dir / 'checkpoints'}: no checkpoint (ckpt-*.json) - did the run finish its first "
+        raise RunError(f"{rundir.checkpoints_dir(run_dir)}: no checkpoint (ckpt-*.json) - did the run finish its first "
                        f"checkpoint?")
     errors = []
     for path in reversed(found):
@@ -78,18 +86,17 @@ def load_checkpoint(run_dir: Path):
             print(f"ndtrain: skipping damaged checkpoint: {e}", file=sys.stderr)
             continue
         return c
-    raise RunError(f"{run_dir / 'checkpoints'}: no valid checkpoint ({len(errors)} damaged; newest: {errors[0]})")
+    raise RunError(f"{rundir.checkpoints_dir(run_dir)}: no valid checkpoint ({len(errors)} damaged; newest: {errors[0]})")
 
 
 def run_config(run_dir: Path, checkpoint=None):
     """The Config that built the checkpoint's parameters (see the module docstring)."""
-    from ndtrain.launch.config import ConfigError, from_dict, load_config, validate
     if checkpoint is not None and isinstance(checkpoint.meta.get("config"), dict):
         try:
             return from_dict(checkpoint.meta["config"])
         except ConfigError as e:
             raise RunError(f"{checkpoint.path}: its config record is invalid: {e}") from None
-    return validate(load_config(run_dir / "config.toml"))
+    return validate(load_config(run_dir / rundir.CONFIG))
 
 
 def _data_split_dir(data_dir: str | Path, split: str) -> Path:
@@ -104,25 +111,21 @@ def _data_split_dir(data_dir: str | Path, split: str) -> Path:
 
 def task_info_and_tokenizer(cfg, run_dir: Path | None = None, checkpoint=None, data_dir: str | None = None):
     """(TaskInfo, Tokenizer | None) the model was built with (see the module docstring)."""
-    from ndtrain.data.info import TaskInfo
-    from ndtrain.data.tokenizer import load_tokenizer, tokenizer_from_json
     info = None
-    saved = run_dir / TASK_INFO_FILE if run_dir is not None else None
+    saved = run_dir / rundir.TASK_INFO if run_dir is not None else None
     if saved is not None and saved.is_file():
         info = TaskInfo(**json.loads(saved.read_text()))
     elif checkpoint is not None and isinstance(checkpoint.meta.get("task_info"), dict):
         info = TaskInfo(**checkpoint.meta["task_info"])
     tokenizer = None
-    if run_dir is not None and (run_dir / TOKENIZER_FILE).is_file():
-        tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+    if run_dir is not None and (run_dir / rundir.TOKENIZER).is_file():
+        tokenizer = load_tokenizer(run_dir / rundir.TOKENIZER)
     # A run directory that saved its task info (and its tokenizer, for text tasks) needs no data directory: eval
     # and generate keep working after the data is moved or deleted. An explicit --data still takes precedence.
     self_contained = saved is not None and saved.is_file() and (
         tokenizer is not None or info.kind in ("classification", "regression"))
     data_dir = data_dir or (None if self_contained else cfg.data.dir)
     if data_dir:
-        from ndtrain.data.reader import manifest_info, read_manifest
-        from ndtrain.data.shards import DataError
         split_dir = _data_split_dir(data_dir, "train") if (Path(data_dir) / "train").is_dir() else \
             _data_split_dir(data_dir, "val")
         try:
@@ -136,7 +139,6 @@ def task_info_and_tokenizer(cfg, run_dir: Path | None = None, checkpoint=None, d
                 raise RunError(f"{tpath}: tokenizer named by {split_dir / 'manifest.json'} is missing")
             tokenizer = load_tokenizer(tpath)
     elif info is None or tokenizer is None:
-        from ndtrain.data import tasks
         if cfg.run.task not in tasks.TASKS:
             raise RunError(f"run.task: unknown task {cfg.run.task!r} and no data.dir: cannot rebuild the task")
         gen_info, _ = tasks.generate(cfg.run.task, 1, cfg.run.seed, "train")
@@ -147,11 +149,9 @@ def task_info_and_tokenizer(cfg, run_dir: Path | None = None, checkpoint=None, d
 
 
 def split_dataset(cfg, split: str = "val", data_dir: str | None = None, expect=None):
-    """The rows of `split` exactly as the trainer loads them (cluster.worker.load_task_data: data.dir, the shard
+    """The rows of `split` exactly as the trainer loads them (launch.task_data.load_task_data: data.dir, the shard
     cache or the built-in task regenerated from (task, data.rows, run.seed)). data_dir overrides data.dir;
     expect (a TaskInfo) checks that other data fits the model (vocabulary, kind)."""
-    import copy
-    from ndtrain.cluster.worker import load_task_data
     if split not in ("train", "val"):
         raise RunError(f"--split: must be train or val, got {split!r}")
     if data_dir:
@@ -160,8 +160,6 @@ def split_dataset(cfg, split: str = "val", data_dir: str | None = None, expect=N
     _, train, val = load_task_data(cfg)
     ds = train if split == "train" else val
     if expect is not None and ds.source != "<memory>":
-        from ndtrain.data.reader import check_expected, read_manifest
-        from ndtrain.data.shards import DataError
         try:
             check_expected(read_manifest(ds.source), expect, f"{ds.source}/manifest.json")
         except DataError as e:
@@ -172,16 +170,13 @@ def split_dataset(cfg, split: str = "val", data_dir: str | None = None, expect=N
 # -- the whole model ------------------------------------------------------------------------------------------------
 def load_run(run_dir: str | Path, *, data_dir: str | None = None) -> Restored:
     """Rebuild the trained TaskModel of run_dir in eval mode (see the module docstring)."""
-    from ndtrain.cluster import checkpoint as ckpt
-    from ndtrain.engine.params import ParamStore
-    from ndtrain.launch.models import build_model
     d = check_run_dir(run_dir)
     c = load_checkpoint(d)
     cfg = run_config(d, c)
     info, tokenizer = task_info_and_tokenizer(cfg, d, c, data_dir)
     try:
-        model = build_model(cfg.run.model, info, cfg)
-    except (KeyError, ValueError) as e:
+        model = build_model_for(cfg, info)
+    except ConfigError as e:
         raise RunError(f"{c.path}: cannot rebuild model {cfg.run.model!r}: {e}") from None
     dtype = np.dtype(c.meta.get("dtype") or cfg.run.dtype)
     store = ParamStore.from_module(model.module, dtype=dtype, seed=cfg.run.seed)

@@ -330,7 +330,7 @@ def main(args) -> int:
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     bad = [n for n in names if n not in CONFIGS]
     if bad:
-        from ndtrain.launch.cli import UsageError
+        from ndtrain.launch.errors import UsageError
         raise UsageError(f"--configs: unknown {bad}; choose from {list(CONFIGS)}")
     if not args.no_retain_memory:
         retain_freed_memory()

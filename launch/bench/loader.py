@@ -106,7 +106,7 @@ def main(args) -> int:
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
         if m not in MODES:
-            from ndtrain.launch.cli import UsageError
+            from ndtrain.launch.errors import UsageError
 
             raise UsageError(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
     tmp = None

@@ -18,7 +18,7 @@ from ndtrain.engine.module import Sequential
 from ndtrain.engine import losses
 from ndtrain.launch.config import ConfigError, model_options
 from ndtrain.launch.models import register_model
-from ndtrain.launch.models.base import TaskModel
+from ndtrain.cluster.job import TaskModel
 
 DEFAULTS = {"hidden": [64, 64], "activation": "relu", "dropout": 0.0, "binary_single_logit": True}
 

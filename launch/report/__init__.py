@@ -20,8 +20,8 @@ from ndtrain.launch import rundir
 from . import html as H
 from .plots import metric_plots
 
-REPORT = "report.html"
-PLOTS_DIR = "plots"
+REPORT = rundir.REPORT
+PLOTS_DIR = rundir.PLOTS
 
 
 def _read_json(path: Path):
@@ -88,7 +88,7 @@ def build_report(run_dir: str | Path, *, attention: bool = True) -> str:
         att = _attention_section(d)
         if att:
             sections.append(("Attention", att))
-    topo, ranks = _read_json(d / "topology.json"), _read_json(d / "ranks.json")
+    topo, ranks = _read_json(d / rundir.TOPOLOGY), _read_json(d / rundir.RANKS)
     if topo is not None or ranks is not None:
         inner = ""
         if isinstance(topo, dict):

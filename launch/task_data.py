@@ -7,10 +7,16 @@ validation rows, and the fingerprint ranks (and checkpoints) compare.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
+from ndtrain import data as nd
+from ndtrain.cluster.deterministic import MicroBatchLoader
+from ndtrain.data.loader import Loader
+from ndtrain.data.plan import rank_share
+from ndtrain.data.prepare import TRAIN_DIR, VAL_DIR, default_val_rows
 from ndtrain.launch.config import Config, ConfigError
 
 
@@ -18,8 +24,6 @@ def load_task_data(cfg: Config):
     """(TaskInfo, train Dataset, val Dataset) from, in order of preference: a prepared shard directory (data.dir,
     with train/ and val/), the shard cache (data.cache: built-in task prepared once, then memory-mapped), or the
     built-in task generated in memory. Bad data is a ConfigError naming the field and the file."""
-    from ndtrain import data as nd
-    from ndtrain.data.prepare import TRAIN_DIR, VAL_DIR, default_val_rows
     run, dcfg = cfg.run, cfg.data
     rows = dcfg.rows or None
     try:
@@ -40,7 +44,6 @@ def load_task_data(cfg: Config):
 
 def data_fingerprint(ds) -> str:
     """What ranks compare at start: the manifest's hash for shards, the row count for in-memory data."""
-    import hashlib
     manifest = Path(ds.source) / "manifest.json"
     if ds.source != "<memory>" and manifest.is_file():
         return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
@@ -50,11 +53,9 @@ def data_fingerprint(ds) -> str:
 def make_loader(dataset, cfg: Config, rank: int, world: int):
     """This rank's share of every global batch (ndtrain.data.loader.Loader: order from (seed, epoch) only); in
     deterministic mode a list of this rank's fixed micro-batches of it (cluster.deterministic.MicroBatchLoader)."""
-    from ndtrain.data.loader import Loader
     try:
         if cfg.run.deterministic:
-            from ndtrain.cluster.deterministic import MicroBatchLoader
-            return MicroBatchLoader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed, cfg.run.micro_batches)
+                return MicroBatchLoader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed, cfg.run.micro_batches)
         return Loader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed)
     except ValueError as e:
         raise ConfigError(f"run.batch_size: {e}") from None
@@ -71,7 +72,6 @@ def eval_batches(dataset, cfg: Config, rank: int, world: int):
     rows, each split by plan.rank_share (every row once, none dropped; a share may be short or empty). A fixed
     prefix of the split, so run.eval_rows takes the same rows - and gives the same sums - on any number of workers
     (the order of Loader.for_eval, which this reproduces for eval_rows = 0)."""
-    from ndtrain.data.plan import rank_share
     n, size = eval_row_count(dataset, cfg), cfg.run.eval_batch_size * world
     for start in range(0, n, size):
         rows = rank_share(np.arange(start, min(start + size, n), dtype=np.int64), rank, world)

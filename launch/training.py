@@ -1,0 +1,133 @@
+"""A training run from the driver's side, shared by `ndtrain train` and the Python API (`ndtrain.train`):
+resolve the config, pass the validation gate, run the job on its backend, finish the run directory.
+
+    cfg = resolve_config(task="xor", run={"steps": 600}, overrides=["optim.lr=0.05"])
+    summary = train(cfg, Console(cfg.run.steps, quiet=True))      # TrainingFailed when a rank failed
+
+Resolution order: defaults < the task's preset configs/<task>.toml (or --config FILE, or the config.toml of the run
+directory being resumed) < run.* values (the CLI's flags) < `section.key=value` overrides.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+from ndtrain.cluster.comm.local import LocalCommunicator
+from ndtrain.cluster.supervise import Topology, local_host
+from ndtrain.launch import launch_mpi, launch_ray, rundir
+from ndtrain.launch.config import Config, apply_overrides, load_config, merge_dict
+from ndtrain.launch.errors import UsageError
+from ndtrain.launch.gate import check_config
+from ndtrain.launch.progress import Console, format_done
+from ndtrain.launch.report import write_report
+from ndtrain.launch.worker import resolved_threads, run_worker
+
+LAUNCHERS = {"mpi": launch_mpi, "ray": launch_ray}  # run.backend -> the module whose launch(cfg, console) runs it
+
+
+class TrainingFailed(RuntimeError):
+    """A distributed job ended without finishing (the coordinator printed which rank failed and why)."""
+
+
+def preset_path(task: str) -> Path | None:
+    """configs/<task>.toml beside the package (editable install) or inside it (launch/configs)."""
+    here = Path(__file__).resolve().parent
+    for d in (here.parent / "configs", here / "configs"):
+        if (d / f"{task}.toml").is_file():
+            return d / f"{task}.toml"
+    return None
+
+
+def run_dir_of(resume: str | None) -> Path | None:
+    """The run directory `--resume` names (one holding config.toml and checkpoints/), else None."""
+    if resume and (Path(resume) / rundir.CONFIG).is_file() and rundir.checkpoints_dir(resume).is_dir():
+        return Path(resume)
+    return None
+
+
+def resolve_config(*, config: str | None = None, task: str | None = None, model: str | None = None,
+                   run: dict | None = None, cluster: dict | None = None, overrides=()) -> Config:
+    """The run's config (see the module docstring); not validated yet (the gate does it). run: run.* values
+    (None values are ignored; run["resume"] may name a run directory, whose config.toml is then the base)."""
+    cfg = Config()
+    run = {k: v for k, v in (run or {}).items() if v is not None}
+    resumed_dir = run_dir_of(run.get("resume"))
+    if config:
+        cfg = load_config(config, cfg)
+    elif resumed_dir is not None:
+        cfg = load_config(resumed_dir / rundir.CONFIG, cfg)  # the run's own config; flags and --set still apply
+        run.setdefault("out", str(resumed_dir))
+    else:
+        preset = preset_path(task or cfg.run.task)
+        if preset is not None:
+            with open(preset, "rb") as f:
+                data = tomllib.load(f)
+            if model and model != data.get("run", {}).get("model", cfg.run.model):
+                data.pop("model", None)  # that table tunes another family
+            merge_dict(cfg, data, source=f" (in {preset})")
+    for name, value in (("task", task), ("model", model)):
+        if value is not None:
+            run[name] = value
+    for name, value in run.items():
+        merge_dict(cfg, {"run": {name: value}}, source=f" (from --{name.replace('_', '-')})")
+    for name, value in (cluster or {}).items():
+        if value is not None:
+            merge_dict(cfg, {"cluster": {name: value}}, source=f" (from --{name})")
+    apply_overrides(cfg, list(overrides))
+    return cfg
+
+
+def local_topology(cfg: Config) -> Topology:
+    """The launchers' Topology (cluster/supervise.py) of a local run: one rank on this host."""
+    return Topology("local", [local_host()], 1, resolved_threads(cfg), cfg.run.batch_size)
+
+
+def train(cfg: Config, console: Console) -> dict:
+    """Gate, run, finish: returns the summary. UsageError for a user mistake (before anything runs),
+    TrainingFailed when a distributed job failed (its message is on stderr already)."""
+    job, data = check_config(cfg)
+    if cfg.run.backend == "local":
+        def on_ready(trainer) -> None:
+            topo = local_topology(cfg)
+            print(topo.line(), file=sys.stderr, flush=True)  # as launch_mpi / launch_ray print it
+            rundir.write_json(cfg.run.out, rundir.TOPOLOGY, topo.to_dict())
+            console.emit("topology", topo.to_dict())
+
+        summary = run_worker(cfg, LocalCommunicator(), write_config=True, console=console, on_ready=on_ready,
+                             job=job, data=data)
+    else:
+        if cfg.run.resume:
+            rundir.truncate_metrics(cfg.run.out, job.start_step)  # records after the checkpoint are replayed
+        del job, data  # the ranks build their own
+        rc = int(LAUNCHERS[cfg.run.backend].launch(cfg, console) or 0)
+        if rc != 0:
+            raise TrainingFailed(f"the {cfg.run.backend} job failed (exit status {rc})")
+        summary = rundir.read_summary(cfg.run.out)
+    if console.json:
+        console.emit("done", {**summary, "run_dir": cfg.run.out})
+    elif not console.quiet:
+        print(format_done(summary, cfg.run.out), flush=True)
+    finish_report(cfg, console)
+    return summary
+
+
+def report_enabled(cfg: Config) -> bool:
+    return bool(cfg.run.report) and os.environ.get("NDTRAIN_REPORT", "1") != "0"
+
+
+def finish_report(cfg: Config, console=None) -> Path | None:
+    """report.html of a finished run (launch/report; never raises: a plotting problem is one line on stderr)."""
+    if not report_enabled(cfg):
+        return None
+    path = write_report(cfg.run.out)
+    if path is not None and console is not None:
+        if console.json:
+            console.emit("report", {"path": str(path)})
+        elif not console.quiet:
+            print(f"report: {path}", flush=True)
+    return path
+
+
+__all__ = ["resolve_config", "train", "TrainingFailed", "preset_path", "finish_report", "UsageError"]
