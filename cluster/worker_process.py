@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from threadpoolctl import threadpool_limits
+import threadpoolctl
 
 from ndtrain.engine import memory
 
@@ -30,7 +30,7 @@ def pin_threads(n: int) -> None:
     n = max(1, int(n))
     for k in THREAD_ENV:
         os.environ[k] = str(n)
-    threadpool_limits(n)
+    threadpoolctl.threadpool_limits(n)
 
 
 _MEMORY_SET = False

@@ -7,6 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from ndtrain.launch.errors import UsageError
+from ndtrain.data.shards import DataError
+from ndtrain.data.prepare import prepare
+from ndtrain.data.tasks import TASKS
+from ndtrain.data.importers import import_parallel, import_text
+from ndtrain.data.reader import open_dataset
 
 
 def add_parser(subparsers) -> None:
@@ -47,7 +52,6 @@ def add_parser(subparsers) -> None:
 
 def _data_errors(fn):
     def run(args):
-        from ndtrain.data.shards import DataError
 
         try:
             return fn(args)
@@ -59,8 +63,6 @@ def _data_errors(fn):
 
 @_data_errors
 def run_prepare(args) -> int:
-    from ndtrain.data.prepare import prepare
-    from ndtrain.data.tasks import TASKS
 
     if args.task not in TASKS:
         raise UsageError(f"unknown task {args.task!r}; built-in tasks: {', '.join(TASKS)}")
@@ -76,7 +78,6 @@ def run_prepare(args) -> int:
 
 @_data_errors
 def run_import(args) -> int:
-    from ndtrain.data.importers import import_parallel, import_text
 
     if args.src and not args.tgt:
         raise UsageError("--src needs --tgt (the target side of the parallel corpus)")
@@ -96,7 +97,6 @@ def run_import(args) -> int:
 
 @_data_errors
 def run_inspect(args) -> int:
-    from ndtrain.data.reader import open_dataset
 
     d = Path(args.dir)
     # a `data prepare` directory holds train/ and val/: inspect both

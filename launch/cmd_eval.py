@@ -15,6 +15,10 @@ import argparse
 import json
 import sys
 import time
+from ndtrain.data.loader import Loader
+from ndtrain.engine.metrics import corpus_bleu
+from ndtrain.launch.restore import RunError, load_run, split_dataset
+from ndtrain.launch.rundir import _jsonable
 
 
 def add_parser(sub) -> None:
@@ -34,7 +38,6 @@ def add_parser(sub) -> None:
 def evaluate(run, dataset, batch_size: int | None = None, bleu: bool | None = None) -> dict:
     """Metrics of the restored run (launch.restore.Restored) over every row of dataset, summed as the trainer sums
     them (one rank). bleu=None: BLEU only for seq2seq with a word/BPE tokenizer."""
-    from ndtrain.data.loader import Loader
     model = run.model
     sums: dict[str, float] = {}
     size = batch_size or run.cfg.run.eval_batch_size
@@ -56,8 +59,6 @@ def evaluate(run, dataset, batch_size: int | None = None, bleu: bool | None = No
 
 def bleu_score(run, dataset, batch_size: int) -> float:
     """Corpus BLEU of the model's decodes (eval_beam_size, up to the task's max_tgt_len) against the targets."""
-    from ndtrain.data.loader import Loader
-    from ndtrain.engine.metrics import corpus_bleu
     hyps, refs = [], []
     for batch in Loader.for_eval(dataset, batch_size, 0, 1):
         if not len(batch["src"]):
@@ -75,8 +76,8 @@ def result(run, dataset, metrics: dict, split: str, seconds: float) -> dict:
 
 
 def print_table(res: dict, file=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from rich.console import Console  # rich: only the table view needs it
+    from rich.table import Table  # rich: only the table view needs it
     console = Console(file=file or sys.stdout, width=120)
     console.print(f"{res['run']}: step {res['step']}, {res['task']} / {res['model']}, {res['split']} split "
                   f"({res['rows']} rows), {res['seconds']:.2f}s", highlight=False)
@@ -95,8 +96,6 @@ def _fmt(v) -> str:
 
 
 def main(args) -> int:
-    from ndtrain.launch.restore import RunError, load_run, split_dataset
-    from ndtrain.launch.rundir import _jsonable
     run = load_run(args.run, data_dir=args.data)
     dataset = split_dataset(run.cfg, args.split, data_dir=args.data, expect=run.info if args.data else None)
     if args.batch_size is not None and args.batch_size < 1:

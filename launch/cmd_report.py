@@ -13,6 +13,8 @@ import argparse
 from pathlib import Path
 
 from ndtrain.launch.errors import UsageError
+from ndtrain.launch import rundir
+from ndtrain.launch.report import REPORT, build_report
 
 
 def add_parser(sub) -> None:
@@ -24,8 +26,6 @@ def add_parser(sub) -> None:
 
 
 def main(args) -> int:
-    from ndtrain.launch import rundir
-    from ndtrain.launch.report import REPORT, build_report
     d = Path(args.run)
     if not d.is_dir():
         raise UsageError(f"{d}: no such run directory")

@@ -20,6 +20,7 @@ from ndtrain.launch.config import apply_overrides, load_config
 from ndtrain.launch.errors import UsageError
 from ndtrain.launch.gate import check_config
 from ndtrain.launch.progress import format_done
+import traceback
 
 MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 TARGET = "ndtrain.launch.worker:train_target"
@@ -62,7 +63,6 @@ def main(args) -> int:
         raise
     except BaseException:
         if comm.world_size > 1:
-            import traceback
             traceback.print_exc()
             comm.abort(1)  # the other ranks would otherwise wait in a collective forever
         raise

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ndtrain.launch.errors import UsageError
+from ndtrain.data.atomic import atomic_open
+import tomli_w
 
 
 class ConfigError(UsageError):
@@ -327,9 +329,7 @@ def to_toml_dict(cfg: Config) -> dict:
 
 def write_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as TOML, atomically (temp file + fsync + rename)."""
-    import tomli_w
 
-    from ndtrain.data.atomic import atomic_open  # imported here: `ndtrain --help` does not load pyarrow
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "wb") as f:

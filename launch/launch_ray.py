@@ -32,7 +32,7 @@ from ndtrain.launch.launch_mpi import train_job
 def ensure_ray(address: str = "", num_cpus: int | None = None):
     """Connect to a running cluster (address, e.g. "auto" or "10.0.0.1:6379") or start a local one. Returns
     (ray, started_here)."""
-    import ray
+    import ray  # ray: seconds to import; only the Ray backend needs it
     if ray.is_initialized():
         return ray, False
     kw = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)

@@ -35,7 +35,7 @@ def summary_writer_class():
     if hidden:
         sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX tolerates
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # tensorboardX: ~0.5 s, only runs that write events
     finally:
         if hidden:
             del sys.modules["torch"]

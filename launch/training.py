@@ -107,7 +107,7 @@ def train(cfg: Config, console: Console) -> dict:
         summary = rundir.read_summary(cfg.run.out)
     if console.json:
         console.emit("done", {**summary, "run_dir": cfg.run.out})
-    elif not console.quiet:
+    else:  # --quiet too: it silences progress, not the result
         print(format_done(summary, cfg.run.out), flush=True)
     finish_report(cfg, console)
     return summary

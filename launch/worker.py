@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from threadpoolctl import threadpool_limits
+import threadpoolctl
 
 from ndtrain.cluster.sink import MetricsSink, NullSink
 from ndtrain.cluster.trainer import Trainer
@@ -57,7 +57,7 @@ def run_worker(cfg: Config, comm, sink: MetricsSink | None = None, *, write_conf
     Rank 0 always writes run.out/task_info.json (+ tokenizer.json), so the run directory is self-contained.
     job, data: this rank's job and its task data when the caller built them already (the gate, local runs)."""
     set_up_process_memory()
-    with threadpool_limits(limits=resolved_threads(cfg), user_api="blas"):
+    with threadpoolctl.threadpool_limits(limits=resolved_threads(cfg), user_api="blas"):
         data = data if data is not None else load_task_data(cfg)
         job = job if job is not None else build_job(cfg, comm.rank, comm.world_size, data)
         trainer = Trainer(job, comm)

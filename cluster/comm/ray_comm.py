@@ -60,7 +60,7 @@ def form_group(actors: list, token: str, slot_bytes: int = 4 << 20, timeout: flo
                transport: str = "auto") -> list[dict]:
     """Driver side: connect the rank actors (RankActor) into one communicator group. transport: "auto" (shm when
     all ranks share a node, else tcp), "shm" or "tcp". Returns each rank's {"rank", "host", "ip", "pid", "node"}."""
-    import ray
+    import ray  # ray: optional, seconds to import; only Ray ranks need it
 
     nodes = ray.get([a.node_info.remote() for a in actors], timeout=timeout)
     same_node = len({n["node"] for n in nodes}) == 1

@@ -35,6 +35,10 @@ from ndtrain.engine.losses import cross_entropy_fused
 from ndtrain.engine.memory import retain_freed_memory
 from ndtrain.engine.optim import AdamW
 from ndtrain.engine.transformer import DecoderLM, DecoderLMConfig, Seq2SeqConfig, Seq2SeqTransformer
+from ndtrain.engine import Sequential
+from .gemm_floor import make_replay
+from ndtrain.launch.errors import UsageError
+from threadpoolctl import threadpool_limits
 
 CONFIGS = {
     "S": dict(kind="seq2seq", d=128, h=4, ff=512, layers=(2, 2), vocab=64, batch=64, len=32),
@@ -109,7 +113,6 @@ def build_ndtrain(c: dict):
         for i, (a, b) in enumerate(zip(s, s[1:])):
             # the first layer's input is data: like autograd, no input gradient is computed for it
             layers += [Linear(a, b, input_grad=i > 0)] + ([ReLU()] if i < len(s) - 2 else [])
-        from ndtrain.engine import Sequential
         model = Sequential(*layers)
     elif c["kind"] == "seq2seq":
         n_enc, n_dec = c["layers"]
@@ -173,9 +176,9 @@ def activation_mb(c: dict, model, batch) -> float:
 
 # -- the PyTorch side -------------------------------------------------------------------------------------------------
 def build_torch(c: dict):
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
+    import torch  # torch: optional, the reference of the benchmark only
+    import torch.nn as nn  # torch: optional, the reference of the benchmark only
+    import torch.nn.functional as F  # torch: optional, the reference of the benchmark only
 
     torch.manual_seed(0)
     gelu = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731
@@ -274,7 +277,6 @@ def run_config(name: str, args, peak: float, torch_ok: bool) -> dict:
         tbatch = to_torch(batch)
         engines["torch"] = lambda _b: t_step(tbatch)
     if getattr(args, "floor", False) and c["kind"] != "mlp":
-        from .gemm_floor import make_replay
         engines["gemm_floor"] = make_replay(c)
     for _ in range(args.warmup):
         for f in engines.values():
@@ -325,19 +327,17 @@ def run_config(name: str, args, peak: float, torch_ok: bool) -> dict:
 
 
 def main(args) -> int:
-    from threadpoolctl import threadpool_limits
 
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     bad = [n for n in names if n not in CONFIGS]
     if bad:
-        from ndtrain.launch.errors import UsageError
         raise UsageError(f"--configs: unknown {bad}; choose from {list(CONFIGS)}")
     if not args.no_retain_memory:
         retain_freed_memory()
     torch_ok = False
     if not args.no_torch:
         try:
-            import torch
+            import torch  # torch: optional, the reference of the benchmark only
             torch.set_num_threads(args.threads)
             try:
                 torch.set_num_interop_threads(1)

@@ -19,6 +19,8 @@ from ndtrain.launch import rundir
 
 from . import html as H
 from .plots import metric_plots
+from ndtrain.launch.restore import load_run
+from .attention import attention_map
 
 REPORT = rundir.REPORT
 PLOTS_DIR = rundir.PLOTS
@@ -43,8 +45,6 @@ def _summary_section(run_dir: Path) -> str:
 
 
 def _attention_section(run_dir: Path) -> str:
-    from ndtrain.launch.restore import load_run
-    from .attention import attention_map
     try:
         run = load_run(run_dir)
     except Exception as e:  # noqa: BLE001 - a note in the page, not a failed report

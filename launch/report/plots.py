@@ -19,6 +19,7 @@ import io
 import math
 
 from ndtrain.launch.rundir import eval_events, train_events
+import numpy as np
 
 FIGSIZE = (6.4, 3.6)
 DPI = 100
@@ -47,7 +48,7 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _figure(title: str, xlabel: str = "step", ylabel: str = ""):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib: ~1 s, only when a report is drawn
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     ax = fig.add_subplot(1, 1, 1)
     ax.set_title(title)
@@ -59,7 +60,7 @@ def _figure(title: str, xlabel: str = "step", ylabel: str = ""):
 
 
 def to_png(fig, tight: bool = True) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: only when a report is drawn
     FigureCanvasAgg(fig)
     if tight:  # fixed margins: tight_layout measures every label and doubles the rendering time
         fig.subplots_adjust(left=0.13, right=0.97, top=0.9, bottom=0.15)
@@ -153,8 +154,7 @@ def metric_plots(rows: list[dict]) -> list[tuple[str, str, bytes]]:
 
 def attention_png(weights, src_tokens: list[str], out_tokens: list[str], title: str) -> bytes:
     """Heat map(s) of attention weights (H, T_out, T_src), one panel per head, queries down, keys across."""
-    import numpy as np
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib: ~1 s, only when a report is drawn
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim == 2:
         w = w[None]

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from ndtrain.cluster import checkpoint as ckpt
-from ndtrain.cluster import worker
+from ndtrain.launch import job as job_builder, worker
 from ndtrain.cluster.comm.local import LocalCommunicator
-from ndtrain.cluster.worker import WorkerError, run_worker
+from ndtrain.cluster.nonfinite import WorkerError
+from ndtrain.launch.worker import run_worker
 from ndtrain.data import tasks
 from ndtrain.data.dataset import as_dataset
 from ndtrain.data.loader import Loader

@@ -98,7 +98,7 @@ def _hello_all(c: Coordinator, pids=(100, 101)):
 
 def test_restart_ignores_the_dead_group_and_does_not_rewrite_replayed_steps(tmp_path):
     writer = RunWriter(tmp_path)
-    c = Coordinator(2, writer=writer, tensorboard=False, heartbeat_timeout=1000, extra_summary={"restarts": 0})
+    c = Coordinator(2, writer=writer, heartbeat_timeout=1000, extra_summary={"restarts": 0})
     _hello_all(c)
     for step in (5, 10, 15):
         c.handle({"type": "log", "rank": 0, "record": {"step": step, "loss": 1.0 / step}, "_gen": 0})

@@ -6,7 +6,11 @@ import pytest
 
 from ndtrain.cluster import checkpoint as ckpt
 from ndtrain.cluster.comm.local import LocalCommunicator
-from ndtrain.cluster.worker import Trainer, WorkerError, run_worker
+from ndtrain.cluster.nonfinite import WorkerError
+from ndtrain.cluster.trainer import Trainer
+from ndtrain.launch.job import build_job
+from ndtrain.launch.task_data import load_task_data
+from ndtrain.launch.worker import run_worker
 from helpers.threads import run_threads
 from ndtrain.data import tasks
 from ndtrain.data.dataset import as_dataset
@@ -75,14 +79,16 @@ def test_w_ranks_equal_one_rank(tmp_path, world):
 
 def test_eval_covers_every_validation_row_once(tmp_path):
     cfg = make_cfg(tmp_path, "run.task=\"digits\"", "run.eval_batch_size=7")
-    tr = Trainer(cfg, LocalCommunicator(), NullSink())
+    data = load_task_data(cfg)
+    tr = Trainer(build_job(cfg, 0, 1, data), LocalCommunicator(), NullSink())
     seen = []
     orig = tr.model.metric_sums
     tr.model.metric_sums = lambda batch: (seen.append(len(batch["y"])), orig(batch))[1]
     m = tr.evaluate()
-    n = tr.val_data.n_rows()
+    val = data[2]
+    n = val.n_rows()
     assert sum(seen) == n > 300 and len(seen) == -(-n // 7)
-    whole = tr.val_data.batch(np.arange(n))
+    whole = val.batch(np.arange(n))
     x, y = whole["x"], whole["y"]
     assert m["accuracy"] == pytest.approx(np.mean(tr.model.predict(x) == y))
 
