@@ -17,8 +17,9 @@ import pytest
 
 from ndtrain.cluster import checkpoint as ckpt
 from ndtrain.cluster.coordinator import Coordinator, Failure
-from ndtrain.cluster.supervise import done_line, recovery_settings
+from ndtrain.cluster.supervise import recovery_settings
 from ndtrain.launch.launch_ray import _recoverable
+from ndtrain.launch.progress import format_done
 from ndtrain.launch.rundir import RunWriter, read_metrics
 
 STEPS = 120
@@ -125,7 +126,7 @@ def test_restart_ignores_the_dead_group_and_does_not_rewrite_replayed_steps(tmp_
     assert rows[2]["loss"] == pytest.approx(1 / 15)  # the first writing of step 15 stays
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["restarts"] == 1 and summary["steps"] == 20
-    assert done_line(tmp_path) == ("done: 20 steps in 1.0s (1 restart); final loss 0.0250; eval loss 0.1000; "
+    assert format_done(summary, tmp_path) == ("done: 20 steps in 1.0s (1 restart); final loss 0.0250; eval loss 0.1000; "
                                    f"run directory {tmp_path}")
 
 
