@@ -15,3 +15,17 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mpi_ok():
+    """Skip a test that launches MPI ranks where mpi4py or an mpiexec is missing."""
+    pytest.importorskip("mpi4py")
+    from ndtrain.launch.launch_mpi import find_mpiexec
+    try:
+        find_mpiexec()
+    except FileNotFoundError:
+        pytest.skip("no mpiexec")

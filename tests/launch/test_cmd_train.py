@@ -146,9 +146,6 @@ def test_digits_mlp_reaches_97_percent(tmp_path):
 @pytest.mark.parametrize("backend", ["mpi", "ray"])
 def test_two_workers_equal_one_worker(tmp_path, backend):
     """The same command (global batch, seed, steps) with 2 workers ends where 1 worker does (float64)."""
-    from ndtrain.launch.cmd_train import _distributed_launcher
-    if _distributed_launcher(backend) is None:
-        pytest.skip(f"no {backend} launcher in this build")
     args = ["--task", "spirals", "--model", "mlp", "--steps", "20", "--set", "run.dtype=\"float64\""]
     one = train(tmp_path, "one", *args)
     two = train(tmp_path, "two", *args, "--backend", backend, "--workers", "2")
