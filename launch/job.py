@@ -21,8 +21,9 @@ from ndtrain.engine.module import seed_rngs
 from ndtrain.engine.params import ParamStore
 from ndtrain.launch import rundir
 from ndtrain.launch.config import Config, ConfigError, config_hash
-from ndtrain.launch.models import build_model
+from ndtrain.launch.models import build_model, model_names
 from ndtrain.launch.optimizer_setup import make_optimizer, make_schedule_fn
+from ndtrain.launch.suggest import did_you_mean
 from ndtrain.launch.task_data import data_fingerprint, eval_batches, load_task_data, make_loader
 
 TOKENIZER_IN_CHECKPOINT_MAX = 64_000  # characters of tokenizer JSON a checkpoint copies (a BPE one stays in DIR)
@@ -48,10 +49,11 @@ def task_info_record(info) -> dict:
 
 def build_model_for(cfg: Config, info):
     """The TaskModel of run.model for this task; an unknown name is a ConfigError like every other mistake."""
-    try:
-        return build_model(cfg.run.model, info, cfg)
-    except KeyError as e:
-        raise ConfigError(f"run.model: {e.args[0]}") from None
+    names = model_names()
+    if cfg.run.model not in names:
+        raise ConfigError(f"run.model: unknown model {cfg.run.model!r}{did_you_mean(cfg.run.model, names)}; "
+                          f"known: {', '.join(names)}")
+    return build_model(cfg.run.model, info, cfg)
 
 
 def resume_source(path: str) -> Path:

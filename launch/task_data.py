@@ -18,6 +18,8 @@ from ndtrain.data.loader import Loader
 from ndtrain.data.plan import rank_share
 from ndtrain.data.prepare import TRAIN_DIR, VAL_DIR, default_val_rows
 from ndtrain.launch.config import Config, ConfigError
+from ndtrain.launch.presets import preset_names
+from ndtrain.launch.suggest import did_you_mean
 
 
 def load_task_data(cfg: Config):
@@ -26,6 +28,9 @@ def load_task_data(cfg: Config):
     built-in task generated in memory. Bad data is a ConfigError naming the field and the file."""
     run, dcfg = cfg.run, cfg.data
     rows = dcfg.rows or None
+    if dcfg.dir and not (Path(dcfg.dir) / TRAIN_DIR).is_dir():
+        raise ConfigError(f"data.dir: {dcfg.dir}/{TRAIN_DIR}: no such data directory (give --data DIR, made by "
+                          f"`ndtrain data import ... --val-fraction F --out DIR` or `ndtrain data prepare`)")
     try:
         if dcfg.dir or dcfg.cache:
             root = Path(dcfg.dir) if dcfg.dir else nd.ensure_prepared(run.task, dcfg.cache, rows, run.seed)
@@ -35,7 +40,10 @@ def load_task_data(cfg: Config):
     except nd.DataError as e:
         raise ConfigError(f"data.{'dir' if dcfg.dir else 'cache'}: {e}") from None
     if run.task not in nd.TASKS:
-        raise ConfigError(f"run.task: unknown task {run.task!r}; built-in tasks: {', '.join(nd.TASKS)}")
+        own = [n for n in preset_names() if n not in nd.TASKS]
+        raise ConfigError(f"run.task: unknown task {run.task!r}{did_you_mean(run.task, [*nd.TASKS, *own])}; "
+                          f"built-in tasks: {', '.join(nd.TASKS)}; presets for your own data (with --data DIR): "
+                          f"{', '.join(own)}")
     # the same split sizes as `ndtrain data prepare`, so in-memory and sharded runs see the same rows
     train = nd.as_dataset(nd.generate(run.task, rows, run.seed, "train"))
     val = nd.as_dataset(nd.generate(run.task, default_val_rows(run.task, rows), run.seed, "val"))

@@ -15,11 +15,14 @@ import tomllib
 from pathlib import Path
 
 from ndtrain.cluster.comm.local import LocalCommunicator
+from ndtrain.cluster.nonfinite import WorkerError
 from ndtrain.cluster.supervise import Topology, local_host
+from ndtrain.data.atomic import DiskFullError
 from ndtrain.launch import launch_mpi, launch_ray, rundir
-from ndtrain.launch.config import Config, apply_overrides, load_config, merge_dict
+from ndtrain.launch.config import Config, ConfigError, apply_overrides, load_config, merge_dict
 from ndtrain.launch.errors import UsageError
 from ndtrain.launch.gate import check_config
+from ndtrain.launch.presets import preset_path
 from ndtrain.launch.progress import Console, format_done
 from ndtrain.launch.report import write_report
 from ndtrain.launch.worker import resolved_threads, run_worker
@@ -31,15 +34,6 @@ class TrainingFailed(RuntimeError):
     """A distributed job ended without finishing (the coordinator printed which rank failed and why)."""
 
 
-def preset_path(task: str) -> Path | None:
-    """configs/<task>.toml beside the package (editable install) or inside it (launch/configs)."""
-    here = Path(__file__).resolve().parent
-    for d in (here.parent / "configs", here / "configs"):
-        if (d / f"{task}.toml").is_file():
-            return d / f"{task}.toml"
-    return None
-
-
 def run_dir_of(resume: str | None) -> Path | None:
     """The run directory `--resume` names (one holding config.toml and checkpoints/), else None."""
     if resume and (Path(resume) / rundir.CONFIG).is_file() and rundir.checkpoints_dir(resume).is_dir():
@@ -48,9 +42,12 @@ def run_dir_of(resume: str | None) -> Path | None:
 
 
 def resolve_config(*, config: str | None = None, task: str | None = None, model: str | None = None,
-                   run: dict | None = None, cluster: dict | None = None, overrides=()) -> Config:
+                   run: dict | None = None, keys: dict | None = None, cluster: dict | None = None,
+                   overrides=()) -> Config:
     """The run's config (see the module docstring); not validated yet (the gate does it). run: run.* values
-    (None values are ignored; run["resume"] may name a run directory, whose config.toml is then the base)."""
+    (None values are ignored; run["resume"] may name a run directory, whose config.toml is then the base);
+    keys: {"section.key": value} of the flags named after other trainers' (--data, --lr), applied before
+    `overrides`."""
     cfg = Config()
     run = {k: v for k, v in (run or {}).items() if v is not None}
     resumed_dir = run_dir_of(run.get("resume"))
@@ -72,6 +69,11 @@ def resolve_config(*, config: str | None = None, task: str | None = None, model:
             run[name] = value
     for name, value in run.items():
         merge_dict(cfg, {"run": {name: value}}, source=f" (from --{name.replace('_', '-')})")
+    for key, value in (keys or {}).items():
+        if value is not None:
+            section, name = key.split(".")
+            flag = {"data.dir": "data", "optim.lr": "lr"}.get(key, name.replace("_", "-"))
+            merge_dict(cfg, {section: {name: value}}, source=f" (from --{flag})")
     for name, value in (cluster or {}).items():
         if value is not None:
             merge_dict(cfg, {"cluster": {name: value}}, source=f" (from --{name})")
@@ -84,10 +86,26 @@ def local_topology(cfg: Config) -> Topology:
     return Topology("local", [local_host()], 1, resolved_threads(cfg), cfg.run.batch_size)
 
 
-def train(cfg: Config, console: Console) -> dict:
-    """Gate, run, finish: returns the summary. UsageError for a user mistake (before anything runs),
-    TrainingFailed when a distributed job failed (its message is on stderr already)."""
+def prepare_run_dir(cfg: Config, overwrite: bool) -> None:
+    """The run directory, before anything is written: refuse a non-empty one (unless resuming or overwrite),
+    prove it can be created and written; overwrite then removes what an earlier run left (launch/rundir.py)."""
+    if overwrite and cfg.run.resume:
+        raise ConfigError("--overwrite: cannot be combined with --resume (it would delete the run being resumed)")
+    try:
+        rundir.check_run_dir_free(cfg.run.out, resume=bool(cfg.run.resume), overwrite=overwrite)
+        rundir.check_writable_dir(cfg.run.out)
+        if overwrite:
+            rundir.clear_run_outputs(cfg.run.out)
+    except (rundir.RunDirError, OSError) as e:
+        raise ConfigError(str(e) if isinstance(e, rundir.RunDirError) else f"run.out: {cfg.run.out}: {e}") from None
+
+
+def train(cfg: Config, console: Console, overwrite: bool = False) -> dict:
+    """Gate, run, finish: returns the summary. UsageError for a user mistake (before anything runs) or a run that
+    stopped for a reason it names (non-finite steps, a full disk), TrainingFailed when a distributed job failed
+    (its message is on stderr already). overwrite: clear a non-empty run directory first (else it is refused)."""
     job, data = check_config(cfg)
+    prepare_run_dir(cfg, overwrite)
     if cfg.run.backend == "local":
         def on_ready(trainer) -> None:
             topo = local_topology(cfg)
@@ -95,8 +113,11 @@ def train(cfg: Config, console: Console) -> dict:
             rundir.write_json(cfg.run.out, rundir.TOPOLOGY, topo.to_dict())
             console.emit("topology", topo.to_dict())
 
-        summary = run_worker(cfg, LocalCommunicator(), write_config=True, console=console, on_ready=on_ready,
-                             job=job, data=data)
+        try:
+            summary = run_worker(cfg, LocalCommunicator(), write_config=True, console=console, on_ready=on_ready,
+                                 job=job, data=data)
+        except (WorkerError, DiskFullError) as e:  # the run stopped for a reason it names (rank, step / path)
+            raise UsageError(str(e)) from None
     else:
         if cfg.run.resume:
             rundir.truncate_metrics(cfg.run.out, job.start_step)  # records after the checkpoint are replayed
