@@ -224,12 +224,14 @@ def load(path: str | os.PathLike) -> Checkpoint:
     if path.suffix == ".npz":
         path = path.with_suffix(".json")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         fmt = meta.get("format") if isinstance(meta, dict) else None
         raise CheckpointError(f"{path}: not an ndtrain checkpoint (format {fmt!r})")

@@ -152,13 +152,13 @@ def resolve_resume(cfg: Config) -> None:
 
 def prepare_run_dir(cfg: Config, overwrite: bool) -> None:
     """The run directory, before anything is written: refuse a non-empty one (unless resuming or --overwrite),
-    create it, prove it writable; --overwrite then removes what an earlier run left (launch/rundir.py)."""
-    from ndtrain.launch.rundir import RunDirError, check_run_dir_free, clear_run_outputs, ensure_writable_dir
+    prove it can be created and written; --overwrite then removes what an earlier run left (launch/rundir.py)."""
+    from ndtrain.launch.rundir import RunDirError, check_run_dir_free, check_writable_dir, clear_run_outputs
     if overwrite and cfg.run.resume:
         raise ConfigError("--overwrite: cannot be combined with --resume (it would delete the run being resumed)")
     try:
         check_run_dir_free(cfg.run.out, resume=bool(cfg.run.resume), overwrite=overwrite)
-        ensure_writable_dir(cfg.run.out)
+        check_writable_dir(cfg.run.out)
         if overwrite:
             clear_run_outputs(cfg.run.out)
     except (RunDirError, OSError) as e:

@@ -206,27 +206,35 @@ def clear_run_outputs(out: str | os.PathLike) -> list[str]:
     return removed
 
 
-def ensure_writable_dir(out: str | os.PathLike) -> Path:
-    """Create `out` (and its parents) and prove a file can be written there, before any worker starts: a path
-    that cannot be created or a read-only directory is one RunDirError naming it (not a traceback mid-run)."""
+def check_writable_dir(out: str | os.PathLike) -> None:
+    """Prove before any worker starts that `out` can be created and written: a path that cannot be created
+    (/proc/x, under a file) or a read-only directory is one RunDirError naming it, not a traceback mid-run. It
+    really creates the missing directories and a probe file, then removes exactly what it created: a bad run
+    leaves nothing behind."""
     d = Path(out)
+    created = []
+    missing = [p for p in [d, *d.parents] if not p.exists()]
     try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunDirError(f"run.out: cannot create {d}: {e.strerror or e}") from None
-    probe = d / f".ndtrain-write-test-{os.getpid()}"
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"x")
-    except OSError as e:
-        what = "read-only" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else e.strerror
-        raise RunDirError(f"run.out: cannot write in {d} ({what})") from None
-    finally:
+        for p in reversed(missing):
+            try:
+                p.mkdir()
+            except OSError as e:
+                raise RunDirError(f"run.out: cannot create {d}: {e.strerror or e} ({p})") from None
+            created.append(p)
+        probe = d / f".ndtrain-write-test-{os.getpid()}"
         try:
-            probe.unlink()
-        except OSError:
-            pass
-    return d
+            with open(probe, "wb") as f:
+                f.write(b"x")
+        except OSError as e:
+            what = "read-only" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else e.strerror
+            raise RunDirError(f"run.out: cannot write in {d} ({what})") from None
+        probe.unlink()
+    finally:
+        for p in reversed(created):
+            try:
+                p.rmdir()
+            except OSError:
+                pass
 
 
 # -- readers ---------------------------------------------------------------------------------------------------------
