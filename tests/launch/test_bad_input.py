@@ -316,6 +316,17 @@ CASES = {
         (w.data() / "train" / "tokenizer.json").write_bytes(b"\x00\xff" * 8),
         Case(["data", "inspect", str(w.data() / "train")], ["tokenizer.json", "sha256"], keep=w.data()))[1],
 
+    # --- a run directory read back by `ndtrain eval`
+    "eval: task_info.json a JSON list": lambda w: (
+        (w.run() / "task_info.json").write_text("[1]"),
+        Case(["eval", "--run", str(w.run())], ["task_info.json", "not a valid task info record"], keep=w.run()))[1],
+    "eval: task_info.json binary": lambda w: (
+        (w.run() / "task_info.json").write_bytes(b"\xff\xfe\x00"),
+        Case(["eval", "--run", str(w.run())], ["task_info.json"], keep=w.run()))[1],
+    "eval: tokenizer.json malformed": lambda w: (
+        (w.run() / "tokenizer.json").write_text('{"ndtrain_tokenizer": "char", "tokens": 5}'),
+        Case(["eval", "--run", str(w.run())], ["tokenizer.json", "'tokens'"], keep=w.run()))[1],
+
     # --- the data and the model disagree / the run goes bad
     "block size: data longer than the model's": lambda w: Case(
         ["train", "--model", "lm", "--steps", "2", "-q", "--out", str(w.tmp / "o"),
