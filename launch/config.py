@@ -145,9 +145,13 @@ def _coerce(name: str, value: Any, t) -> Any:
     if t is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float range
+            value = math.inf
         if not math.isfinite(value):  # no float field takes NaN or inf: they would pass every range check below
             raise ConfigError(f"{name}: must be a finite number, got {value!r}")
-        return float(value)
+        return value
     if t is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
