@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, metavar="DIR", help="run directory (written by ndtrain train)")
     p.add_argument("--no-attention", action="store_true", help="skip the attention heat map")
+    p.add_argument("--no-samples", action="store_true", help="skip the text samples (greedy decoding at report time)")
     p.set_defaults(func=main)
 
 
@@ -33,7 +34,7 @@ def main(args) -> int:
         raise UsageError(f"{d}: neither {rundir.METRICS} nor {rundir.CONFIG} here - not a run directory written "
                          f"by `ndtrain train`")
     try:
-        text = build_report(d, attention=not args.no_attention)
+        text = build_report(d, attention=not args.no_attention, samples=not args.no_samples)
     except ValueError as e:  # an unreadable metrics.jsonl line names the file and line
         raise UsageError(str(e)) from None
     rundir.atomic_write_text(d / REPORT, text)
