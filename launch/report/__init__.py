@@ -34,6 +34,11 @@ def _read_json(path: Path):
         return None
 
 
+def png_width(png: bytes) -> int:
+    """Pixel width from a PNG's IHDR chunk."""
+    return int.from_bytes(png[16:20], "big")
+
+
 def _summary_section(run_dir: Path) -> str:
     summary = _read_json(run_dir / rundir.SUMMARY)
     if summary is None:
@@ -119,7 +124,7 @@ def build_report(run_dir: str | Path, *, attention: bool = True, samples: bool =
         figs = []
         for name, title, png in plots:
             (d / PLOTS_DIR / f"{name}.png").write_bytes(png)
-            figs.append(H.figure(png, name, CAPTIONS.get(name, title)))
+            figs.append(H.figure(png, name, CAPTIONS.get(name, title), wide=png_width(png) > 900))
         sections.append(("Plots", H.grid(figs)))
     else:
         sections.append(("Plots", '<p class="note">No metrics records (metrics.jsonl is missing or empty).</p>'))
@@ -139,7 +144,7 @@ def build_report(run_dir: str | Path, *, attention: bool = True, samples: bool =
     if topo is not None or ranks is not None:
         inner = ""
         if isinstance(topo, dict):
-            inner += H.kv_table(list(topo.items()), "topology")
+            inner += H.words_table([(k, L.label(k), L.value_text(k, v)) for k, v in topo.items()], "topology")
         if isinstance(ranks, list):
             inner += H.records_table([r for r in ranks if isinstance(r, dict)], "ranks")
         sections.append(("Topology", inner))

@@ -26,7 +26,7 @@ import math
 from ndtrain.launch.rundir import eval_events, train_events
 
 FIGSIZE = (6.4, 3.6)
-PANEL_SIZE = (3.2, 2.5)  # inches per small panel (the eval metrics)
+PANEL_SIZE = (3.2, 2.6)  # inches per small panel (the eval metrics: two per row, as wide as one plot)
 DPI = 100
 
 # eval metric -> how the report names it; FRACTIONS are in [0, 1] and get a 0..1-ish axis
@@ -94,9 +94,10 @@ def _y_limits(ax, values: list[float], fraction: bool) -> None:
         return
     lo, hi = min(values), max(values)
     span = hi - lo
-    if fraction and lo >= 0.0 and hi <= 1.0:
-        pad = max(0.02, 0.1 * span)
-        ax.set_ylim(max(0.0, lo - pad) if lo - pad > 0.0 else -0.02, min(1.0, hi + pad) + 0.02)
+    if fraction and lo >= 0.0 and hi <= 1.0:  # on tenths, so 1.0 and 0.0 are always ticks
+        lower = max(0.0, math.floor((lo - 0.05) * 10) / 10)
+        upper = min(1.0, math.ceil((hi + 0.05) * 10) / 10)
+        ax.set_ylim(lower - 0.02 * (lower == 0.0), upper + 0.02 * (upper == 1.0))
     elif span < 1e-3 * max(abs(lo), abs(hi), 1e-12):
         pad = max(0.02 * max(abs(lo), abs(hi)), 1e-6)
         ax.set_ylim(lo - pad, hi + pad)
@@ -132,7 +133,9 @@ def draw(spec: dict):
     panels = spec["panels"]
     cols = min(len(panels), spec.get("cols", 3))
     rows = (len(panels) + cols - 1) // cols
-    if len(panels) == 1:
+    if spec.get("size"):
+        size = spec["size"]
+    elif len(panels) == 1:
         size = FIGSIZE
     else:
         size = (max(FIGSIZE[0], PANEL_SIZE[0] * cols), PANEL_SIZE[1] * rows + 0.4)
@@ -225,7 +228,7 @@ def plot_specs(rows: list[dict]) -> list[dict]:
     keys = eval_metric_keys(rows)
     add("eval", "Validation metrics", [
         panel(metric_name(k), [(metric_name(k), *series(evals, k), {"marker": "o"})], metric_name(k),
-              fraction=k in FRACTIONS) for k in keys if k != "bleu"], legend=False)
+              fraction=k in FRACTIONS) for k in keys if k != "bleu"], legend=False, cols=2)
     if "bleu" in keys:
         add("bleu", "BLEU on the validation set over training", [
             panel("BLEU against step", [("BLEU", *series(evals, "bleu"), {"marker": "o"})], "BLEU"),
