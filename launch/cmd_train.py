@@ -172,6 +172,9 @@ def check_names(cfg: Config) -> None:
             raise ConfigError(f"run.task: unknown task {cfg.run.task!r}{hint}; built-in tasks: "
                               f"{', '.join(tasks.TASKS)}; presets for your own data (with --data DIR): "
                               f"{', '.join(n for n in preset_names() if n not in tasks.TASKS)}")
+    if cfg.data.dir and not (Path(cfg.data.dir) / "train").is_dir():  # before any rank starts
+        raise ConfigError(f"data.dir: {cfg.data.dir}/train: no such data directory (give --data DIR, made by "
+                          f"`ndtrain data import ... --val-fraction F --out DIR` or `ndtrain data prepare`)")
     names = model_names()
     if cfg.run.model not in names:
         raise ConfigError(f"run.model: unknown model {cfg.run.model!r}{did_you_mean(cfg.run.model, names)}; "

@@ -15,11 +15,14 @@ def printed_config(capsys, *args) -> dict:
     return tomllib.loads(capsys.readouterr().out)
 
 
-def test_data_flag_is_data_dir(capsys):
-    via_flag = printed_config(capsys, "--task", "xor", "--data", "some/dir")
-    via_set = printed_config(capsys, "--task", "xor", "--set", "data.dir=some/dir")
-    assert via_flag == via_set and via_flag["data"]["dir"] == "some/dir"
-    assert printed_config(capsys, "--task", "xor", "--data", "a", "--set", "data.dir=b")["data"]["dir"] == "b"
+def test_data_flag_is_data_dir(capsys, tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name / "train").mkdir(parents=True)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    via_flag = printed_config(capsys, "--task", "xor", "--data", a)
+    via_set = printed_config(capsys, "--task", "xor", "--set", f"data.dir={a}")
+    assert via_flag == via_set and via_flag["data"]["dir"] == a
+    assert printed_config(capsys, "--task", "xor", "--data", a, "--set", f"data.dir={b}")["data"]["dir"] == b
 
 
 def test_lr_eval_every_log_every_flags(capsys):
@@ -155,3 +158,13 @@ def test_import_val_fraction_and_train_the_shakespeare_preset(tmp_path, capsys):
     assert main(["data", "import", "--tsv", str(tmp_path / "input.txt"), "--val-fraction", "0.1",
                  "--out", str(tmp_path / "x")]) == 2
     assert "--val-fraction: only with --text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["shakespeare", "multi30k"])
+def test_a_preset_without_its_data_fails_before_any_rank_starts(task, tmp_path, capsys):
+    # multi30k's preset is an MPI run: the check must come before mpiexec (no rank traceback)
+    assert main(["train", "--task", task, "--data", str(tmp_path / "none"), "--steps", "1", "-q",
+                 "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data.dir: {tmp_path / 'none'}/train: no such data directory" in err
+    assert not (tmp_path / "r").exists()
