@@ -116,7 +116,12 @@ def _draw_panel(ax, p: dict, legend: bool = True) -> None:
     ax.set_ylabel(p["ylabel"])
     ax.grid(True, alpha=0.3)
     for label, xs, ys, style in p["lines"]:
+        if len(xs) == 1 and "marker" not in style:
+            style = {**style, "marker": "o"}  # a single record: a line alone would draw nothing
         ax.plot(xs, ys, label=label, **style)
+    if p["xlabel"] == "step":
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 28.5
     values = [y for _, _, ys, _ in p["lines"] for y in ys]
     if p["logy"] and values and min(values) > 0 and max(values) / min(values) > 20:  # log only where it helps
         ax.set_yscale("log")

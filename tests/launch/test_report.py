@@ -238,3 +238,15 @@ def test_lm_report_continues_a_prompt(tmp_path):
                  "--set", "model.n_heads=2", "--set", "model.block_size=32", "--no-report"]) == 0
     page = build_report(out, attention=False)
     assert 'id="samples"' in page and "<th>prompt</th>" in page and "<th>continuation</th>" in page
+
+
+def test_a_single_record_is_drawn_and_steps_are_integers():
+    rows = [{"step": 30, "loss": 1.5, "lr": 1e-3, "time": 1.0, "grad_norm": 1.7}]
+    for spec in plot_specs(rows):
+        fig = draw(spec)
+        to_png(fig)
+        for ax in fig.axes:
+            (line,) = ax.get_lines()
+            assert line.get_marker() not in (None, "None", "", " "), spec["name"]  # visible without a segment
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert all(float(t).is_integer() for t in ticks), ticks
