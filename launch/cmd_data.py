@@ -38,17 +38,19 @@ def add_parser(subparsers) -> None:
     im.add_argument("--tgt", metavar="FILE", help="target side of the parallel corpus (with --src)")
     im.add_argument("--tokenizer", choices=["char", "word", "bpe"], default="char",
                     help="tokenizer trained on the input (default: %(default)s)")
-    im.add_argument("--vocab-size", type=int, default=None,
-                    help="vocabulary size for bpe (default: the tokenizer's own; char and word keep every symbol)")
+    im.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                    help="vocabulary size including the 4 special ids (default: 1000 for bpe; char and word keep "
+                         "every symbol, or the N - 4 most frequent)")
     im.add_argument("--tokenizer-file", metavar="JSON",
                     help="reuse this tokenizer.json (e.g. the training import's) instead of training one")
-    im.add_argument("--block-size", type=int, default=64,
+    im.add_argument("--block-size", type=int, default=64, metavar="T",
                     help="LM context length recorded in the manifest (default: %(default)s, the shakespeare "
                          "preset's model.block_size; a model's block_size must be >= it)")
     im.add_argument("--val-fraction", type=float, default=None, metavar="F",
                     help="with --text: write OUT/train and OUT/val, the last F of the text validating, one tokenizer "
                          "for both (default: one directory, OUT)")
-    im.add_argument("--shard-rows", type=int, default=65536, help="rows per shard file (default: %(default)s)")
+    im.add_argument("--shard-rows", type=int, default=65536, metavar="N",
+                    help="rows per shard file (default: %(default)s)")
     im.add_argument("--out", required=True, metavar="DIR", help="output shard directory")
     im.set_defaults(func=run_import)
 

@@ -21,7 +21,7 @@ from ndtrain.launch.cli import UsageError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="plots and an HTML report of a run directory",
+    p = sub.add_parser("report", help="an HTML report of a run directory, or one page comparing runs",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, action="append", metavar="DIR",
                    help="run directory (written by ndtrain train); repeat it to compare runs on one page")

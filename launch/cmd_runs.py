@@ -4,8 +4,8 @@
     ndtrain runs runs/ --json       # one JSON object per run, for scripts
 
 Status is read from the files a run leaves (launch/report/runinfo.py): finished (summary.json, all steps done),
-failed (an error record in metrics.jsonl), interrupted (neither; "resumable from step N" when a checkpoint is there:
-`ndtrain train --resume DIR`). Compare runs on one page with `ndtrain report --run A --run B`.
+failed (an error record in metrics.jsonl), interrupted (neither: stopped early, or still running; "resumable from
+step N" when a checkpoint is there: `ndtrain train --resume DIR`). Compare runs on one page with `ndtrain report --run A --run B`.
 """
 from __future__ import annotations
 

@@ -117,3 +117,10 @@ def test_runs_bad_dir_exit_2(tmp_path, capsys):
     assert err.count("\n") == 1 and "missing: no such directory" in err
     assert main(["runs", str(tmp_path)]) == 0
     assert "no run directories" in capsys.readouterr().out
+
+
+def test_single_run_report_out(runs, tmp_path):
+    out = tmp_path / "one.html"
+    assert main(["report", "--run", str(runs / "a"), "--out", str(out), "--no-samples"]) == 0
+    assert "ndtrain run a" in out.read_text() and 'id="summary"' in out.read_text()
+    assert main(["report", "--run", str(runs / "a"), "--out", str(tmp_path / "no" / "x.html")]) == 2
