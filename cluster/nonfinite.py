@@ -4,11 +4,14 @@ the offending batch under engine.debug.detect_nonfinite, and the job stops namin
 produced the non-finite value.
 
     finding = locate_nonfinite(model, store, batch, count, rank)    # {"rank", "layer"?, "what"?}
-    raise WorkerError(nonfinite_message(findings, ...))
+    raise nonfinite_error(findings, rank, step, in_row, limit, skipped)
+    check_finite_params(store, rank, step)                          # at the end: no final checkpoint of NaNs
 """
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 from ndtrain.engine.debug import NonFiniteError, detect_nonfinite, first_nonfinite
 
@@ -52,3 +55,13 @@ def nonfinite_error(findings: list[dict], rank: int, step: int, in_row: int, lim
     return WorkerError(f"rank {rank}, step {step}: {in_row} non-finite steps in a row (run.max_nonfinite={limit}, "
                        f"{skipped} skipped in all); first non-finite value: {culprit}. Lower optim.lr, set "
                        f"optim.grad_clip, or check the data")
+
+
+def check_finite_params(store, rank: int, step: int) -> None:
+    """A run must not end (exit 0, a final checkpoint) with NaN/Inf parameters: an update can overflow even when
+    every loss and gradient was finite (a huge optim.lr)."""
+    if np.isfinite(store.data).all():
+        return
+    raise WorkerError(f"rank {rank}, step {step}: the parameters are not finite at the end of training (first: "
+                      f"{first_nonfinite(store, 'data')!r}); no final checkpoint was written. Lower optim.lr or set "
+                      f"optim.grad_clip")

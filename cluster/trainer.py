@@ -25,7 +25,7 @@ import numpy as np
 from ndtrain.cluster.checkpoint_meta import save_checkpoint
 from ndtrain.cluster.deterministic import deterministic_gradient
 from ndtrain.cluster.job import TrainJob
-from ndtrain.cluster.nonfinite import WorkerError, locate_nonfinite, nonfinite_error
+from ndtrain.cluster.nonfinite import WorkerError, check_finite_params, locate_nonfinite, nonfinite_error
 from ndtrain.cluster.reducer import GradReducer
 from ndtrain.cluster.sink import NullSink
 from ndtrain.engine.clip import clip_grad_norm, grad_sq_norm
@@ -120,6 +120,7 @@ class Trainer:
                 self.save_checkpoint()
             window_t += time.perf_counter() - t_aside  # eval and checkpoints are not training time
 
+        check_finite_params(self.store, self.rank, self.step)
         final_eval = self.evaluate()
         wall = time.perf_counter() - t_start
         self._log({"step": self.step, "time": wall, "eval": final_eval})

@@ -7,17 +7,29 @@ import argparse
 import importlib
 import sys
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
+
 from ndtrain.launch.errors import UsageError  # re-exported: commands raise it, main() turns it into exit 2
 
-COMMANDS = ["train", "worker", "data", "eval", "generate", "report", "bench"]
+COMMANDS = ["train", "worker", "data", "eval", "generate", "report", "runs", "config", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ndtrain", description="Distributed training with a pure-NumPy engine.")
+    parser.add_argument("--version", action="version", version=f"ndtrain {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"ndtrain.launch.cmd_{name}").add_parser(sub)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), or 'unknown' outside an install."""
+    try:
+        return dist_version("ndtrain")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,21 +32,31 @@ import sys
 import tomli_w
 
 from ndtrain.launch import training
+from ndtrain.launch.cmd_config import HelpConfigAction
 from ndtrain.launch.config import Config, validate
+from ndtrain.launch.presets import preset_path  # noqa: F401  (re-exported: tests and tools look presets up here)
 from ndtrain.launch.progress import Console
-from ndtrain.launch.training import preset_path  # noqa: F401  (re-exported: tests and tools look presets up here)
 
 # flag -> run.<field>
 RUN_FLAGS = {"task": "task", "model": "model", "steps": "steps", "out": "out", "batch_size": "batch_size",
              "seed": "seed", "checkpoint_every": "checkpoint_every", "backend": "backend", "workers": "workers",
              "threads": "threads", "resume": "resume"}
+# flag -> section.key: the names people reach for from other trainers (applied before --set, like RUN_FLAGS)
+KEY_FLAGS = {"data": "data.dir", "lr": "optim.lr", "eval_every": "run.eval_every", "log_every": "run.log_every"}
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model (local, MPI or Ray backend)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", help="built-in task (xor, spirals, sine, digits, copy, reverse, ...)")
-    p.add_argument("--model", help="model family (mlp, transformer, ...)")
+    p.add_argument("--task", help="built-in task (xor, spirals, sine, digits, copy, reverse, sort, add, dates) or a "
+                                  "preset for your own data with --data (shakespeare, multi30k)")
+    p.add_argument("--model", help="model family (mlp, transformer, lm, ...)")
+    p.add_argument("--data", metavar="DIR", help="prepared shards (DIR/train, DIR/val from `ndtrain data`); "
+                                                 "the same as --set data.dir=DIR")
+    p.add_argument("--lr", type=float, help="peak learning rate (optim.lr)")
+    p.add_argument("--eval-every", type=int, metavar="N", help="steps between evaluations (run.eval_every; 0: at "
+                                                                "the end only)")
+    p.add_argument("--log-every", type=int, metavar="N", help="steps between metrics records (run.log_every)")
     p.add_argument("--backend", choices=("local", "mpi", "ray"), help="where workers run (default local)")
     p.add_argument("--workers", type=int, help="number of workers (mpi, ray)")
     p.add_argument("--threads", type=int, help="BLAS threads per worker (default cores // workers)")
@@ -56,10 +66,15 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (one is always written at the end)")
     p.add_argument("--resume", help="checkpoint JSON (or checkpoints directory) to resume from")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into a non-empty --out: first remove the files an earlier run left there "
+                        "(checkpoints, metrics, tb/, ...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. optim.lr=3e-3 or model.hidden=[64,64] (repeatable)")
     p.add_argument("--config", help="a TOML config file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--help-config", action=HelpConfigAction,
+                   help="list every config key (type, default, doc) and exit; see also `ndtrain config keys`")
     p.add_argument("--hostfile", help="MPI hostfile (backend mpi)")
     p.add_argument("--address", help="Ray address (backend ray)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -75,7 +90,8 @@ def resolve_config(args) -> Config:
     run = {name: getattr(args, flag, None) for flag, name in RUN_FLAGS.items() if flag not in ("task", "model")}
     if getattr(args, "no_report", False):
         run["report"] = False
-    return training.resolve_config(config=args.config, task=args.task, model=args.model, run=run,
+    keys = {key: getattr(args, flag, None) for flag, key in KEY_FLAGS.items()}
+    return training.resolve_config(config=args.config, task=args.task, model=args.model, run=run, keys=keys,
                                    cluster={"hostfile": getattr(args, "hostfile", None),
                                             "address": getattr(args, "address", None)},
                                    overrides=args.overrides)
@@ -88,7 +104,7 @@ def main(args) -> int:
         return 0
     console = Console(cfg.run.steps, getattr(args, "log_format", "text") or "text", quiet=args.quiet)
     try:
-        training.train(cfg, console)
+        training.train(cfg, console, overwrite=bool(getattr(args, "overwrite", False)))
     except training.TrainingFailed:
         return 1  # the coordinator has said which rank failed, and how to resume
     return 0

@@ -53,7 +53,10 @@ def build_model_for(cfg: Config, info):
     if cfg.run.model not in names:
         raise ConfigError(f"run.model: unknown model {cfg.run.model!r}{did_you_mean(cfg.run.model, names)}; "
                           f"known: {', '.join(names)}")
-    return build_model(cfg.run.model, info, cfg)
+    try:
+        return build_model(cfg.run.model, info, cfg)
+    except ValueError as e:  # an engine config's own check (its message names the field)
+        raise ConfigError(str(e)) from None
 
 
 def resume_source(path: str) -> Path:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 
 from ndtrain.engine import optim, schedules
-from ndtrain.launch.config import ConfigError
+from ndtrain.launch.config import ConfigError, _coerce
 
 
 def make_schedule_fn(ocfg, total_steps: int):
@@ -21,6 +22,10 @@ def make_schedule_fn(ocfg, total_steps: int):
         raise ConfigError(f"optim.schedule: unknown schedule {ocfg.schedule!r}; known: "
                           f"{', '.join(sorted(schedules.SCHEDULES))}")
     fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in kwargs.items():  # types first: "warmup_steps = 'x'" is named, not a TypeError inside
+        if key in hints and hints[key] in (int, float, str, bool):
+            kwargs[key] = _coerce(f"optim.schedule_kwargs.{key}", value, hints[key])
     for key, value in (("lr", ocfg.lr), ("max_lr", ocfg.lr), ("total_steps", total_steps)):
         if key in fields:
             kwargs.setdefault(key, value)

@@ -39,7 +39,7 @@ def run_sinks(cfg: Config, console=None, append: bool = False) -> MetricsSink:
     writer = rundir.RunWriter(cfg.run.out, append=append)
     parts: list[MetricsSink] = [writer]
     if tensorboard_enabled(cfg):
-        parts.append(TensorBoardSink(Path(cfg.run.out) / rundir.TENSORBOARD))
+        parts.append(TensorBoardSink(Path(cfg.run.out) / rundir.TB_DIR))
     if console is not None:
         parts.append(console)
     return writer if len(parts) == 1 else TeeSink(parts)
