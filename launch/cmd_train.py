@@ -33,7 +33,8 @@ import tomli_w
 
 from ndtrain.launch import training
 from ndtrain.launch.cmd_config import HelpConfigAction
-from ndtrain.launch.config import Config, validate
+from ndtrain.launch.config import Config
+from ndtrain.launch.gate import check_names
 from ndtrain.launch.presets import preset_path  # noqa: F401  (re-exported: tests and tools look presets up here)
 from ndtrain.launch.progress import Console
 
@@ -100,7 +101,8 @@ def resolve_config(args) -> Config:
 def main(args) -> int:
     cfg = resolve_config(args)
     if args.print_config:
-        sys.stdout.write(tomli_w.dumps(validate(cfg).to_dict()))
+        check_names(cfg)  # field values and names; nothing is loaded
+        sys.stdout.write(tomli_w.dumps(cfg.to_dict()))
         return 0
     console = Console(cfg.run.steps, getattr(args, "log_format", "text") or "text", quiet=args.quiet)
     try:

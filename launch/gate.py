@@ -21,8 +21,17 @@ from pathlib import Path
 
 from ndtrain.cluster import checkpoint as ckpt
 from ndtrain.launch.config import Config, ConfigError, validate
-from ndtrain.launch.job import build_job
-from ndtrain.launch.task_data import load_task_data
+from ndtrain.launch.job import build_job, check_model_name
+from ndtrain.launch.task_data import check_task_source, load_task_data
+
+
+def check_names(cfg: Config) -> Config:
+    """The cheap part, without loading data or building anything (`ndtrain train --print-config`): field values,
+    the task's source (a built-in task or data.dir/train) and the model's name."""
+    validate(cfg)
+    check_task_source(cfg)
+    check_model_name(cfg.run.model)
+    return cfg
 
 
 def check_config(cfg: Config):

@@ -47,12 +47,15 @@ def task_info_record(info) -> dict:
     return d
 
 
+def check_model_name(name: str) -> None:
+    names = model_names()
+    if name not in names:
+        raise ConfigError(f"run.model: unknown model {name!r}{did_you_mean(name, names)}; known: {', '.join(names)}")
+
+
 def build_model_for(cfg: Config, info):
     """The TaskModel of run.model for this task; an unknown name is a ConfigError like every other mistake."""
-    names = model_names()
-    if cfg.run.model not in names:
-        raise ConfigError(f"run.model: unknown model {cfg.run.model!r}{did_you_mean(cfg.run.model, names)}; "
-                          f"known: {', '.join(names)}")
+    check_model_name(cfg.run.model)
     try:
         return build_model(cfg.run.model, info, cfg)
     except ValueError as e:  # an engine config's own check (its message names the field)

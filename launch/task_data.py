@@ -26,11 +26,9 @@ def load_task_data(cfg: Config):
     """(TaskInfo, train Dataset, val Dataset) from, in order of preference: a prepared shard directory (data.dir,
     with train/ and val/), the shard cache (data.cache: built-in task prepared once, then memory-mapped), or the
     built-in task generated in memory. Bad data is a ConfigError naming the field and the file."""
+    check_task_source(cfg)
     run, dcfg = cfg.run, cfg.data
     rows = dcfg.rows or None
-    if dcfg.dir and not (Path(dcfg.dir) / TRAIN_DIR).is_dir():
-        raise ConfigError(f"data.dir: {dcfg.dir}/{TRAIN_DIR}: no such data directory (give --data DIR, made by "
-                          f"`ndtrain data import ... --val-fraction F --out DIR` or `ndtrain data prepare`)")
     try:
         if dcfg.dir or dcfg.cache:
             root = Path(dcfg.dir) if dcfg.dir else nd.ensure_prepared(run.task, dcfg.cache, rows, run.seed)
@@ -39,15 +37,25 @@ def load_task_data(cfg: Config):
             return train.info, train, val
     except nd.DataError as e:
         raise ConfigError(f"data.{'dir' if dcfg.dir else 'cache'}: {e}") from None
-    if run.task not in nd.TASKS:
-        own = [n for n in preset_names() if n not in nd.TASKS]
-        raise ConfigError(f"run.task: unknown task {run.task!r}{did_you_mean(run.task, [*nd.TASKS, *own])}; "
-                          f"built-in tasks: {', '.join(nd.TASKS)}; presets for your own data (with --data DIR): "
-                          f"{', '.join(own)}")
     # the same split sizes as `ndtrain data prepare`, so in-memory and sharded runs see the same rows
     train = nd.as_dataset(nd.generate(run.task, rows, run.seed, "train"))
     val = nd.as_dataset(nd.generate(run.task, default_val_rows(run.task, rows), run.seed, "val"))
     return train.info, train, val
+
+
+def check_task_source(cfg: Config) -> None:
+    """Where the task's rows come from exists: data.dir holds train/, or run.task is a built-in task (the error
+    suggests close names and the presets for one's own data)."""
+    run, dcfg = cfg.run, cfg.data
+    if dcfg.dir:
+        if not (Path(dcfg.dir) / TRAIN_DIR).is_dir():
+            raise ConfigError(f"data.dir: {dcfg.dir}/{TRAIN_DIR}: no such data directory (give --data DIR, made by "
+                              f"`ndtrain data import ... --val-fraction F --out DIR` or `ndtrain data prepare`)")
+    elif run.task not in nd.TASKS:
+        own = [n for n in preset_names() if n not in nd.TASKS]
+        raise ConfigError(f"run.task: unknown task {run.task!r}{did_you_mean(run.task, [*nd.TASKS, *own])}; "
+                          f"built-in tasks: {', '.join(nd.TASKS)}; presets for your own data (with --data DIR): "
+                          f"{', '.join(own)}")
 
 
 def data_fingerprint(ds) -> str:

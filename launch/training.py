@@ -104,6 +104,8 @@ def train(cfg: Config, console: Console, overwrite: bool = False) -> dict:
     """Gate, run, finish: returns the summary. UsageError for a user mistake (before anything runs) or a run that
     stopped for a reason it names (non-finite steps, a full disk), TrainingFailed when a distributed job failed
     (its message is on stderr already). overwrite: clear a non-empty run directory first (else it is refused)."""
+    if not cfg.run.out:  # no --out: a fresh directory, never an earlier run's
+        cfg.run.out = str(rundir.fresh_run_dir(cfg.run.task, cfg.run.model))
     job, data = check_config(cfg)
     prepare_run_dir(cfg, overwrite)
     if cfg.run.backend == "local":

@@ -18,7 +18,7 @@ from ndtrain.data import tasks
 from ndtrain.data.dataset import as_dataset
 from ndtrain.launch.config import ConfigError
 from helpers.threads import ThreadComm, ThreadGroup, run_threads
-from test_worker import make_cfg
+from helpers.runs import make_cfg
 
 
 def _explicit_tree(xs):

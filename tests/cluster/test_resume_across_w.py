@@ -14,7 +14,7 @@ from ndtrain.launch.worker import run_worker
 from ndtrain.launch.config import ConfigError
 from ndtrain.launch.rundir import read_metrics, train_events
 from helpers.threads import run_threads
-from test_worker import make_cfg
+from helpers.runs import make_cfg
 
 SETS = ["run.task=\"spirals\"", "run.batch_size=20", "run.dtype=\"float64\"", "model.hidden=[16]",
         "optim.schedule=\"cosine\"", "optim.schedule_kwargs.total_steps=14", "run.log_every=1"]

@@ -10,9 +10,9 @@ from ndtrain.launch.cli import main
 from ndtrain.launch.config import ConfigError
 from ndtrain.launch.gate import check_config
 from ndtrain.launch.training import resolve_config
+from helpers.runs import TINY_TRANSFORMER
 
-TINY = ["--set", "model.d_model=16", "--set", "model.d_ff=32", "--set", "model.n_heads=2",
-        "--set", "model.n_enc_layers=1", "--set", "model.n_dec_layers=1"]
+TINY = TINY_TRANSFORMER
 
 
 def test_xor_transformer_is_one_line_exit_2():

@@ -20,9 +20,9 @@ from ndtrain.data.info import TaskInfo
 from ndtrain.data.loader import Loader
 from ndtrain.launch.cli import main
 from ndtrain.launch.config import Config, apply_overrides, validate
-from ndtrain.launch.models import model_names
 from ndtrain.launch.progress import Console
 from ndtrain.launch.rundir import NullSink, read_metrics, train_events
+from helpers.runs import TINY_LM, make_cfg, train
 from helpers.tensorboard import tb_scalars
 from helpers.threads import ThreadComm, ThreadGroup
 
@@ -32,11 +32,6 @@ def _fast(monkeypatch):
     """Report and TensorBoard off unless a test turns them on (they cost seconds per run)."""
     monkeypatch.setenv("NDTRAIN_REPORT", "0")
     monkeypatch.setenv("NDTRAIN_TENSORBOARD", "0")
-
-
-def train(out, *args):
-    assert main(["train", "--out", str(out), "--quiet", *args]) == 0
-    return out
 
 
 XOR = ["--task", "xor", "--model", "mlp", "--steps", "20"]
@@ -75,8 +70,6 @@ def test_task_info_written_and_in_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def lm_data(tmp_path_factory):
-    if "lm" not in model_names():
-        pytest.skip("the lm adapter is not registered")
     root = tmp_path_factory.mktemp("lmdata")
     rng = np.random.default_rng(1)
     words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
@@ -96,8 +89,7 @@ def test_eval_and_generate_work_after_the_data_is_deleted(tmp_path, lm_data, cap
     keep = tmp_path / "data_copy"
     shutil.copytree(lm_data, keep)
     run = train(tmp_path / "run", "--model", "lm", "--set", f"data.dir={data}", "--steps", "6", "--batch-size", "8",
-                "--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_ff=32",
-                "--set", "model.n_layers=1")
+                *TINY_LM)
     assert (run / "tokenizer.json").read_text() == (lm_data / "train" / "tokenizer.json").read_text()
     gen = ["generate", "--run", str(run), "--max-len", "8", "the cat"]
     capsys.readouterr()
@@ -120,11 +112,7 @@ def test_eval_and_generate_work_after_the_data_is_deleted(tmp_path, lm_data, cap
 
 # -- 3. capped evaluation --------------------------------------------------------------------------------------------
 def _cfg(tmp_path, *sets, workers=1):
-    cfg = Config()
-    cfg.run.out = str(tmp_path)
-    return validate(apply_overrides(cfg, ["run.task=spirals", "run.model=mlp", "run.batch_size=12",
-                                          f"run.workers={workers}", "run.backend=" + ("mpi" if workers > 1 else
-                                                                                      "local"), *sets]))
+    return make_cfg(tmp_path, "run.task=spirals", "run.model=mlp", "run.batch_size=12", *sets, workers=workers)
 
 
 @pytest.mark.parametrize("cap", [0, 1, 37, 10_000])

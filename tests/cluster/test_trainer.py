@@ -11,12 +11,12 @@ from ndtrain.cluster.trainer import Trainer
 from ndtrain.launch.job import build_job
 from ndtrain.launch.task_data import load_task_data
 from ndtrain.launch.worker import run_worker
+from helpers.runs import make_cfg
 from helpers.threads import run_threads
 from ndtrain.data import tasks
 from ndtrain.data.dataset import as_dataset
 from ndtrain.data.loader import Loader
 from ndtrain.engine.params import ParamStore
-from ndtrain.launch.config import Config, apply_overrides, validate
 from ndtrain.launch.models import build_model
 from ndtrain.launch.rundir import NullSink, read_metrics
 
@@ -26,16 +26,6 @@ def _no_report_no_tensorboard(monkeypatch):
     """report.html and TensorBoard cost seconds per run; tests/launch/test_trainer_polish.py covers them."""
     monkeypatch.setenv("NDTRAIN_REPORT", "0")
     monkeypatch.setenv("NDTRAIN_TENSORBOARD", "0")
-
-
-def make_cfg(tmp_path, *sets, workers=1):
-    cfg = Config()
-    cfg.run.out = str(tmp_path)
-    cfg.run.threads = 1
-    apply_overrides(cfg, list(sets))
-    cfg.run.workers = workers
-    cfg.run.backend = "local" if workers == 1 else "mpi"
-    return validate(cfg)
 
 
 def test_one_step_is_sgd_on_the_global_mean_loss(tmp_path):

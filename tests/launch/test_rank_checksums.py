@@ -16,6 +16,7 @@ import time
 import pytest
 
 from ndtrain.launch import cli
+from helpers.runs import TINY_TRANSFORMER
 
 SITECUSTOMIZE = textwrap.dedent('''
     """Test probe (tests/cluster/test_rank_checksums.py): patches ndtrain.cluster.trainer.Trainer on import."""
@@ -78,9 +79,7 @@ SITECUSTOMIZE = textwrap.dedent('''
 
 STEPS = 12
 TRANSFORMER = ["--task", "reverse", "--model", "transformer", "--batch-size", "16", "--seed", "1", "--threads", "1",
-               "--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_ff=32",
-               "--set", "model.n_enc_layers=1", "--set", "model.n_dec_layers=1", "--set", "data.rows=256",
-               "--set", "cluster.bucket_mb=0.01", "-q"]  # dropout stays on: per-rank masks must not matter
+               *TINY_TRANSFORMER, "--set", "data.rows=256", "--set", "cluster.bucket_mb=0.01", "-q"]  # dropout stays on: per-rank masks must not matter
 
 
 @pytest.fixture(scope="module")
