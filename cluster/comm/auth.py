@@ -81,15 +81,17 @@ def _send(sock: socket.socket, data: bytes, deadline: float) -> None:
         raise AuthError(f"cannot send the handshake: {e}") from None
 
 
-def server_handshake(sock: socket.socket, key: bytes, purpose: bytes, accept: Callable[[int], bool] | None = None,
-                     timeout: float = 5.0) -> int:
-    """The accepting end. Returns the client's claim (its rank) once it proved the secret and `accept(claim)` holds;
-    raises AuthError otherwise (the caller closes the socket). Reads exactly RESPONSE_BYTES from the peer."""
-    deadline = time.monotonic() + timeout
+def challenge() -> tuple[bytes, bytes]:
+    """The server's first message and its nonce (for servers that drive the exchange themselves, non-blocking)."""
     nonce_s = secrets.token_bytes(NONCE_BYTES)
-    _send(sock, MAGIC + nonce_s, deadline)
-    resp = recv_exact(sock, RESPONSE_BYTES, deadline)
-    if resp[:len(MAGIC)] != MAGIC:
+    return MAGIC + nonce_s, nonce_s
+
+
+def check_response(key: bytes, purpose: bytes, nonce_s: bytes, resp: bytes,
+                   accept: Callable[[int], bool] | None = None) -> tuple[int, bytes]:
+    """The client's RESPONSE_BYTES answer to our challenge -> (its claim, our proof to send back); AuthError when
+    it does not prove the secret or `accept(claim)` is false."""
+    if len(resp) != RESPONSE_BYTES or resp[:len(MAGIC)] != MAGIC:
         raise AuthError("not an ndtrain peer (bad handshake magic)")
     i = len(MAGIC)
     (claim,) = struct.unpack("<I", resp[i:i + 4])
@@ -97,11 +99,21 @@ def server_handshake(sock: socket.socket, key: bytes, purpose: bytes, accept: Ca
     mac = resp[i + 4 + NONCE_BYTES:]
     if not hmac.compare_digest(mac, _mac(key, b"client", purpose, nonce_s, nonce_c, claim)):
         raise AuthError("wrong HMAC: the peer does not hold the run's secret")
-    if nonce_c == nonce_s:
-        raise AuthError("the peer reflected our challenge")
     if accept is not None and not accept(claim):
         raise AuthError(f"claim {claim} refused (not an expected rank, or already connected)")
-    _send(sock, _mac(key, b"server", purpose, nonce_c, nonce_s, claim), deadline)
+    return claim, _mac(key, b"server", purpose, nonce_c, nonce_s, claim)
+
+
+def server_handshake(sock: socket.socket, key: bytes, purpose: bytes, accept: Callable[[int], bool] | None = None,
+                     timeout: float = 5.0) -> int:
+    """The accepting end (blocking). Returns the client's claim (its rank) once it proved the secret and
+    `accept(claim)` holds; raises AuthError otherwise (the caller closes the socket). Reads exactly RESPONSE_BYTES
+    from the peer."""
+    deadline = time.monotonic() + timeout
+    hello, nonce_s = challenge()
+    _send(sock, hello, deadline)
+    claim, proof = check_response(key, purpose, nonce_s, recv_exact(sock, RESPONSE_BYTES, deadline), accept)
+    _send(sock, proof, deadline)
     return claim
 
 
