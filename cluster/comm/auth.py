@@ -40,6 +40,10 @@ class AuthError(ConnectionError):
     """The peer did not prove it holds the run's secret (or broke the handshake's framing or deadline)."""
 
 
+class BadProof(AuthError):
+    """The peer answered in form, but its HMAC is wrong: it does not hold the run's secret (retrying cannot help)."""
+
+
 def derive_key(token: str | bytes, purpose: bytes) -> bytes:
     """A key for one use of the run's secret (the coordinator token), so the services never share a key."""
     raw = token.encode() if isinstance(token, str) else bytes(token)
@@ -98,7 +102,7 @@ def check_response(key: bytes, purpose: bytes, nonce_s: bytes, resp: bytes,
     nonce_c = resp[i + 4:i + 4 + NONCE_BYTES]
     mac = resp[i + 4 + NONCE_BYTES:]
     if not hmac.compare_digest(mac, _mac(key, b"client", purpose, nonce_s, nonce_c, claim)):
-        raise AuthError("wrong HMAC: the peer does not hold the run's secret")
+        raise BadProof("wrong HMAC: the peer does not hold the run's secret")
     if accept is not None and not accept(claim):
         raise AuthError(f"claim {claim} refused (not an expected rank, or already connected)")
     return claim, _mac(key, b"server", purpose, nonce_c, nonce_s, claim)
@@ -133,4 +137,4 @@ def client_handshake(sock: socket.socket, key: bytes, purpose: bytes, claim: int
     except AuthError as e:
         raise AuthError(f"the peer refused our proof of the run's secret ({e})") from None
     if not hmac.compare_digest(proof, _mac(key, b"server", purpose, nonce_c, nonce_s, claim)):
-        raise AuthError("wrong HMAC from the peer: it does not hold the run's secret")
+        raise BadProof("wrong HMAC from the peer: it does not hold the run's secret")

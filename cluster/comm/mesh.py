@@ -6,7 +6,8 @@ connection runs the HMAC challenge-response of cluster.comm.auth before it count
 and is dropped before any byte of payload is read. The listener binds the address the launcher chose (loopback
 on one host, the cluster interface's address across hosts), never 0.0.0.0 by default. Handshakes run in their own
 threads with a deadline each, so a peer that connects and stays silent (idle or half-open) delays nobody and is
-dropped when its deadline passes; at most MAX_PENDING handshakes run at once (more connections are closed at once).
+dropped when its deadline passes; at most MAX_PENDING handshakes run at once (a new one ends the oldest, and a
+rank whose handshake was cut retries until the deadline).
 Established sockets keep a timeout on every read and TCP keepalive, so a peer that vanished is noticed.
 
     listener = MeshListener(rank, world_size, host="127.0.0.1")       # port: listener.port
@@ -19,7 +20,7 @@ import socket
 import threading
 import time
 
-from .auth import AuthError, client_handshake, server_handshake
+from .auth import AuthError, BadProof, client_handshake, server_handshake
 
 PURPOSE = b"mesh"
 HANDSHAKE_S = 10.0  # one connection's handshake deadline
@@ -44,7 +45,7 @@ class MeshListener:
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, 0))
-        self._sock.listen(max(8, world_size))
+        self._sock.listen(128)  # a burst of connections waits in the kernel instead of having its SYNs dropped
         self.port = self._sock.getsockname()[1]
 
     def connect(self, addrs: list[tuple[str, int]], key: bytes, timeout: float = 60.0) -> dict[int, socket.socket]:
@@ -70,29 +71,37 @@ class MeshListener:
         return peers
 
     def _dial(self, r: int, addr: tuple[str, int], key: bytes, deadline: float) -> socket.socket:
+        """Connect to rank r's listener and run the handshake, retrying until the deadline (its listener may not
+        be up yet, or may have dropped us while busy with a flood of strangers)."""
+        last = "no answer"
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"rank {self.rank}: cannot connect to rank {r} at {addr[0]}:{addr[1]}")
+                raise TimeoutError(f"rank {self.rank}: cannot connect to rank {r} at {addr[0]}:{addr[1]}: {last}")
             try:
                 s = socket.create_connection(tuple(addr), timeout=min(left, self.handshake_s))
-            except OSError:
+            except OSError as e:
+                last = str(e)
                 time.sleep(0.1)
                 continue
             try:
                 client_handshake(s, key, PURPOSE, claim=self.rank, timeout=min(left, self.handshake_s))
                 return s
+            except BadProof as e:
+                s.close()
+                raise BadProof(f"rank {self.rank}: the listener at {addr[0]}:{addr[1]} (rank {r}'s address) failed "
+                               f"the handshake: {e}") from None
             except (AuthError, OSError) as e:
                 s.close()
-                raise AuthError(f"rank {self.rank}: the listener of rank {r} at {addr[0]}:{addr[1]} failed the "
-                                f"handshake: {e}") from None
+                last = f"the handshake failed: {e}"
+                time.sleep(0.1)
 
     def _accept(self, key: bytes, deadline: float) -> dict[int, socket.socket]:
         expected = set(range(self.rank + 1, self.world_size))
         claimed: set[int] = set()
         lock = threading.Lock()
         done: queue.Queue = queue.Queue()
-        pending = [0]
+        pending: dict[socket.socket, float] = {}  # handshakes in progress -> when they started
 
         def claim(r: int) -> bool:
             with lock:
@@ -110,7 +119,7 @@ class MeshListener:
                 done.put((None, str(e)))
             finally:
                 with lock:
-                    pending[0] -= 1
+                    pending.pop(s, None)
 
         peers: dict[int, socket.socket] = {}
         self._sock.settimeout(0.1)
@@ -136,12 +145,13 @@ class MeshListener:
                 except socket.timeout:
                     continue
                 with lock:
-                    busy = pending[0] >= MAX_PENDING
-                    pending[0] += 0 if busy else 1
-                if busy:
-                    s.close()
-                    self._refuse("too many pending handshakes")
-                    continue
+                    if len(pending) >= MAX_PENDING:  # a flood: the oldest handshake makes room (its thread ends)
+                        oldest = min(pending, key=pending.get)
+                        try:
+                            oldest.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                    pending[s] = time.monotonic()
                 threading.Thread(target=handshake, args=(s,), name="ndtrain-mesh-handshake", daemon=True).start()
         except BaseException:
             for s in peers.values():

@@ -89,6 +89,22 @@ def test_authenticated_but_malformed_input_is_dropped_quietly_and_counted(coord,
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_32_mb_without_a_newline_is_cut_off_at_the_line_bound_quickly(coord):
+    """The old server appended every chunk to a bytes buffer (quadratic: 4 s of CPU for 32 MB); now reading stops
+    at line_bytes (4 MB) and the connection is dropped."""
+    s = dial("127.0.0.1", coord.port, coord.token, 0)
+    s.sendall(encode({"type": "hello", "rank": 0, "host": "h", "pid": 1}))
+    t0 = time.monotonic()
+    try:
+        s.sendall(b"x" * (32 << 20))
+    except OSError:
+        pass  # reset once the server drops it
+    assert _closed_by_server(s)
+    assert time.monotonic() - t0 < 5
+    assert _wait(lambda: coord.server_stats["malformed"] == 1)
+    s.close()
+
+
 def test_a_connection_speaks_only_for_the_rank_it_proved(coord):
     s = dial("127.0.0.1", coord.port, coord.token, 1)
     s.sendall(encode({"type": "hello", "rank": 0, "host": "h", "pid": 1}))  # claims rank 0 in JSON

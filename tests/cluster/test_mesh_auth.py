@@ -276,3 +276,31 @@ def test_the_secret_never_goes_over_the_wire():
     assert token.encode() not in wire and key not in wire
     for x in (c, s, srv):
         x.close()
+
+
+def test_a_flood_of_silent_connections_does_not_keep_the_real_rank_out():
+    """More silent connections than MAX_PENDING handshakes: the oldest are cut, the real rank retries and joins long
+    before the strangers' handshake deadline (30 s here) would free a slot."""
+    from ndtrain.cluster.comm.mesh import MAX_PENDING
+    a, b = _pair(timeout=20, handshake_s=30)
+    addrs = [("127.0.0.1", a.port), ("127.0.0.1", b.port)]
+    try:
+        join_a = _run(a.connect, addrs)
+        flood = [socket.create_connection(("127.0.0.1", a.port)) for _ in range(MAX_PENDING + 36)]
+        t0 = time.monotonic()
+        join_b = _run(b.connect, addrs)
+        more = []
+        for _ in range(MAX_PENDING):  # still flooding (until rank 0's listener closes: the mesh is complete)
+            try:
+                more.append(socket.create_connection(("127.0.0.1", a.port)))
+            except ConnectionRefusedError:
+                break
+        join_b()
+        join_a()
+        assert time.monotonic() - t0 < 5
+        assert set(a.peers) == {1}
+        for s in flood + more:
+            s.close()
+    finally:
+        a.close()
+        b.close()
