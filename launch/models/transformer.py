@@ -105,9 +105,17 @@ class Seq2SeqModel(TaskModel):
         self.length_penalty = float(length_penalty)
         self.max_decode_len = max_decode_len
 
+    reports_padding = True
+
     def loss(self, batch, *, train):
-        logits, backward = self.module(_ids(batch["src"]), _ids(batch["tgt_in"]), train=train)  # (B, T, V)
-        loss_sum, count, grad_fn = losses.cross_entropy_fused(logits, _ids(batch["tgt_out"]), ignore_index=PAD,
+        src, tgt_in, tgt_out = _ids(batch["src"]), _ids(batch["tgt_in"]), _ids(batch["tgt_out"])
+        if train:
+            self.note_padding(src, tgt_in, pad=PAD)
+        if hasattr(self.module, "loss"):  # the Transformer: output layer and softmax on the real rows only
+            return self.module.loss(src, tgt_in, tgt_out, ignore_index=PAD, label_smoothing=self.label_smoothing,
+                                    train=train)
+        logits, backward = self.module(src, tgt_in, train=train)  # (B, T, V)
+        loss_sum, count, grad_fn = losses.cross_entropy_fused(logits, tgt_out, ignore_index=PAD,
                                                               label_smoothing=self.label_smoothing, inplace=True)
         return loss_sum, count, _scaled_backward(backward, grad_fn)
 
@@ -148,11 +156,13 @@ class LMModel(TaskModel):
         self.block_size = int(block_size)
         self.label_smoothing = float(label_smoothing)
 
+    reports_padding = True
+
     def loss(self, batch, *, train):
-        logits, backward = self.module(_ids(batch["x"]), train=train)  # (B, T, V)
-        loss_sum, count, grad_fn = losses.cross_entropy_fused(logits, _ids(batch["y"]), ignore_index=PAD,
-                                                              label_smoothing=self.label_smoothing, inplace=True)
-        return loss_sum, count, _scaled_backward(backward, grad_fn)
+        x, y = _ids(batch["x"]), _ids(batch["y"])
+        if train:
+            self.note_padding(x, pad=PAD)
+        return self.module.loss(x, y, ignore_index=PAD, label_smoothing=self.label_smoothing, train=train)
 
     def metric_sums(self, batch):
         y = _ids(batch["y"])
