@@ -107,3 +107,30 @@ def test_deterministic_mode_takes_bucketed_batches():
     ref = make_loader(ds, cfg_with("data.bucket=true"), 0, 1)
     for micro, whole in itertools.islice(zip(L, ref), 5):
         np.testing.assert_array_equal(np.concatenate([row_ids(m) for m in micro]), row_ids(whole))
+
+
+@pytest.mark.timeout(180)
+def test_bucketed_training_two_mpi_workers_equal_one(mpi_ok, tmp_path):
+    """End to end through `ndtrain train` with data.bucket = true: 2 MPI workers end with the parameters of 1 worker
+    (float64, 1e-6 relative, as tests/cluster/test_equivalence.py), and both logged the same pad_fraction."""
+    from ndtrain.cluster import checkpoint as ckpt
+    from ndtrain.launch import cli
+    from ndtrain.launch.rundir import read_metrics, train_events
+    base = tmp_path / "base.toml"
+    base.write_text("# defaults + flags\n")
+    argv = ["train", "--config", str(base), "--task", "reverse", "--model", "transformer", "--batch-size", "16",
+            "--steps", "8", "--seed", "3", "--threads", "1", "-q", "--set", "model.d_model=16",
+            "--set", "model.n_heads=2", "--set", "model.d_ff=32", "--set", "model.n_enc_layers=1",
+            "--set", "model.n_dec_layers=1", "--set", "model.dropout=0.0", "--set", "data.rows=256",
+            "--set", 'run.dtype="float64"', "--set", "optim.lr=0.01", "--set", "data.bucket=true",
+            "--set", "run.log_every=4"]
+    one, two = tmp_path / "w1", tmp_path / "w2"
+    assert cli.main([*argv, "--out", str(one)]) == 0
+    assert cli.main([*argv, "--backend", "mpi", "--workers", "2", "--out", str(two)]) == 0
+    a, b = ckpt.load(one / "checkpoints").params, ckpt.load(two / "checkpoints").params
+    err = max(float(np.linalg.norm(b[k] - a[k]) / max(np.linalg.norm(a[k]), 1e-30)) for k in a)
+    assert err <= 1e-6, f"W=2 differs from W=1 by {err:.3g} relative"
+    pf1 = [r["pad_fraction"] for r in train_events(read_metrics(one))]
+    pf2 = [r["pad_fraction"] for r in train_events(read_metrics(two))]
+    # each rank pads its own share to its own longest row: W=2 computes no more padding than W=1, summed exactly
+    assert len(pf1) == len(pf2) == 2 and all(0 <= y <= x for x, y in zip(pf1, pf2))
