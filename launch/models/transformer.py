@@ -96,6 +96,7 @@ def _finalize_tokens(sums: dict) -> dict:
 class Seq2SeqModel(TaskModel):
     """Teacher-forced cross-entropy summed over the real (non-PAD) target tokens; eval adds the exact match of
     greedy (or beam) decodes made through the IncrementalDecoder protocol."""
+    reports_padding = True  # pad_fraction of the source + decoder-input positions
 
     def __init__(self, module, label_smoothing: float = 0.0, eval_beam_size: int = 1, length_penalty: float = 0.6,
                  max_decode_len: int | None = None):
@@ -104,8 +105,6 @@ class Seq2SeqModel(TaskModel):
         self.eval_beam_size = int(eval_beam_size)
         self.length_penalty = float(length_penalty)
         self.max_decode_len = max_decode_len
-
-    reports_padding = True
 
     def loss(self, batch, *, train):
         src, tgt_in, tgt_out = _ids(batch["src"]), _ids(batch["tgt_in"]), _ids(batch["tgt_out"])
@@ -150,13 +149,12 @@ class Seq2SeqModel(TaskModel):
 # -- language model ---------------------------------------------------------------------------------------------------
 class LMModel(TaskModel):
     """Next-token cross-entropy summed over the real positions of y; metrics loss, perplexity, token accuracy."""
+    reports_padding = True
 
     def __init__(self, module, block_size: int, label_smoothing: float = 0.0):
         self.module = module
         self.block_size = int(block_size)
         self.label_smoothing = float(label_smoothing)
-
-    reports_padding = True
 
     def loss(self, batch, *, train):
         x, y = _ids(batch["x"]), _ids(batch["y"])
