@@ -38,7 +38,7 @@ def run_bench(*args):
 def test_bench_realdata_reports_every_field(tmp_path):
     write_corpus(tmp_path, np.random.default_rng(0))
     out = run_bench(str(tmp_path), "--json", "--steps", "2", "--warmup", "1", "--eval-rows", "8",
-                    "--vocab-size", "80", *TINY)
+                    "--vocab-size", "300", *TINY)
     r = json.loads(out.strip().splitlines()[-1])
     assert set(r["train"]) == {"real", "plain", "synthetic"}
     for mode, row in r["train"].items():
@@ -59,7 +59,7 @@ def test_bench_realdata_takes_an_imported_dir_and_prints_a_table(tmp_path):
     raw.mkdir()
     write_corpus(raw, np.random.default_rng(1))
     from ndtrain.launch.bench.realdata import _import_raw
-    _import_raw(raw, imported, 80)
+    _import_raw(raw, imported, 300)
     out = run_bench(str(imported), "--steps", "1", "--warmup", "0", "--eval-rows", "4", *TINY)
     assert "real / synthetic =" in out and "pad_fraction" in out and "synthetic" in out
 
