@@ -77,6 +77,7 @@ def add_parser(sub) -> None:
                    help="list every config key (type, default, doc) and exit; see also `ndtrain config keys`")
     p.add_argument("--hostfile", help="MPI hostfile (backend mpi)")
     p.add_argument("--address", help="Ray address (backend ray)")
+    p.add_argument("--iface", help="network interface between hosts, e.g. eth1 (cluster.iface; docs/security.md)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="text (default) or json: one JSON object per event on stdout, for scripts and CI")
@@ -133,6 +134,8 @@ def resolve_config(args) -> Config:
         cfg.cluster.hostfile = args.hostfile
     if getattr(args, "address", None):
         cfg.cluster.address = args.address
+    if getattr(args, "iface", None):
+        cfg.cluster.iface = args.iface
     if getattr(args, "no_report", False):
         cfg.run.report = False
     apply_overrides(cfg, args.overrides)

@@ -111,6 +111,9 @@ class ClusterConfig:
     overlap: bool = _f(True, doc="all-reduce buckets while backward runs")
     hostfile: str = _f("", doc="MPI hostfile")
     address: str = _f("", doc="Ray address ('' = start a local Ray)")
+    iface: str = _f("", doc="network interface for traffic between hosts (MPI, Ray's TCP mesh, the coordinator), "
+                            "e.g. eth1; must exist on every host ('' = loopback on one host, the default route's "
+                            "interface across hosts). docs/security.md")
     # Recovery (cluster/supervise.py). -1 = automatic: the environment variable named, else the built-in default.
     max_restarts: int = _f(-1, min=-1, doc="Ray: worker-group restarts from the last checkpoint after a dead worker "
                                            "(-1: $NDTRAIN_MAX_RESTARTS or 3)")
@@ -313,6 +316,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model: expected a table")
     if cfg.run.deterministic:
         _check_deterministic(cfg.run)
+    if cfg.cluster.iface:
+        from ndtrain.cluster.comm.netif import interface_address
+        try:
+            interface_address(cfg.cluster.iface)
+        except ValueError as e:
+            raise ConfigError(f"cluster.iface: {e}") from None
     return cfg
 
 
