@@ -78,6 +78,7 @@ def add_parser(sub) -> None:
                    help="list every config key (type, default, doc) and exit; see also `ndtrain config keys`")
     p.add_argument("--hostfile", help="MPI hostfile (backend mpi)")
     p.add_argument("--address", help="Ray address (backend ray)")
+    p.add_argument("--iface", help="network interface between hosts, e.g. eth1 (cluster.iface; docs/security.md)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="text (default) or json: one JSON object per event on stdout, for scripts and CI")
@@ -94,7 +95,8 @@ def resolve_config(args) -> Config:
     keys = {key: getattr(args, flag, None) for flag, key in KEY_FLAGS.items()}
     return training.resolve_config(config=args.config, task=args.task, model=args.model, run=run, keys=keys,
                                    cluster={"hostfile": getattr(args, "hostfile", None),
-                                            "address": getattr(args, "address", None)},
+                                            "address": getattr(args, "address", None),
+                                            "iface": getattr(args, "iface", None)},
                                    overrides=args.overrides)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ndtrain.cluster.coordinator import Coordinator
 from ndtrain.cluster.metrics_channel import ENV_TEST_HANG, ENV_TEST_STEP_DELAY
+from ndtrain.cluster.comm.netif import interface_address
 from ndtrain.cluster.comm.ray_comm import form_group
 from ndtrain.cluster.ray_rank import RankActor
 from ndtrain.cluster import checkpoint as ckpt
@@ -46,7 +47,8 @@ def ensure_ray(address: str = "", num_cpus: int | None = None):
 def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None,
             threads: int = 0, address: str = "", global_batch: int | None = None,
             heartbeat_timeout: float = 30.0, start_timeout: float = 120.0, transport: str = "auto",
-            shutdown: bool = True, max_restarts: int = 0, on_restart=None, stall_timeout: float = 20.0) -> int:
+            shutdown: bool = True, max_restarts: int = 0, on_restart=None, stall_timeout: float = 20.0,
+            iface: str = "") -> int:
     """Run `target` on `workers` Ray actors; returns the exit status (0: every rank finished and reported).
 
     max_restarts: how many times a group whose process died, went silent or hung is torn down and started again
@@ -58,7 +60,14 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None,
     threads = threads or default_threads(workers)
     ray, started = ensure_ray(address, num_cpus=max(workers * threads, os.cpu_count() or 1))
     multi_node = len([n for n in ray.nodes() if n.get("Alive")]) > 1
-    bind = "0.0.0.0" if multi_node else "127.0.0.1"
+    # across nodes the coordinator listens on iface's address (cluster.iface) or this node's Ray address, which is
+    # also what it advertises; on one node on loopback (docs/security.md)
+    if not multi_node:
+        bind = "127.0.0.1"
+    elif iface:
+        bind = interface_address(iface)
+    else:
+        bind = ray.util.get_node_ip_address()
     coord = Coordinator(workers, writer=writer, ranks_file=rundir.path_in(run_dir, rundir.RANKS), host=bind,
                         heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout,
                         stall_timeout=stall_timeout, extra_summary={"restarts": 0}).start()
@@ -66,7 +75,7 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None,
     try:
         while True:
             failure = _run_group(ray, coord, run_dir, target, args, workers, threads, multi_node, global_batch,
-                                 start_timeout, transport)
+                                 start_timeout, transport, iface)
             if failure is None or restarts >= max_restarts or not _recoverable(failure):
                 break
             restarts += 1
@@ -93,12 +102,13 @@ def _recoverable(failure) -> bool:
     return not failure.traceback and "interrupted" not in failure.reason
 
 
-def _run_group(ray, coord, run_dir, target, args, workers, threads, multi_node, global_batch, start_timeout, transport):
+def _run_group(ray, coord, run_dir, target, args, workers, threads, multi_node, global_batch, start_timeout,
+               transport, iface=""):
     """Start one group of rank actors for the coordinator's current generation, supervise it, tear it down (every
     actor killed, the shared-memory file removed). Returns None on success, else the Failure."""
     env = coord.env()
     if multi_node:
-        env["NDTRAIN_COORD_ADDR"] = f"{ray.util.get_node_ip_address()}:{coord.port}"
+        env["NDTRAIN_COORD_ADDR"] = coord.address  # bound to the advertised address (run_ray)
     for k in THREAD_ENV:
         env[k] = str(threads)
     for k in (ENV_TEST_HANG, ENV_TEST_STEP_DELAY):  # test-only fault injection reaches the actors too
@@ -113,7 +123,7 @@ def _run_group(ray, coord, run_dir, target, args, workers, threads, multi_node, 
     failure = None
     try:
         try:
-            nodes = form_group(actors, group_token, timeout=start_timeout, transport=transport)
+            nodes = form_group(actors, group_token, timeout=start_timeout, transport=transport, iface=iface)
         except Exception as e:  # a rank could not be placed or joined
             coord.fail(None, None, f"could not form the Ray rank group: {type(e).__name__}: {e}")
             failure = coord.failure
@@ -180,6 +190,6 @@ def launch(cfg, console=None) -> int:
     def resume_args(args: dict) -> dict:
         return {**args, "resume": str(ckpt_dir.resolve())} if ckpt.latest(ckpt_dir) is not None else args
 
-    return run_ray(**train_job(cfg, console), address=cfg.cluster.address, on_restart=resume_args,
-                   max_restarts=settings["max_restarts"], heartbeat_timeout=settings["heartbeat_timeout"],
-                   stall_timeout=settings["stall_timeout"])
+    return run_ray(**train_job(cfg, console), address=cfg.cluster.address, iface=cfg.cluster.iface,
+                   on_restart=resume_args, max_restarts=settings["max_restarts"],
+                   heartbeat_timeout=settings["heartbeat_timeout"], stall_timeout=settings["stall_timeout"])
