@@ -68,7 +68,8 @@ class RunConfig:
     tensorboard: bool = _f(True, doc="write TensorBoard events to DIR/tb (env NDTRAIN_TENSORBOARD=0 turns it off)")
     backend: str = _f("local", choices=("local", "mpi", "ray"))
     workers: int = _f(1, min=1)
-    threads: int = _f(0, min=0, doc="BLAS threads per worker (0: cores // workers)")
+    threads: int = _f(0, min=0, doc="BLAS threads per worker (0: $OPENBLAS/OMP_NUM_THREADS if set, else cores // "
+                                     "workers on the host)")
     dtype: str = _f("float32", choices=("float32", "float64"))
     resume: str = _f("", doc="checkpoint JSON, checkpoints directory or run directory to resume from ('' = fresh "
                              "start); a directory resumes from its newest valid checkpoint")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from ndtrain.launch import rundir
 from ndtrain.cluster.comm.mpi import MPICommunicator
 from ndtrain.launch.launch_mpi import find_mpiexec, mpi_flavour
 from ndtrain.launch.launch_ray import run_ray
@@ -114,12 +115,12 @@ def run_ray_part(sizes, workers) -> tuple[list[dict], str]:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "ray.json")
         rc = run_ray("ndtrain.launch.bench.allreduce:ray_rank", {"sizes": sizes, "out": out}, workers=workers,
-                     run_dir=d, threads=1, quiet=True)
+                     run_dir=d, threads=1)
         if rc != 0:
             raise RuntimeError("the Ray all-reduce benchmark failed (see above)")
         with open(out) as f:
             rows = json.load(f)
-        with open(os.path.join(d, "topology.json")) as f:
+        with open(os.path.join(d, rundir.TOPOLOGY)) as f:
             transport = json.load(f).get("transport", "")
     return rows, transport
 

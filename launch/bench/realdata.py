@@ -35,6 +35,7 @@ from ndtrain.engine import ParamStore
 from ndtrain.launch.config import apply_overrides, load_config, validate
 from ndtrain.launch.models import build_model
 from ndtrain.data.info import PAD
+from ndtrain.data.shards import TOKENIZER_FILE
 from ndtrain.launch.task_data import make_loader
 from ndtrain.data.loader import Loader
 from ndtrain.engine.memory import retain_freed_memory
@@ -65,7 +66,7 @@ def _import_raw(raw: Path, out: Path, vocab_size: int) -> Path:
     """`ndtrain data import` of the raw corpus into out/{train,val} (stdout kept off ours)."""
     with contextlib.redirect_stdout(sys.stderr):
         for split, extra in (("train", ["--tokenizer", "bpe", "--vocab-size", str(vocab_size)]),
-                             ("val", ["--tokenizer-file", str(out / "train" / "tokenizer.json")])):
+                             ("val", ["--tokenizer-file", str(out / "train" / TOKENIZER_FILE)])):
             rc = cli(["data", "import", "--src", str(raw / f"{split}.en.gz"), "--tgt", str(raw / f"{split}.de.gz"),
                       *extra, "--out", str(out / split)])
             if rc:

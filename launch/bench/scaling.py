@@ -26,6 +26,7 @@ import tempfile
 import time
 
 import numpy as np
+from ndtrain.launch import rundir
 from ndtrain.cluster.reducer import GradReducer
 from ndtrain.launch.launch_mpi import run_mpi
 from ndtrain.launch.launch_ray import run_ray
@@ -151,10 +152,10 @@ def _job(backend: str, args) -> dict:
                "bucket_mb": args.bucket_mb, "out": out}
         target = "ndtrain.launch.bench.scaling:scaling_rank"
         if backend == "mpi":
-            rc = run_mpi(target, job, workers=args.workers, run_dir=d, threads=1, quiet=True)
+            rc = run_mpi(target, job, workers=args.workers, run_dir=d, threads=1)
         else:
-            rc = run_ray(target, job, workers=args.workers, run_dir=d, threads=1, quiet=True)
-            with open(os.path.join(d, "topology.json")) as f:
+            rc = run_ray(target, job, workers=args.workers, run_dir=d, threads=1)
+            with open(os.path.join(d, rundir.TOPOLOGY)) as f:
                 transport = json.load(f).get("transport")
         if rc != 0:
             raise RuntimeError(f"the {backend} scaling job failed (see above)")

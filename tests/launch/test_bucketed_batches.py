@@ -112,7 +112,7 @@ def test_deterministic_mode_takes_bucketed_batches():
 @pytest.mark.timeout(180)
 def test_bucketed_training_two_mpi_workers_equal_one(mpi_ok, tmp_path):
     """End to end through `ndtrain train` with data.bucket = true: 2 MPI workers end with the parameters of 1 worker
-    (float64, 1e-6 relative, as tests/cluster/test_equivalence.py), and both logged the same pad_fraction."""
+    (float64, 1e-6 relative, as tests/launch/test_equivalence.py), and both logged the same pad_fraction."""
     from ndtrain.cluster import checkpoint as ckpt
     from ndtrain.launch import cli
     from ndtrain.launch.rundir import read_metrics, train_events

@@ -19,7 +19,7 @@ from ndtrain.launch import cli
 from helpers.runs import TINY_TRANSFORMER
 
 SITECUSTOMIZE = textwrap.dedent('''
-    """Test probe (tests/cluster/test_rank_checksums.py): patches ndtrain.cluster.trainer.Trainer on import."""
+    """Test probe (tests/launch/test_rank_checksums.py): patches ndtrain.cluster.trainer.Trainer on import."""
     import importlib.abc
     import json
     import os
