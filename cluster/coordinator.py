@@ -10,6 +10,9 @@ ranks.json (each rank's host and pid), and decides when the job has failed:
   - a rank is hung: its peers have waited for it in a collective for stall_timeout seconds (heartbeats say whether a
     rank is blocked in a collective, cluster.rank_entry.WatchedComm); the failure names the ranks NOT waiting;
   - not every rank connected within start_timeout.
+It answers every heartbeat with an ack (ranks that stop hearing from it stop themselves: cluster/metrics_channel.py)
+and, on `request_stop()` (the driver got Ctrl-C or SIGTERM), tells every rank to stop at a step boundary; ranks then
+report "interrupted" at the step they agreed on (cluster/interrupt.py), and `interrupted_step` holds it.
 The launcher calls `poll()` in its loop and ends the job when `failure` is set. After a failure, `restart()` opens
 a new generation (a new token: messages of the dead group are ignored) that keeps the output files: records of
 steps already written (the steps a restarted group replays from its checkpoint) are not written twice.
@@ -96,6 +99,9 @@ class Coordinator:
         self._tb = None
         self._server: socket.socket | None = None
         self._conns: list[socket.socket] = []
+        self._reply_locks: dict[socket.socket, threading.Lock] = {}  # authenticated rank connections (any generation)
+        self.stop_requested = False
+        self.interrupted_at: dict[int, int] = {}  # rank -> the step it stopped at on request
 
     # -- server ------------------------------------------------------------------------------------------------------
     def start(self) -> "Coordinator":
@@ -144,12 +150,40 @@ class Coordinator:
                             conn.close()  # not one of ours
                             return
                         rank = int(msg["rank"])
+                        self._reply_locks[conn] = threading.Lock()
+                        if self.stop_requested:
+                            self._reply(conn, "stop")
+                    elif msg.get("type") == "hb":
+                        self._reply(conn, "ack")
                     msg["_gen"] = gen
                     self._inbox.put(msg)
         except (OSError, ValueError):
             pass
         if rank is not None:
             self._inbox.put({"type": "eof", "rank": rank, "_gen": gen})
+
+    def _reply(self, conn: socket.socket, kind: str) -> None:
+        lock = self._reply_locks.get(conn)
+        if lock is None:
+            return
+        with lock:
+            try:
+                conn.sendall(b'{"type":"%s"}\n' % kind.encode())
+            except OSError:
+                pass  # the rank is gone: its reader notices
+
+    def request_stop(self) -> None:
+        """Ask every rank to stop at the next step boundary with a checkpoint (ranks that connect later are told at
+        their hello)."""
+        self.stop_requested = True
+        for conn in list(self._reply_locks):
+            self._reply(conn, "stop")
+
+    @property
+    def interrupted_step(self) -> int | None:
+        """The step every rank stopped at on request (None: the job was not interrupted)."""
+        steps = set(self.interrupted_at.values())
+        return steps.pop() if len(steps) == 1 and len(self.interrupted_at) == self.world_size else None
 
     # -- main loop ---------------------------------------------------------------------------------------------------
     def poll(self, timeout: float = 0.2) -> None:
@@ -206,6 +240,14 @@ class Coordinator:
                 self._summary = msg["summary"]
         elif kind == "error":
             self._fail(rank, msg.get("step"), "raised an exception", msg.get("traceback", ""))
+        elif kind == "interrupted":
+            self.interrupted_at[rank] = int(msg["step"])
+            if len(self.interrupted_at) == self.world_size and len(set(self.interrupted_at.values())) > 1:
+                self._fail(rank, None, f"ranks stopped at different steps on request: {self.interrupted_at}")
+                return
+            self.done.add(rank)
+            if len(self.done) == self.world_size:
+                self._finish()
         elif kind == "done":
             self.done.add(rank)
             if len(self.done) == self.world_size:
@@ -316,6 +358,7 @@ class Coordinator:
         self.ranks, self.last_seen, self.last_step, self.liveness, self.rank_timing = {}, {}, {}, {}, {}
         self.training = set()
         self.done = set()
+        self.interrupted_at = {}
         self._summary = None
         self._pending_logs = []
         self._agg = None

@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"ndtrain {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop, or a second one inside (cluster/interrupt.py)
+        from ndtrain.cluster.interrupt import exit_code
+        print(f"ndtrain {args.command}: aborted", file=sys.stderr, flush=True)
+        return exit_code()
 
 
 if __name__ == "__main__":

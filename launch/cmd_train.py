@@ -21,6 +21,10 @@ config.toml, task_info.json (+ tokenizer.json), metrics.jsonl, summary.json, che
 run.tensorboard) and, once training succeeded, report.html (run.report, or --no-report).
 For test suites: NDTRAIN_REPORT=0 and NDTRAIN_TENSORBOARD=0 in the environment turn the last two off.
 
+Ctrl-C or SIGTERM (every backend) stops at the next step boundary, writes a checkpoint, prints `interrupted at step
+N; resume with: ndtrain train --resume DIR` and exits 130 (SIGINT) or 143 (SIGTERM); a second Ctrl-C aborts at
+once (cluster/interrupt.py).
+
     ndtrain train --task xor --print-config        # the resolved config as TOML, nothing run
     ndtrain train --task xor --log-format json | jq -c 'select(.event == "train") | [.step, .loss]'
 """
@@ -202,6 +206,20 @@ def main(args) -> int:
         sys.stdout.write(tomli_w.dumps(cfg.to_dict()))
         return 0
     resolve_resume(cfg)
+    from ndtrain.cluster import interrupt
+    with interrupt.handle_signals():
+        return _train(cfg, args)
+
+
+def _interrupted(console, step: int | None, out: str) -> int:
+    """The end of a run stopped on request (the launchers print the line themselves): exit 128 + signal."""
+    from ndtrain.cluster import interrupt
+    if console.json:
+        console.emit("interrupted", {"step": step, "run_dir": out})
+    return interrupt.exit_code()
+
+
+def _train(cfg: Config, args) -> int:
     from ndtrain.launch.progress import Console
     log_format = getattr(args, "log_format", "text") or "text"
     console = Console(cfg.run.steps, log_format, quiet=args.quiet)
@@ -211,6 +229,11 @@ def main(args) -> int:
             raise UsageError(f"run.backend: the {cfg.run.backend} backend is not available yet in this build "
                              f"(use --backend local)")
         rc = int(launcher.launch(cfg, quiet=args.quiet, log_format=log_format) or 0)
+        if rc > 128:  # stopped on request; the launcher printed where to resume from
+            from ndtrain.cluster import checkpoint as ckpt
+            newest = ckpt.latest(Path(cfg.run.out) / "checkpoints")
+            step = int(newest.stem.split("-")[1]) if newest is not None else None
+            return _interrupted(console, step, cfg.run.out)
         if rc == 0:  # the driver, after the job ended well: the run directory is complete
             if console.json:
                 from ndtrain.launch.rundir import read_summary
@@ -227,7 +250,12 @@ def main(args) -> int:
         atomic_write_text(Path(cfg.run.out) / "topology.json", json.dumps(topo.to_dict(), indent=1) + "\n")
         console.emit("topology", topo.to_dict())
 
-    summary = run_worker(cfg, LocalCommunicator(), write_config=True, console=console, on_ready=on_ready)
+    from ndtrain.cluster.interrupt import Interrupted, interrupted_line
+    try:
+        summary = run_worker(cfg, LocalCommunicator(), write_config=True, console=console, on_ready=on_ready)
+    except Interrupted as e:
+        print(interrupted_line(e.step, cfg.run.out), file=sys.stderr, flush=True)
+        return _interrupted(console, e.step, cfg.run.out)
     if console.json:
         console.emit("done", {**summary, "run_dir": cfg.run.out})
     else:
