@@ -55,10 +55,12 @@ def _encode_all(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     return [tok.encode(t) for t in texts]
 
 
-def import_text(path, out_dir, tokenizer: str = "char", vocab_size: int | None = None, *, block_size: int = 128,
-                shard_rows: int = 65536, tokenizer_file=None, name: str | None = None) -> Path:
-    lines = read_lines(path, keepends=True)
-    tok = _tokenizer(tokenizer, lines, vocab_size, tokenizer_file)
+def import_text(path, out_dir, tokenizer: str = "char", vocab_size: int | None = None, *, block_size: int = 64,
+                shard_rows: int = 65536, tokenizer_file=None, name: str | None = None, lines: list[str] | None = None,
+                tok: Tokenizer | None = None) -> Path:
+    """LM shards of a text file (`lines`/`tok`: already read lines and a trained tokenizer, for split_text)."""
+    lines = read_lines(path, keepends=True) if lines is None else lines
+    tok = tok or _tokenizer(tokenizer, lines, vocab_size, tokenizer_file)
     docs = _encode_all(tok, lines)
     n_tokens = sum(len(d) for d in docs)
     if n_tokens < 2:
@@ -67,6 +69,26 @@ def import_text(path, out_dir, tokenizer: str = "char", vocab_size: int | None =
                     max_tgt_len=block_size, extra={"tokenizer": tok.kind})
     source = {"import": "text", "file": str(path), "tokenizer": tok.kind, "vocab_size": vocab_size}
     return write_dataset(out_dir, info, {"tokens": docs}, shard_rows=shard_rows, tokenizer=tok, source=source)
+
+
+def import_text_split(path, out_dir, val_fraction: float, tokenizer: str = "char", vocab_size: int | None = None,
+                      **kw) -> tuple[Path, Path]:
+    """One text file -> out_dir/train and out_dir/val with ONE tokenizer trained on the whole text (nanoGPT's
+    prepare.py: the first 1 - val_fraction of the characters train, the rest validates). The cut falls on the line
+    boundary nearest that point, so both splits keep whole lines."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction: must be in (0, 1), got {val_fraction}")
+    lines = read_lines(path, keepends=True)
+    if len(lines) < 2:
+        raise DataError(f"{path}: one line only; a validation split needs at least two")
+    lengths = np.cumsum([len(x) for x in lines])
+    cut = int(np.searchsorted(lengths, (1.0 - val_fraction) * lengths[-1])) + 1
+    cut = min(max(cut, 1), len(lines) - 1)  # both splits non-empty
+    tok = _tokenizer(tokenizer, lines, vocab_size, kw.pop("tokenizer_file", None))
+    out = Path(out_dir)
+    train = import_text(path, out / "train", tokenizer, vocab_size, lines=lines[:cut], tok=tok, **kw)
+    val = import_text(path, out / "val", tokenizer, vocab_size, lines=lines[cut:], tok=tok, **kw)
+    return train, val
 
 
 def read_parallel(src_path=None, tgt_path=None, tsv_path=None) -> tuple[list[str], list[str]]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ndtrain.launch.cli import UsageError
+from ndtrain.launch.suggest import did_you_mean
 
 
 class ConfigError(UsageError):
@@ -174,7 +175,8 @@ def _set_section(section_obj, section: str, table: dict, source: str) -> None:
     names = {f.name for f in dataclasses.fields(section_obj)}
     for key, value in table.items():
         if key not in names:
-            raise ConfigError(f"{section}.{key}: unknown key{source}; known: {', '.join(sorted(names))}")
+            raise ConfigError(f"{section}.{key}: unknown key{source}{did_you_mean(key, names)}; "
+                              f"known: {', '.join(sorted(names))}")
         try:
             value = _coerce(f"{section}.{key}", value, hints[key])
         except ConfigError as e:
@@ -191,7 +193,8 @@ def merge_dict(cfg: Config, data: dict, source: str = "") -> Config:
             cfg.model.update(copy.deepcopy(table))
             continue
         if section not in SECTIONS:
-            raise ConfigError(f"{section}: unknown section{source}; known: run, model, optim, data, cluster")
+            raise ConfigError(f"{section}: unknown section{source}{did_you_mean(section, [*SECTIONS, 'model'])}; "
+                              f"known: run, model, optim, data, cluster")
         if not isinstance(table, dict):
             raise ConfigError(f"{section}: expected a table{source}, got {table!r}")
         _set_section(getattr(cfg, section), section, table, source)
@@ -308,7 +311,8 @@ def model_options(given: dict, defaults: dict, family: str) -> dict:
     for key, value in (given or {}).items():
         name = f"model.{key}"
         if key not in defaults:
-            raise ConfigError(f"{name}: unknown key for model {family!r}; known: {', '.join(sorted(defaults))}")
+            raise ConfigError(f"{name}: unknown key for model {family!r}{did_you_mean(key, defaults)}; "
+                              f"known: {', '.join(sorted(defaults))}")
         d = defaults[key]
         t = type(d) if d is not None else None
         if t is list:
