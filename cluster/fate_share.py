@@ -20,15 +20,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent(sig: int = signal.SIGTERM):
-    """preexec_fn: the child receives `sig` when its parent thread ends. None where prctl is unavailable. The libc
-    function is looked up here, before the fork: the child only makes the call (and checks that its parent did not
-    die before it could)."""
-    if not sys.platform.startswith("linux"):
+    """preexec_fn: the child receives `sig` when its parent thread ends. None where prctl is unavailable, and off
+    the main thread (a worker thread that ends would take the child with it). The libc function is looked up here,
+    before the fork: the child only makes the call (and checks that its parent did not die before it could)."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
         return None
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl

@@ -38,14 +38,12 @@ class Interrupted(Exception):
 
 
 class StopRequest:
-    """The process-wide stop request. signum: the first signal received (None: the request came otherwise);
-    abort_signum: the signal that aborted (a second one)."""
+    """The process-wide stop request. signum: the signal that asked (None: the request came otherwise)."""
 
     def __init__(self):
         self._event = threading.Event()
         self.reason = ""
         self.signum: int | None = None
-        self.abort_signum: int | None = None
         self.lost = False  # this rank lost its coordinator: it ends its process once stopped (or at the grace)
 
     @property
@@ -57,12 +55,9 @@ class StopRequest:
             self.reason, self.signum = reason, signum
             self._event.set()
 
-    def wait(self, timeout: float) -> bool:
-        return self._event.wait(timeout)
-
     def clear(self) -> None:
         self._event.clear()
-        self.reason, self.signum, self.abort_signum, self.lost = "", None, None, False
+        self.reason, self.signum, self.lost = "", None, False
 
 
 STOP = StopRequest()
@@ -116,7 +111,6 @@ def handle_signals():
 def _handler(signum, frame) -> None:
     _LAST_SIGNAL[0] = signum
     if STOP.signum is not None:  # a second signal: abort now
-        STOP.abort_signum = signum
         raise KeyboardInterrupt(f"aborted ({signal.Signals(signum).name} twice)")
     STOP.request(signal.Signals(signum).name, signum)
     # os.write, not print: a handler may run while the main thread is inside a buffered write to stderr
