@@ -1,7 +1,8 @@
 """The coordinator: one process beside the ranks (the MPI launcher, or the Ray driver) that they report to.
 
-It listens on 127.0.0.1 (or a given host) for the ranks' RankReporter connections, authenticated by a per-run
-token. It aggregates each step over ranks (cluster.aggregate), draws a progress bar with ETA, writes the run
+It listens on 127.0.0.1 (or a given host) for the ranks' RankReporter connections through cluster.coord_server
+(each one proves the per-run token by an HMAC challenge-response before anything it sends is parsed; sizes,
+connection count and idle time are bounded there). It aggregates each step over ranks (cluster.aggregate), draws a progress bar with ETA, writes the run
 directory through a sink (launch.rundir.RunWriter: metrics.jsonl, summary.json), TensorBoard events (DIR/tb) and
 ranks.json (each rank's host and pid), and decides when the job has failed:
   - a rank reported an exception (rank, step, traceback);
@@ -10,8 +11,8 @@ ranks.json (each rank's host and pid), and decides when the job has failed:
   - a rank is hung: its peers have waited for it in a collective for stall_timeout seconds (heartbeats say whether a
     rank is blocked in a collective, cluster.rank_entry.WatchedComm); the failure names the ranks NOT waiting;
   - not every rank connected within start_timeout.
-It answers every heartbeat with an ack (ranks that stop hearing from it stop themselves: cluster/metrics_channel.py)
-and, on `request_stop()` (the driver got Ctrl-C or SIGTERM), tells every rank to stop at a step boundary; ranks then
+Its server answers every heartbeat with an ack (ranks that stop hearing from it stop themselves:
+cluster/metrics_channel.py) and, after `request_stop()` (the driver got Ctrl-C or SIGTERM), tells every rank to stop at a step boundary; ranks then
 report "interrupted" at the step they agreed on (cluster/interrupt.py), and `interrupted_step` holds it.
 The launcher calls `poll()` in its loop and ends the job when `failure` is set. After a failure, `restart()` opens
 a new generation (a new token: messages of the dead group are ignored) that keeps the output files: records of
@@ -31,9 +32,7 @@ import json
 import os
 import queue
 import secrets
-import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from pathlib import Path
 from ndtrain.data.atomic import atomic_write_text
 
 from .aggregate import StepAggregator, with_rank_timing
+from .coord_server import CoordServer, coord_key
 from .metrics_channel import ENV_ADDR, ENV_TOKEN
 
 
@@ -72,6 +72,7 @@ class Coordinator:
         self.total_steps, self.quiet = total_steps, quiet
         self.host, self.port = host, port
         self.token = token or secrets.token_hex(16)
+        self._key = coord_key(self.token)
         self.heartbeat_timeout, self.start_timeout = heartbeat_timeout, start_timeout
         self.stall_timeout = stall_timeout
         self.generation = 0
@@ -97,21 +98,18 @@ class Coordinator:
         self._t_wall0 = time.time()
         self._bar = None
         self._tb = None
-        self._server: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._reply_locks: dict[socket.socket, threading.Lock] = {}  # authenticated rank connections (any generation)
+        self._server: CoordServer | None = None
         self.stop_requested = False
         self.interrupted_at: dict[int, int] = {}  # rank -> the step it stopped at on request
 
     # -- server ------------------------------------------------------------------------------------------------------
     def start(self) -> "Coordinator":
-        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind((self.host, self.port))
-        srv.listen(max(16, self.world_size * 2))
-        self.port = srv.getsockname()[1]
-        self._server = srv
-        threading.Thread(target=self._accept_loop, name="ndtrain-coord-accept", daemon=True).start()
+        # an authenticated rank's link may stay silent up to heartbeat_timeout before the heartbeat rule names it;
+        # the server closes it only well after that
+        self._server = CoordServer(self.host, self.port, credentials=lambda: (self._key, self.generation),
+                                   deliver=self._inbox.put, world_size=self.world_size,
+                                   idle_s=max(120.0, 4 * self.heartbeat_timeout))
+        self.port = self._server.start()
         self._t0 = time.monotonic()
         return self
 
@@ -119,65 +117,20 @@ class Coordinator:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def server_stats(self) -> dict:
+        """Connections accepted, authenticated, refused, malformed, timed out, evicted, busy (cluster.coord_server)."""
+        return dict(self._server.stats) if self._server is not None else {}
+
     def env(self) -> dict[str, str]:
         return {ENV_ADDR: self.address, ENV_TOKEN: self.token}
 
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            self._conns.append(conn)
-            threading.Thread(target=self._read_loop, args=(conn,), daemon=True).start()
-
-    def _read_loop(self, conn: socket.socket) -> None:
-        rank = None
-        gen = self.generation
-        buf = b""
-        try:
-            while True:
-                chunk = conn.recv(1 << 16)
-                if not chunk:
-                    break
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    msg = json.loads(line)
-                    if rank is None:
-                        if msg.get("type") != "hello" or not secrets.compare_digest(str(msg.get("token", "")),
-                                                                                  self.token):
-                            conn.close()  # not one of ours
-                            return
-                        rank = int(msg["rank"])
-                        self._reply_locks[conn] = threading.Lock()
-                        if self.stop_requested:
-                            self._reply(conn, "stop")
-                    elif msg.get("type") == "hb":
-                        self._reply(conn, "ack")
-                    msg["_gen"] = gen
-                    self._inbox.put(msg)
-        except (OSError, ValueError):
-            pass
-        if rank is not None:
-            self._inbox.put({"type": "eof", "rank": rank, "_gen": gen})
-
-    def _reply(self, conn: socket.socket, kind: str) -> None:
-        lock = self._reply_locks.get(conn)
-        if lock is None:
-            return
-        with lock:
-            try:
-                conn.sendall(b'{"type":"%s"}\n' % kind.encode())
-            except OSError:
-                pass  # the rank is gone: its reader notices
-
     def request_stop(self) -> None:
-        """Ask every rank to stop at the next step boundary with a checkpoint (ranks that connect later are told at
-        their hello)."""
+        """Ask every rank to stop at the next step boundary with a checkpoint (the server tells each connected rank,
+        and any that connects later)."""
         self.stop_requested = True
-        for conn in list(self._reply_locks):
-            self._reply(conn, "stop")
+        if self._server is not None:
+            self._server.stop = True
 
     @property
     def interrupted_step(self) -> int | None:
@@ -353,6 +306,7 @@ class Coordinator:
         and cannot reconnect), fresh per-rank state; output files, records and the progress bar stay."""
         self.generation += 1
         self.token = secrets.token_hex(16)
+        self._key = coord_key(self.token)
         self.failure = None
         self.finished = False
         self.ranks, self.last_seen, self.last_step, self.liveness, self.rank_timing = {}, {}, {}, {}, {}
@@ -431,15 +385,7 @@ class Coordinator:
     def close(self) -> None:
         self._close_bar()
         if self._server is not None:
-            try:
-                self._server.close()
-            except OSError:
-                pass
-        for c in self._conns:
-            try:
-                c.close()
-            except OSError:
-                pass
+            self._server.close()
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -78,12 +77,14 @@ import it with --tokenizer-file pointing at the training import's tokenizer.json
 
 
 def _data_errors(fn):
+    """DataError (bad input, naming the file) and a full disk (naming the path and the space needed): one line."""
     def run(args):
+        from ndtrain.data.atomic import DiskFullError
         from ndtrain.data.shards import DataError
 
         try:
             return fn(args)
-        except DataError as e:
+        except (DataError, DiskFullError) as e:
             raise UsageError(str(e)) from None
     run.__name__ = fn.__name__
     return run
@@ -114,15 +115,23 @@ def run_import(args) -> int:
         raise UsageError("--src needs --tgt (the target side of the parallel corpus)")
     if args.tgt and not args.src:
         raise UsageError("--tgt needs --src")
-    if args.vocab_size is not None and args.vocab_size <= 4:
-        raise UsageError("--vocab-size must be > 4 (ids 0-3 are PAD, UNK, BOS, EOS)")
+    # every flag before anything is read or written (the data layer checks again, naming its arguments)
+    from ndtrain.data.tokenizer import check_vocab_size
+    for flag in ("shard_rows", "block_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.vocab_size is not None:
+        if args.tokenizer_file:
+            raise UsageError("--vocab-size: not used with --tokenizer-file (the file fixes the vocabulary)")
+        try:
+            check_vocab_size(args.tokenizer, args.vocab_size)
+        except ValueError as e:
+            raise UsageError(f"--vocab-size: {str(e).split(': ', 1)[1]}") from None
     common = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, shard_rows=args.shard_rows,
                   tokenizer_file=args.tokenizer_file)
     if args.val_fraction is not None and not args.text:
         raise UsageError("--val-fraction: only with --text (import a parallel corpus's validation side with "
                          "--tokenizer-file)")
-    if args.block_size < 1:
-        raise UsageError(f"--block-size: must be >= 1, got {args.block_size}")
     if args.val_fraction is not None:
         if not 0.0 < args.val_fraction < 1.0:
             raise UsageError(f"--val-fraction: must be between 0 and 1, got {args.val_fraction}")
@@ -153,16 +162,17 @@ def run_inspect(args) -> int:
 
 
 def _summary(d: Path) -> str:
-    m = json.loads((Path(d) / "manifest.json").read_text())
+    from ndtrain.data.reader import read_manifest
+    m = read_manifest(d)  # checked: kind, info, shards, tokenizer; the rest is shown as found
     info = m["info"]
-    lines = [f"{d}: task {m['task']} ({m['kind']}), {m['rows']} rows, {m['tokens']} tokens, "
-             f"{len(m['shards'])} shard(s), schema v{m['schema_version']}"]
+    lines = [f"{d}: task {m.get('task', info['name'])} ({m['kind']}), {m.get('rows', '?')} rows, "
+             f"{m.get('tokens', '?')} tokens, {len(m['shards'])} shard(s), schema v{m['schema_version']}"]
     if m.get("tokenizer"):
         t = m["tokenizer"]
-        lines.append(f"  tokenizer {t['kind']} ({t['file']}, sha256 {t['sha256'][:12]}…), vocab {m['vocab_size']}, "
-                     f"special ids {m['special_ids']}")
+        lines.append(f"  tokenizer {t.get('kind')} ({t['file']}, sha256 {t['sha256'][:12]}…), vocab {m['vocab_size']}, "
+                     f"special ids {m.get('special_ids')}")
     dims = {k: v for k, v in info.items() if k not in ("name", "kind", "extra") and v}
-    lines.append(f"  columns {m['columns']}; info {dims}")
+    lines.append(f"  columns {m.get('columns')}; info {dims}")
     return "\n".join(lines)
 
 

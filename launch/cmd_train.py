@@ -69,6 +69,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (one is always written at the end)")
     p.add_argument("--resume", help="checkpoint JSON (or checkpoints directory) to resume from")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into a non-empty --out: first remove the files an earlier run left there "
+                        "(checkpoints, metrics, tb/, ...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. optim.lr=3e-3 or model.hidden=[64,64] (repeatable)")
     p.add_argument("--config", help="a TOML config file")
@@ -78,6 +81,7 @@ def add_parser(sub) -> None:
                    help="list every config key (type, default, doc) and exit; see also `ndtrain config keys`")
     p.add_argument("--hostfile", help="MPI hostfile (backend mpi)")
     p.add_argument("--address", help="Ray address (backend ray)")
+    p.add_argument("--iface", help="network interface between hosts, e.g. eth1 (cluster.iface; docs/security.md)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="text (default) or json: one JSON object per event on stdout, for scripts and CI")
@@ -134,9 +138,14 @@ def resolve_config(args) -> Config:
         cfg.cluster.hostfile = args.hostfile
     if getattr(args, "address", None):
         cfg.cluster.address = args.address
+    if getattr(args, "iface", None):
+        cfg.cluster.iface = args.iface
     if getattr(args, "no_report", False):
         cfg.run.report = False
     apply_overrides(cfg, args.overrides)
+    if not cfg.run.out:  # no --out: a fresh directory, never an earlier run's
+        from ndtrain.launch.rundir import fresh_run_dir
+        cfg.run.out = str(fresh_run_dir(cfg.run.task, cfg.run.model))
     validate(cfg)
     check_names(cfg)
     return cfg
@@ -163,6 +172,21 @@ def resolve_resume(cfg: Config) -> None:
                           f"must be larger to continue")
     cfg.run.resume = str(c.path.resolve())
     truncate_metrics(cfg.run.out, c.step)
+
+
+def prepare_run_dir(cfg: Config, overwrite: bool) -> None:
+    """The run directory, before anything is written: refuse a non-empty one (unless resuming or --overwrite),
+    prove it can be created and written; --overwrite then removes what an earlier run left (launch/rundir.py)."""
+    from ndtrain.launch.rundir import RunDirError, check_run_dir_free, check_writable_dir, clear_run_outputs
+    if overwrite and cfg.run.resume:
+        raise ConfigError("--overwrite: cannot be combined with --resume (it would delete the run being resumed)")
+    try:
+        check_run_dir_free(cfg.run.out, resume=bool(cfg.run.resume), overwrite=overwrite)
+        check_writable_dir(cfg.run.out)
+        if overwrite:
+            clear_run_outputs(cfg.run.out)
+    except (RunDirError, OSError) as e:
+        raise ConfigError(str(e) if isinstance(e, RunDirError) else f"run.out: {cfg.run.out}: {e}") from None
 
 
 def check_names(cfg: Config) -> None:
@@ -237,6 +261,7 @@ def main(args) -> int:
         import tomli_w
         sys.stdout.write(tomli_w.dumps(cfg.to_dict()))
         return 0
+    prepare_run_dir(cfg, bool(getattr(args, "overwrite", False)))
     resolve_resume(cfg)
     from ndtrain.cluster import interrupt
     with interrupt.handle_signals():
@@ -273,7 +298,8 @@ def _train(cfg: Config, args) -> int:
             finish_report(cfg, console)
         return rc
     from ndtrain.cluster.comm.local import LocalCommunicator
-    from ndtrain.cluster.worker import run_worker
+    from ndtrain.cluster.worker import WorkerError, run_worker
+    from ndtrain.data.atomic import DiskFullError
 
     def on_ready(trainer) -> None:
         from ndtrain.data.atomic import atomic_write_text
@@ -288,6 +314,8 @@ def _train(cfg: Config, args) -> int:
     except Interrupted as e:
         print(interrupted_line(e.step, cfg.run.out), file=sys.stderr, flush=True)
         return _interrupted(console, e.step, cfg.run.out)
+    except (WorkerError, DiskFullError) as e:  # the run stopped for a reason it names (rank, step / path): one line
+        raise UsageError(str(e)) from None
     if console.json:
         console.emit("done", {**summary, "run_dir": cfg.run.out})
     else:

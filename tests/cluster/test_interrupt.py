@@ -6,7 +6,6 @@ fate-sharing of child processes (prctl PDEATHSIG, the Reaper watchdog)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -177,25 +176,25 @@ def test_rank_notices_a_closed_coordinator_and_one_that_stops_acking():
     assert rep.lost and "closed" in lost[0]
     rep.close()
 
-    srv = socket.create_server(("127.0.0.1", 0))  # accepts, reads, never answers
-    conns = []
-    threading.Thread(target=lambda: conns.append(srv.accept()[0]), daemon=True).start()
+    coord = Coordinator(1, quiet=True, tensorboard=False).start()
+    coord._server._replies = lambda: None  # a coordinator that keeps the connection open but never answers
     lost = []
     t0 = time.monotonic()
-    rep = RankReporter(f"127.0.0.1:{srv.getsockname()[1]}", "t", 0, 1, heartbeat_s=0.05, on_lost=lost.append,
-                       ack_timeout_s=0.5)
-    _wait(lambda: lost, 10, "the missing acks")
-    assert "no reply to heartbeats" in lost[0] and time.monotonic() - t0 >= 0.5
-    rep.close()
-    srv.close()
+    rep = RankReporter(coord.address, coord.token, 0, 1, heartbeat_s=0.05, on_lost=lost.append, ack_timeout_s=0.5)
+    try:
+        _wait(lambda: lost, 10, "the missing acks")
+        assert "no reply to heartbeats" in lost[0] and time.monotonic() - t0 >= 0.5
+    finally:
+        rep.close()
+        coord.close()
 
 
 _FAKE_RANK = textwrap.dedent("""
     import sys, time
     from ndtrain.cluster import interrupt
     from ndtrain.cluster.metrics_channel import RankReporter
-    addr, mode = sys.argv[1], sys.argv[2]
-    rep = RankReporter(addr, "t", 0, 1, heartbeat_s=0.05,
+    addr, token, mode = sys.argv[1:4]
+    rep = RankReporter(addr, token, 0, 1, heartbeat_s=0.05,
                        on_lost=lambda reason: interrupt.coordinator_lost(reason, grace_s=1.0))
     print("connected", flush=True)
     if mode == "hung":
@@ -210,20 +209,19 @@ _FAKE_RANK = textwrap.dedent("""
 
 @pytest.mark.parametrize("mode", ["stops", "hung"])
 def test_rank_that_loses_its_coordinator_ends_its_process(tmp_path, mode):
-    srv = socket.create_server(("127.0.0.1", 0))
-    p = subprocess.Popen([sys.executable, "-c", _FAKE_RANK, f"127.0.0.1:{srv.getsockname()[1]}", mode],
+    coord = Coordinator(1, quiet=True, tensorboard=False).start()
+    p = subprocess.Popen([sys.executable, "-c", _FAKE_RANK, coord.address, coord.token, mode],
                          stdout=subprocess.PIPE, text=True)
     try:
-        conn, _ = srv.accept()
         assert p.stdout.readline() == "connected\n"
         t0 = time.monotonic()
-        conn.close()  # the driver died
+        coord.close()  # the driver died
         out, _ = p.communicate(timeout=30)
         took = time.monotonic() - t0
     finally:
         if p.poll() is None:
             p.kill()
-        srv.close()
+        coord.close()
     assert p.returncode == interrupt.EXIT_LOST
     if mode == "stops":
         assert "stopped: lost the coordinator: it" in out and took < 1.0 + 5  # closed / reset the connection
