@@ -11,7 +11,8 @@ Per profile, the link check: ping RTT (user-to-user, `ping -U`) and iperf3 throu
 (`iperf3 -C`, per socket: this container's /proc/sys is read-only, so no per-namespace sysctl).
 Per (profile, option), from the run's metrics.jsonl and the veth's byte counters:
   step_s          median step_time over the logged windows (rank 0)
-  comm_share      median of the logged comm_share (the share of the step blocked in communication, as reported)
+  comm_share      the share of the step blocked in communication: median over the logged windows of the mean over
+                  ranks of rank_comm_share (the ranks' timing messages), else of comm_share
   bytes_per_step  bytes sent per host per step on the veth ((tx_a + tx_b) / 2 / steps, whole run: start-up and
                   evaluations included), i.e. what really crossed the link
   time_to_target_vs_one_worker   wall time until the validation loss first reaches the target (default: the
@@ -142,7 +143,10 @@ def summarize(records: list[dict]) -> dict:
     if len(train) > 1:
         train = train[1:]
     step = [r["step_time"] for r in train]
-    share = [r["comm_share"] for r in train if r.get("comm_share") is not None]
+    # the ranks' own timing (rank_comm_share: blocked time over step time per rank) where the record has it; the
+    # record's comm_share holds only the last step's wait of each window, which hides most of it (issue 19)
+    share = [sum(r["rank_comm_share"].values()) / len(r["rank_comm_share"]) if r.get("rank_comm_share")
+             else r["comm_share"] for r in train if r.get("rank_comm_share") or r.get("comm_share") is not None]
     return {"step_s": statistics.median(step) if step else None,
             "comm_share": statistics.median(share) if share else None}
 

@@ -119,6 +119,8 @@ def test_time_to_target_and_summaries():
     assert network.time_to_target(recs, 0.5) is None
     assert network.final_eval_loss(recs) == 0.9
     assert network.summarize(recs) == {"step_s": 2.0, "comm_share": 0.6}  # the first window (start-up) left out
+    recs[3]["rank_comm_share"] = {"0": 0.8, "1": 0.9}  # the ranks' own timing wins over the window's comm_share
+    assert network.summarize(recs)["comm_share"] == pytest.approx((0.5 + 0.85) / 2)
 
 
 def test_rows_and_option_lists(capsys):
