@@ -320,6 +320,22 @@ class RingAllreduce:
             self._sender.close()
 
 
+def ring_over_peers(rank: int, world_size: int, peers: dict, timeout: float = 60.0, deterministic: bool = False,
+                    piece_bytes: int = DEFAULT_PIECE_BYTES, bdp_bytes: int = 0,
+                    counters: CommCounters | None = None) -> RingAllreduce:
+    """A ring over an existing mesh of connected stream sockets (peers[r]: the socket to rank r, as TcpGroup holds
+    them), tuned by tune_socket. The ring then owns its two neighbours' sockets while an all-reduce is in flight:
+    the mesh's other collectives must not run on them at the same time (the byte streams would interleave)."""
+    if world_size == 1:
+        return RingAllreduce(0, 1, None, None, counters=counters)
+    nxt, prv = (rank + 1) % world_size, (rank - 1) % world_size
+    for r in {nxt, prv}:
+        tune_socket(peers[r], bdp_bytes)
+    return RingAllreduce(rank, world_size, SocketLink(peers[nxt], rank, nxt, timeout),
+                         SocketLink(peers[prv], rank, prv, timeout), deterministic=deterministic,
+                         piece_bytes=piece_bytes, counters=counters, timeout=timeout)
+
+
 def socketpair_ring(world_size: int, timeout: float = 30.0) -> list[tuple[SocketLink, SocketLink]]:
     """(send_link, recv_link) per rank over local socketpairs (tests, and the same code path as TCP)."""
     pairs = [socket.socketpair() for _ in range(world_size)]  # pair r carries rank r -> rank r+1
@@ -328,5 +344,5 @@ def socketpair_ring(world_size: int, timeout: float = 30.0) -> list[tuple[Socket
             for r in range(world_size)]
 
 
-__all__ = ["RingAllreduce", "RingHandle", "SocketLink", "socketpair_ring", "tune_socket", "autotune_max",
+__all__ = ["RingAllreduce", "RingHandle", "SocketLink", "ring_over_peers", "socketpair_ring", "tune_socket", "autotune_max",
            "DEFAULT_PIECE_BYTES"]

@@ -6,7 +6,10 @@ ALWAYS tears down the namespaces, their qdiscs and iptables rules, and the delay
 
     sudo .venv/bin/ndtrain bench network [--profiles lan,wifi-good,wifi-poor] [--options plain]
                                          [--link-only] [--cc cubic,bbr] [--iperf-seconds 5] [--steps 200] [--json]
+                                         [--allreduce-mb 4 --schedules star,ring --repeat 2]
 
+With --allreduce-mb N, per profile, schedule and congestion control: a 2-rank all-reduce of N MB of float32 over
+the link (launch/netns/allreduce_probe.py): today's star through rank 0 against the ring (cluster/comm/ring.py).
 Per profile, the link check: ping RTT (user-to-user, `ping -U`) and iperf3 throughput with each congestion control
 (`iperf3 -C`, per socket: this container's /proc/sys is read-only, so no per-namespace sysctl).
 Per (profile, option), from the run's metrics.jsonl and the veth's byte counters:
@@ -57,6 +60,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-link-check", action="store_true", help="skip ping/iperf3")
     p.add_argument("--cc", default="cubic,bbr", help="congestion controls for iperf3 (per socket)")
     p.add_argument("--iperf-seconds", type=float, default=5.0)
+    p.add_argument("--allreduce-mb", type=float, default=0.0,
+                   help="also time a 2-rank all-reduce of this many MB over the link per schedule and --cc (0: off)")
+    p.add_argument("--schedules", default="star,ring", help="all-reduce schedules: star (tcp.py today), ring, chain")
+    p.add_argument("--repeat", type=int, default=2, help="timed all-reduces per schedule (after one warm-up)")
     p.add_argument("--steps", type=int, default=200, help="training steps per run")
     p.add_argument("--eval-every", type=int, default=20, help="steps between validation losses")
     p.add_argument("--target-loss", type=float, help="validation loss target (default: the 1-worker final loss)")
@@ -114,6 +121,37 @@ def check_link(net: TwoHosts, ccs: list[str], seconds: float) -> dict:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+    return out
+
+
+def probe_commands(net: TwoHosts, profile: LinkProfile, schedule: str, cc: str, mb: float, repeat: int,
+                   port: int) -> list[list[str]]:
+    """(rank 0 in host a, rank 1 in host b) of launch/netns/allreduce_probe.py."""
+    common = ["--addr", net.addr["a"], "--port", str(port), "--mb", f"{mb:g}", "--schedule", schedule, "--cc", cc,
+              "--bdp-bytes", str(profile.bdp_bytes), "--repeat", str(repeat)]
+    return [net.exec_ns(h, sys.executable, "-m", "ndtrain.launch.netns.allreduce_probe", "--rank", str(r), *common)
+            for r, h in enumerate(net.HOSTS)]
+
+
+def probe_allreduce(net: TwoHosts, profile: LinkProfile, schedules: list[str], ccs: list[str], mb: float,
+                    repeat: int, timeout: float = 600) -> list[dict]:
+    out = []
+    for i, (cc, schedule) in enumerate((c, s) for c in ccs for s in schedules):
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for cmd in probe_commands(net, profile, schedule, cc, mb, repeat, 29419 + i)]
+        net.procs.extend(procs)
+        try:
+            outs = [p.communicate(timeout=timeout) for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            out.append({"schedule": schedule, "cc": cc, "error": f"timed out after {timeout:.0f} s"})
+            continue
+        try:
+            out.append(json.loads(outs[0][0].strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            out.append({"schedule": schedule, "cc": cc,
+                        "error": (outs[0][1] + outs[1][1]).strip()[-300:] or "no output"})
     return out
 
 
@@ -212,6 +250,7 @@ def main(args) -> int:
         profiles = parse_list(args.profiles, PROFILES, "profiles")
         options = parse_list(args.options, OPTIONS, "options")
         ccs = [c.strip() for c in args.cc.split(",") if c.strip()]
+        schedules = parse_list(args.schedules, ("star", "ring", "chain"), "schedules")
     except ValueError as e:
         print(f"bench network: {e}", file=sys.stderr)
         return 2
@@ -241,6 +280,10 @@ def main(args) -> int:
             if not args.no_link_check:
                 emit(args, {"profile": name, "link": {"rate_mbit": profile.rate_mbit, "delay_ms": profile.delay_ms,
                                                       "loss": profile.loss}, **check_link(net, ccs, args.iperf_seconds)})
+            if args.allreduce_mb > 0:
+                for r in probe_allreduce(net, profile, schedules, ccs, args.allreduce_mb, args.repeat):
+                    ok &= "error" not in r
+                    emit(args, {"profile": name, "allreduce": r})
             if args.link_only:
                 continue
             for option in options:
@@ -268,6 +311,15 @@ def emit(args, rec: dict) -> None:
         print(f"{rec['profile']:10s} link {l['rate_mbit'] or 'unshaped'} Mbit/s, {l['delay_ms']:g} ms one-way, "
               f"loss {l['loss']:g}: ping RTT {p['rtt_avg_ms']:.2f} ms (min {p['rtt_min_ms']:.2f}); iperf3 {speeds}",
               flush=True)
+        return
+    if "allreduce" in rec:
+        a = rec["allreduce"]
+        if "error" in a:
+            print(f"{rec['profile']:10s} all-reduce {a['schedule']:5s} {a['cc']}: ERROR {a['error']}", flush=True)
+        else:
+            print(f"{rec['profile']:10s} all-reduce {a['schedule']:5s} {a['cc']:5s} {a['mb']:g} MB: median "
+                  f"{a['median_s']:.3f} s ({a['payload_mbit_s']:.0f} Mbit/s of payload, best), "
+                  f"{a['bytes_sent_per_rank'] / 1e6:.2f} MB sent per rank", flush=True)
         return
     if rec.get("available") is False:
         print(f"{rec['profile']:10s} {rec['option']:18s} not available: {rec['reason']}", flush=True)

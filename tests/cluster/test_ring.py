@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ndtrain.cluster.comm.counters import CommCounters
-from ndtrain.cluster.comm.ring import RingAllreduce, SocketLink, socketpair_ring, tune_socket
+from ndtrain.cluster.comm.ring import RingAllreduce, SocketLink, ring_over_peers, socketpair_ring, tune_socket
 
 
 def rank_ordered_sum(xs):
@@ -237,3 +237,57 @@ def test_counters_delta_and_blocking():
     d = CommCounters.delta(c.snapshot(), s0)
     assert (d["bytes_sent"], d["bytes_received"], d["payload_bytes"], d["collectives"]) == (10, 20, 40, 1)
     assert d["blocked_s"] >= 0.009 and d["estimated"] is False
+
+
+def tcp_mesh(W):
+    """peers[r][q]: rank r's connected loopback TCP socket to rank q (a full mesh, as cluster/comm/tcp.py holds)."""
+    peers = [dict() for _ in range(W)]
+    for r in range(W):
+        for q in range(r + 1, W):
+            srv = socket.create_server(("127.0.0.1", 0))
+            a = socket.create_connection(srv.getsockname())
+            b, _ = srv.accept()
+            srv.close()
+            peers[r][q], peers[q][r] = a, b
+    return peers
+
+
+@pytest.mark.parametrize("W", [2, 3])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_ring_over_a_tcp_mesh(W, deterministic):
+    """Real TCP sockets (both directions of one socket for W = 2), tuned: NODELAY on, large buffers."""
+    peers = tcp_mesh(W)
+    n = 300_001  # 1.2 MB of float32: many pieces, both directions in flight at once
+    xs = inputs(W, n, np.float32, seed=W)
+    rings = [ring_over_peers(r, W, peers[r], timeout=20, deterministic=deterministic, piece_bytes=64 << 10)
+             for r in range(W)]
+    out = [None] * W
+    errors = []
+
+    def body(r):
+        try:
+            b = xs[r].copy()
+            rings[r].iallreduce(b).wait()
+            out[r] = b
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=body, args=(r,)) for r in range(W)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    for ring in rings:
+        ring.close()
+    assert all(peers[r][(r + 1) % W].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for r in range(W))
+    for p in peers:
+        for s in p.values():
+            s.close()
+    assert not errors, errors
+    want = rank_ordered_sum(xs)
+    for r in range(W):
+        assert out[r].tobytes() == out[0].tobytes()
+        if deterministic or W == 2:
+            assert out[r].tobytes() == want.tobytes()  # the star's sum, bit for bit
+        else:
+            np.testing.assert_allclose(out[r], want, rtol=1e-4, atol=1e-2)

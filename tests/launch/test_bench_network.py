@@ -3,6 +3,7 @@ the NFQUEUE messages of the delay program, the parsers and the result rows, all 
 with `ip netns`, a real shaped link (RTT from the delay program, rate from tbf) that is always torn down."""
 import json
 import shutil
+import socket
 import struct
 import subprocess
 import time
@@ -181,3 +182,44 @@ def test_a_shaped_link_has_the_profiles_delay_and_is_torn_down():
     assert net.ns("a") not in left and net.ns("b") not in left
     assert all(p.poll() is not None for p in delay_procs)  # the delay programs were stopped
     assert subprocess.run(["ip", "link", "show", net.dev("a")], capture_output=True).returncode != 0
+
+
+def test_probe_commands_and_the_star_it_compares_with():
+    import threading
+
+    import numpy as np
+
+    from ndtrain.cluster.comm.ring import SocketLink
+    from ndtrain.launch.netns import allreduce_probe
+    net = TwoHosts("ndt1", subnet="10.213.19")
+    r0, r1 = network.probe_commands(net, PROFILES["wifi-good"], "ring", "bbr", 4, 2, 29500)
+    assert r0[:4] == ["ip", "netns", "exec", "ndt1a"] and r1[:4] == ["ip", "netns", "exec", "ndt1b"]
+    assert "--bdp-bytes" in r0 and r0[r0.index("--bdp-bytes") + 1] == "150000"
+    assert r1[r1.index("--addr") + 1] == "10.213.19.1"  # rank 1 dials rank 0's namespace address
+    # the star (tcp.py's schedule for two ranks) over a socketpair: both ranks end with the sum
+    a, b = socket.socketpair()
+    x = [np.full(3_000_000, r + 1.0, np.float32) for r in range(2)]  # > one 4 MB piece
+    sent = [0, 0]
+
+    def run(r, s):
+        sent[r] = allreduce_probe.star(r, SocketLink(s, r, 1 - r, 20), x[r])
+
+    ts = [threading.Thread(target=run, args=(r, s)) for r, s in ((0, a), (1, b))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert (x[0] == 3).all() and (x[1] == 3).all() and sent == [12_000_000, 12_000_000]
+    a.close()
+    b.close()
+
+
+@pytest.mark.timeout(120)
+def test_allreduce_probe_over_a_shaped_link():
+    _root_link_or_skip()
+    tag = f"ndp{int(time.time() * 1000) % 100000}"
+    with TwoHosts(tag, subnet="10.213.31") as net:
+        shape(net, LinkProfile("t", 200.0, 1.0, 0.0))
+        got = network.probe_allreduce(net, PROFILES["lan"], ["star", "ring"], ["bbr"], 0.5, 1, timeout=60)
+    assert [g.get("schedule") for g in got] == ["star", "ring"], got
+    assert all("error" not in g and g["bytes_sent_per_rank"] == 524288 for g in got), got
