@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .base import Communicator
+from .counters import CommCounters
 from .mpi import _flat_view
 
 
@@ -25,6 +26,8 @@ class RayCommunicator(Communicator):
 
     def __init__(self, rank: int, world_size: int, group):
         self.rank, self.world_size, self.group = rank, world_size, group
+        # the transport's (shm.ShmGroup, tcp.TcpGroup): bytes on the wire and time blocked (counters.CommCounters)
+        self.counters = getattr(group, "counters", None) or CommCounters()
 
     def allreduce(self, buf: np.ndarray) -> None:
         if self.world_size > 1:
