@@ -11,6 +11,7 @@ Prints one JSON line (rank 0): schedule, cc, seconds per all-reduce, the payload
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import socket
 import sys
@@ -21,6 +22,15 @@ import numpy as np
 from ndtrain.cluster.comm.ring import RingAllreduce, SocketLink, tune_socket
 
 STAR_PIECE_BYTES = 4 << 20  # cluster/comm/tcp.py's DEFAULT_PIECE_BYTES
+
+
+def private_address(addr: str) -> bool:
+    """The probe's unauthenticated listener may only sit on loopback or inside the emulation's namespaces."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip in ipaddress.ip_network("10.213.0.0/16")
 
 
 def connect(rank: int, addr: str, port: int, timeout: float) -> socket.socket:
@@ -72,6 +82,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--timeout", type=float, default=120.0)
     a = p.parse_args(argv)
+    if not private_address(a.addr):
+        print(f"allreduce_probe: --addr {a.addr}: only loopback or the emulation's private 10.213.0.0/16 (the probe "
+              f"is not authenticated)", file=sys.stderr)
+        return 2
     s = connect(a.rank, a.addr, a.port, a.timeout)
     tuned = tune_socket(s, a.bdp_bytes, congestion=a.cc)
     peer = 1 - a.rank

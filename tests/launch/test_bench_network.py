@@ -196,6 +196,9 @@ def test_probe_commands_and_the_star_it_compares_with():
     assert r0[:4] == ["ip", "netns", "exec", "ndt1a"] and r1[:4] == ["ip", "netns", "exec", "ndt1b"]
     assert "--bdp-bytes" in r0 and r0[r0.index("--bdp-bytes") + 1] == "150000"
     assert r1[r1.index("--addr") + 1] == "10.213.19.1"  # rank 1 dials rank 0's namespace address
+    assert allreduce_probe.private_address("10.213.19.1") and allreduce_probe.private_address("127.0.0.1")
+    assert not allreduce_probe.private_address("0.0.0.0") and not allreduce_probe.private_address("192.168.1.5")
+    assert allreduce_probe.main(["--rank", "0", "--addr", "0.0.0.0"]) == 2
     # the star (tcp.py's schedule for two ranks) over a socketpair: both ranks end with the sum
     a, b = socket.socketpair()
     x = [np.full(3_000_000, r + 1.0, np.float32) for r in range(2)]  # > one 4 MB piece
