@@ -29,9 +29,20 @@ class RayCommunicator(Communicator):
         # the transport's (shm.ShmGroup, tcp.TcpGroup): bytes on the wire and time blocked (counters.CommCounters)
         self.counters = getattr(group, "counters", None) or CommCounters()
 
+    @property
+    def overlaps_compute(self) -> bool:
+        """True on a transport whose iallreduce progresses in the background (the TCP mesh's ring); the
+        shared-memory group reduces inside the call."""
+        return bool(getattr(self.group, "overlaps_compute", False))
+
     def allreduce(self, buf: np.ndarray) -> None:
         if self.world_size > 1:
             self.group.allreduce(_flat_view(buf, f"RayCommunicator.allreduce on rank {self.rank}"))
+
+    def iallreduce(self, buf: np.ndarray):
+        if self.world_size > 1 and hasattr(self.group, "iallreduce"):
+            return self.group.iallreduce(_flat_view(buf, f"RayCommunicator.iallreduce on rank {self.rank}"))
+        return super().iallreduce(buf)
 
     def broadcast(self, buf: np.ndarray, root: int = 0) -> None:
         if self.world_size > 1:

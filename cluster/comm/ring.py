@@ -208,13 +208,27 @@ class RingAllreduce:
         self._tmp = np.empty(0, np.uint8)
         self._jobs: queue.Queue | None = None
         self._worker: threading.Thread | None = None
+        self._last: RingHandle | None = None  # the last queued iallreduce (jobs run in order)
         self._lock = threading.Lock()  # one all-reduce at a time on the links
 
     # -- blocking ----------------------------------------------------------------------------------------------------
     def allreduce(self, flat: np.ndarray) -> None:
-        """Sum the (N,) C-contiguous array over ranks, in place."""
+        """Sum the (N,) C-contiguous array over ranks, in place (after every all-reduce queued before it)."""
         with self.counters.blocking():
+            self.drain()
             self._allreduce(flat)
+
+    def drain(self) -> None:
+        """Wait until every queued iallreduce is over: every rank must see the links' byte streams in the same
+        order, so anything else on these sockets (a blocking all-reduce, another collective of the mesh) starts
+        after them. Raises the error of a failed one."""
+        h = self._last
+        if h is not None:
+            while not h._done.wait(1.0):
+                pass
+            self._last = None
+            if h._error is not None:
+                raise h._error
 
     def _allreduce(self, flat: np.ndarray) -> None:
         if flat.ndim != 1 or not flat.flags.c_contiguous:
@@ -292,6 +306,7 @@ class RingAllreduce:
             self._worker.start()
         h = RingHandle(self.counters)
         self._jobs.put((flat, h))
+        self._last = h
         return h
 
     def _transport(self) -> None:

@@ -104,18 +104,37 @@ class TcpGroup:
         self.counters.add(sent=len(data))
 
     # -- collectives -------------------------------------------------------------------------------------------------
+    @property
+    def overlaps_compute(self) -> bool:
+        """iallreduce runs on the ring's transport thread: buckets move while backward computes."""
+        return self._ring is not None and self.world_size > 1
+
     def allreduce(self, flat: np.ndarray) -> None:
         """Sum the (N,) contiguous array over ranks, in place (rank order, bitwise the same on every rank)."""
         if self.world_size == 1 or flat.size == 0:
             return
+        self._connected().allreduce(flat)
+
+    def iallreduce(self, flat: np.ndarray):
+        """Start the same sum on the transport thread; the result is in `flat` after handle.wait(). Collectives
+        started later (of any kind) run after it."""
+        return self._connected().iallreduce(flat)
+
+    def _connected(self):
         if self._ring is None:
-            raise ConnectionError(f"rank {self.rank}: all-reduce before connect()")
-        self._ring.allreduce(flat)
+            raise ConnectionError(f"rank {self.rank}: collective before connect()")
+        return self._ring
+
+    def _drain(self) -> None:
+        """Before a collective of the mesh's own: the ring's queued all-reduces use the same sockets."""
+        if self._ring is not None:
+            self._ring.drain()
 
     def broadcast(self, flat: np.ndarray, root: int = 0) -> None:
         if self.world_size == 1 or flat.size == 0:
             return
         t0 = time.perf_counter()
+        self._drain()
         view = memoryview(flat).cast("B")
         if self.rank == root:
             for r in self.peers:
@@ -128,6 +147,7 @@ class TcpGroup:
         if len(data) > self.max_gather_bytes:
             raise ValueError(f"rank {self.rank}: allgather record of {len(data)} bytes exceeds "
                              f"{self.max_gather_bytes}")
+        self._drain()
         if self.rank == 0:
             out = [data]
             for r in range(1, self.world_size):

@@ -74,3 +74,34 @@ def test_tcp_counters_count_the_other_collectives_on_the_sockets():
     c0, c1 = run_mesh(2, fn)
     assert c1["bytes_sent"] >= 8000 and c0["bytes_received"] >= 8000  # the broadcast's payload from rank 1
     assert c0["bytes_sent"] == c1["bytes_received"] and c1["bytes_sent"] == c0["bytes_received"]
+
+
+def test_tcp_iallreduce_in_the_background_then_other_collectives_in_order():
+    """Buckets started with iallreduce move on the transport thread; a broadcast or allgather issued before
+    waiting on them runs after them on every rank (the same byte order on the sockets), so nothing interleaves."""
+    from ndtrain.cluster.comm.ray_comm import RayCommunicator
+    W = 3
+    sizes = (1000, 70_000, 3)
+    xs = {n: [np.random.default_rng(n + r).standard_normal(n).astype(np.float32) for r in range(W)]
+          for n in sizes}
+
+    def fn(r, g):
+        comm = RayCommunicator(r, W, g)
+        assert comm.overlaps_compute is True
+        bufs = [xs[n][r].copy() for n in sizes]
+        handles = [comm.iallreduce(b) for b in bufs]
+        b = np.full(500, r, np.float64)
+        comm.broadcast(b, root=2)                    # before any wait: runs after the three all-reduces
+        gathered = comm.allgather_obj(r)
+        for h in handles:
+            h.wait()
+        return bufs, b, gathered
+
+    out = run_mesh(W, fn)
+    for k, n in enumerate(sizes):
+        want = xs[n][0].copy()
+        for x in xs[n][1:]:
+            want += x
+        for r in range(W):
+            assert out[r][0][k].tobytes() == want.tobytes()
+    assert all((o[1] == 2).all() and o[2] == [0, 1, 2] for o in out)
