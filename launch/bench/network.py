@@ -261,6 +261,20 @@ def main(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="ndtrain-network-"))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    try:
+        ok = _run(args, profiles, options, ccs, schedules, work, env)
+    except RuntimeError as e:  # a failed set-up or reference run: one line (everything is torn down already)
+        print(f"bench network: {e}", file=sys.stderr)
+        ok = False
+    if not args.keep_dirs and ok:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    else:
+        print(f"bench network: work directory {work}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _run(args, profiles, options, ccs, schedules, work: Path, env: dict) -> bool:
+    """The reference run, then per profile: a fresh pair of hosts, shaped; the checks and runs asked for."""
     one = None
     target = args.target_loss
     if not args.link_only and any(OPTIONS[o] is not None for o in options):
@@ -293,11 +307,7 @@ def main(args) -> int:
                 r = two_hosts(args, net, work, env, name, option, target, one["time_to_target_s"])
                 ok &= "error" not in r
                 emit(args, r)
-    if not args.keep_dirs and ok:
-        subprocess.run(["rm", "-rf", str(work)], check=False)
-    else:
-        print(f"bench network: work directory {work}", file=sys.stderr)
-    return 0 if ok else 1
+    return ok
 
 
 def emit(args, rec: dict) -> None:
