@@ -31,7 +31,7 @@ if [ ! -f "$DATA/val/manifest.json" ]; then
   t "$ND" data import --src "$SRC/val.en.gz" --tgt "$SRC/val.de.gz" --tokenizer-file "$DATA/train/tokenizer.json" \
       --out "$DATA/val"
 fi
-t "$ND" train --config "$HERE/configs/multi30k.toml" --set data.dir="$DATA" --out "$RUN" "$@"
+t "$ND" train --config "$HERE/configs/multi30k.toml" --set data.dir="$DATA" --out "$RUN" --overwrite "$@"  # a re-run replaces WORK/run
 t "$ND" eval --run "$RUN" --json | tee "$WORK/eval.json"
 zcat "$SRC/val.en.gz" | sed -n 1,5p > "$WORK/sample.en"  # sed reads to the end: no SIGPIPE under pipefail
 zcat "$SRC/val.de.gz" | sed -n 1,5p > "$WORK/sample.de"
