@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 
 def sh(*cmd, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
@@ -160,10 +161,9 @@ exec ip netns exec "$ns" unshare --uts /bin/sh -c "hostname $name; $*"
 """
 
 
-def mpi_setup(net: TwoHosts, work) -> tuple[dict, "os.PathLike"]:
+def mpi_setup(net: TwoHosts, work) -> tuple[dict, Path]:
     """An Open MPI job across net's two hosts (one slot each): writes the launch agent (ssh replaced by
     `ip netns exec`) and a hostfile into directory `work`; returns (environment additions, hostfile path)."""
-    from pathlib import Path
     work = Path(work)
     agent = work / "netns_agent.sh"
     cases = "\n".join(f"  {ip}) ns={net.ns(h)}; name={net.hostname(h)};;" for h, ip in net.addr.items())

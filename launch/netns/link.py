@@ -10,6 +10,7 @@ stays on, so the delay program sees few, large packets (1 Gbit/s of 1500-byte pa
 """
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -103,6 +104,5 @@ def shape(net: TwoHosts, profile: LinkProfile, python: str = sys.executable, tim
 
 
 def _readline(p: subprocess.Popen, timeout: float) -> str:
-    import select
     r, _, _ = select.select([p.stdout], [], [], timeout)
     return p.stdout.readline() if r else ""
