@@ -43,6 +43,7 @@ import threading
 import time
 import traceback as tb_mod
 
+from . import interrupt
 from .coord_server import dial
 
 ENV_ADDR = "NDTRAIN_COORD_ADDR"
@@ -134,7 +135,6 @@ class RankReporter:
         addr = env.get(ENV_ADDR)
         if not addr:
             return None
-        from . import interrupt
         return cls(addr, env.get(ENV_TOKEN, ""), rank, world_size, reports=reports,
                    on_stop=lambda: interrupt.STOP.request("stop from the coordinator"),
                    on_lost=interrupt.coordinator_lost)

@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from ndtrain.cluster import interrupt
+
 COMMANDS = ["train", "worker", "data", "eval", "generate", "report", "runs", "config", "bench"]
 
 
@@ -51,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ndtrain {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside a training loop, or a second one inside (cluster/interrupt.py)
-        from ndtrain.cluster.interrupt import exit_code
         print(f"ndtrain {args.command}: aborted", file=sys.stderr, flush=True)
-        return exit_code()
+        return interrupt.exit_code()
 
 
 if __name__ == "__main__":

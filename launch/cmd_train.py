@@ -37,6 +37,7 @@ import os
 import sys
 from pathlib import Path
 
+from ndtrain.cluster import interrupt
 from ndtrain.launch.cli import UsageError
 from ndtrain.launch.config import Config, ConfigError, apply_overrides, load_config, merge_dict, validate
 
@@ -263,14 +264,12 @@ def main(args) -> int:
         return 0
     prepare_run_dir(cfg, bool(getattr(args, "overwrite", False)))
     resolve_resume(cfg)
-    from ndtrain.cluster import interrupt
     with interrupt.handle_signals():
         return _train(cfg, args)
 
 
 def _interrupted(console, step: int | None, out: str) -> int:
     """The end of a run stopped on request (the launchers print the line themselves): exit 128 + signal."""
-    from ndtrain.cluster import interrupt
     if console.json:
         console.emit("interrupted", {"step": step, "run_dir": out})
     return interrupt.exit_code()
@@ -287,7 +286,7 @@ def _train(cfg: Config, args) -> int:
                              f"(use --backend local)")
         rc = int(launcher.launch(cfg, quiet=args.quiet, log_format=log_format) or 0)
         if rc > 128:  # stopped on request; the launcher printed where to resume from
-            from ndtrain.cluster import checkpoint as ckpt
+            from ndtrain.cluster import checkpoint as ckpt  # only needed here: numpy stays out of CLI start-up
             newest = ckpt.latest(Path(cfg.run.out) / "checkpoints")
             step = int(newest.stem.split("-")[1]) if newest is not None else None
             return _interrupted(console, step, cfg.run.out)
@@ -308,11 +307,10 @@ def _train(cfg: Config, args) -> int:
         atomic_write_text(Path(cfg.run.out) / "topology.json", json.dumps(topo.to_dict(), indent=1) + "\n")
         console.emit("topology", topo.to_dict())
 
-    from ndtrain.cluster.interrupt import Interrupted, interrupted_line
     try:
         summary = run_worker(cfg, LocalCommunicator(), write_config=True, console=console, on_ready=on_ready)
-    except Interrupted as e:
-        print(interrupted_line(e.step, cfg.run.out), file=sys.stderr, flush=True)
+    except interrupt.Interrupted as e:
+        print(interrupt.interrupted_line(e.step, cfg.run.out), file=sys.stderr, flush=True)
         return _interrupted(console, e.step, cfg.run.out)
     except (WorkerError, DiskFullError) as e:  # the run stopped for a reason it names (rank, step / path): one line
         raise UsageError(str(e)) from None
