@@ -143,9 +143,9 @@ class MicroBatchLoader(Loader):
 
 
 def deterministic_gradient(model, store, comm, micro: list, block: range, seed: int, step: int,
-                           buf: np.ndarray) -> bool:
+                           buf: np.ndarray, vote: float = 0.0) -> bool:
     """store.grad = gradient of the global mean loss, bitwise independent of W; buf = [global loss sum, global
-    count]. `micro` is this rank's block (`block`: micro-batch indices) of the fixed micro-batches; dropout is seeded
+    count, stop votes] (this rank's `vote` rides in the exchange: cluster/interrupt.py). `micro` is this rank's block (`block`: micro-batch indices) of the fixed micro-batches; dropout is seeded
     per (seed, step, micro-batch index), not per rank. False (no gradient, on every rank alike) when the global loss
     is not finite. The caller checks buf[1] > 0."""
     module = model.module
@@ -155,8 +155,9 @@ def deterministic_gradient(model, store, comm, micro: list, block: range, seed: 
         loss_sum, count, backward = model.loss(mb, train=True)
         sums[:, j] = loss_sum, count
         backwards.append(backward)
-    rows = allgather_rows(comm, canonical_zeros(sums.ravel()))  # (W, 2 * M/W): rank order = micro-batch order
-    per_rank = rows.reshape(comm.world_size, 2, len(block))
+    rows = allgather_rows(comm, canonical_zeros(np.append(sums.ravel(), vote)))  # (W, 2 * M/W + 1)
+    buf[2] = rows[:, -1].sum()  # stop votes
+    per_rank = rows[:, :-1].reshape(comm.world_size, 2, len(block))  # rank order = micro-batch order
     buf[0] = float(tree_sum(list(per_rank[:, 0, :].ravel())))
     buf[1] = float(per_rank[:, 1, :].sum())  # integers: exact in any order
     if buf[1] <= 0 or not math.isfinite(buf[0]):

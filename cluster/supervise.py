@@ -1,5 +1,6 @@
 """What the MPI and Ray launchers share: the resolved topology (printed at start and stored in the run directory),
-the supervision loop around the coordinator and the recovery settings."""
+the supervision loop around the coordinator (which passes a Ctrl-C / SIGTERM of the driver on to the ranks:
+cluster/interrupt.py), the job's exit status and the recovery settings."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,8 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+
+from . import interrupt
 
 
 @dataclass
@@ -43,9 +46,12 @@ def local_host() -> str:
 def supervise(coord, is_running, grace_s: float = 3.0, poll_s: float = 0.2):
     """Pump the coordinator until every rank is done or something failed.
     is_running(): None while the ranks' processes run, else (ok: bool, description: str) once they have ended.
-    Returns None on success, else the coordinator's Failure."""
+    Returns None on success (every rank finished, or stopped on request: coord.interrupted_step), else the
+    coordinator's Failure. A stop requested in this process (interrupt.handle_signals) is passed to the ranks."""
     ended_at = None
     while True:
+        if interrupt.requested() and not coord.stop_requested:
+            coord.request_stop()
         coord.poll(poll_s)
         if coord.failure is not None:
             return coord.failure
@@ -70,6 +76,20 @@ def supervise(coord, is_running, grace_s: float = 3.0, poll_s: float = 0.2):
 
 def report_failure(failure) -> None:
     print(failure.message(), file=sys.stderr, flush=True)
+
+
+def job_status(coord, failure, run_dir=None) -> int:
+    """The launcher's exit status once supervise returned: 0 (done), 1 (failed; the failure is printed), or
+    128 + signal when the ranks stopped on request (the `interrupted at step N; resume with ...` line is printed,
+    naming run_dir)."""
+    if failure is not None:
+        report_failure(failure)
+        return 1
+    step = coord.interrupted_step
+    if step is not None:
+        print(interrupt.interrupted_line(step, run_dir), file=sys.stderr, flush=True)
+        return interrupt.exit_code()
+    return 0
 
 
 # recovery settings: the config field when set (>= 0), else these environment variables, else the default

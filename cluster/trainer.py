@@ -11,7 +11,8 @@ same optimizer arithmetic. Evaluation splits the validation rows across ranks an
 
 A step whose all-reduced loss or gradient is not finite is skipped on every rank alike (cluster/nonfinite.py);
 deterministic mode computes the gradient bitwise independent of W (cluster/deterministic.py); checkpoints record
-what cluster/checkpoint_meta.py says. Rate figures (tokens_per_s, step_time) cover training only: time spent in
+what cluster/checkpoint_meta.py says; Ctrl-C / SIGTERM stop every rank after the same step, with a checkpoint
+(cluster/interrupt.py: the stop vote rides in the step's all-reduce). Rate figures (tokens_per_s, step_time) cover training only: time spent in
 evaluation and checkpoints is left out of the window they are measured over.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import traceback
 
 import numpy as np
 
+from ndtrain.cluster import interrupt
 from ndtrain.cluster.checkpoint_meta import save_checkpoint
 from ndtrain.cluster.deterministic import deterministic_gradient
 from ndtrain.cluster.job import TrainJob
@@ -63,7 +65,8 @@ class Trainer:
         try:
             return self._run()
         except BaseException as e:
-            if not hasattr(self.sink, "error"):  # a coordinator link reports it from the rank's entry point
+            # a coordinator link reports it from the rank's entry point; a requested stop is no error
+            if not hasattr(self.sink, "error") and not isinstance(e, interrupt.Interrupted):
                 try:
                     self.sink.log({"step": self.step, "rank": self.rank, "error": f"{type(e).__name__}: {e}",
                                    "traceback": traceback.format_exc()})
@@ -77,7 +80,7 @@ class Trainer:
         window_loss, window_count, window_steps = 0.0, 0.0, 0
         last_record: dict = {}
         grad_norm = 0.0
-        buf = np.zeros(2, dtype=np.float64)  # [global loss sum, global count] of the step
+        buf = np.zeros(3, dtype=np.float64)  # [loss sum, count, stop votes] of the step, all-reduced
         batches = iter(self.job.loader)  # endless; its state_dict counts the batches handed out
         progress = getattr(self.sink, "progress", None)
         while self.step < s.steps:
@@ -120,6 +123,10 @@ class Trainer:
             if s.checkpoint_every and self.step % s.checkpoint_every == 0 and self.step != s.steps:
                 self.save_checkpoint()
             window_t += time.perf_counter() - t_aside  # eval and checkpoints are not training time
+            if interrupt.agreed(buf[2], self.world) and self.step != s.steps:  # Ctrl-C, SIGTERM: every rank
+                if not (s.checkpoint_every and self.step % s.checkpoint_every == 0):
+                    self.save_checkpoint()
+                raise interrupt.Interrupted(self.step, interrupt.STOP.reason)
 
         check_finite_params(self.store, self.rank, self.step)
         final_eval = self.evaluate()
@@ -136,19 +143,19 @@ class Trainer:
 
     # -- one step's gradient -----------------------------------------------------------------------------------------
     def _gradient(self, batch, step: int, buf: np.ndarray) -> bool:
-        """store.grad = gradient of the global mean loss; buf = [global loss sum, global count]. False (and no
-        backward, on every rank alike) when the global loss is not finite."""
+        """store.grad = gradient of the global mean loss; buf = [global loss sum, global count, stop votes]
+        (cluster/interrupt.py). False (and no backward, on every rank alike) when the global loss is not finite."""
         if self.settings.deterministic:
             finite = deterministic_gradient(self.model, self.store, self.comm, batch, self.job.loader.block,
-                                            self.settings.seed, step, buf)
+                                            self.settings.seed, step, buf, vote=interrupt.vote())
             self._check_count(buf, step)
             return finite
         if self.reducer is not None:
             self.reducer.begin(sync=True)
         self.store.zero_grad()
         loss_sum, count, backward = self.model.loss(batch, train=True)
-        buf[0], buf[1] = loss_sum, count
-        self.comm.allreduce(buf)  # global loss sum and count (every rank's share of batch k)
+        buf[0], buf[1], buf[2] = loss_sum, count, interrupt.vote()
+        self.comm.allreduce(buf)  # global loss sum and count (every rank's share of batch k), stop votes
         self._check_count(buf, step)
         if not math.isfinite(buf[0]):
             if self.reducer is not None:

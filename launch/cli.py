@@ -10,6 +10,7 @@ import sys
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
 
+from ndtrain.cluster import interrupt
 from ndtrain.launch.errors import UsageError  # re-exported: commands raise it, main() turns it into exit 2
 
 COMMANDS = ["train", "worker", "data", "eval", "generate", "report", "runs", "config", "bench"]
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"ndtrain {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop, or a second one inside (cluster/interrupt.py)
+        print(f"ndtrain {args.command}: aborted", file=sys.stderr, flush=True)
+        return interrupt.exit_code()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ config.toml, task_info.json (+ tokenizer.json), metrics.jsonl, summary.json, che
 run.tensorboard) and, once training succeeded, report.html (run.report, or --no-report).
 For test suites: NDTRAIN_REPORT=0 and NDTRAIN_TENSORBOARD=0 in the environment turn the last two off.
 
+Ctrl-C or SIGTERM (every backend) stops at the next step boundary, writes a checkpoint, prints `interrupted at step
+N; resume with: ndtrain train --resume DIR` and exits 130 (SIGINT) or 143 (SIGTERM); a second Ctrl-C aborts at
+once (cluster/interrupt.py).
+
     ndtrain train --task xor --print-config        # the resolved config as TOML, nothing run
     ndtrain train --task xor --log-format json | jq -c 'select(.event == "train") | [.step, .loss]'
 """
@@ -108,7 +112,9 @@ def main(args) -> int:
         return 0
     console = Console(cfg.run.steps, getattr(args, "log_format", "text") or "text", quiet=args.quiet)
     try:
-        training.train(cfg, console, overwrite=bool(getattr(args, "overwrite", False)))
+        training.train(cfg, console, overwrite=bool(getattr(args, "overwrite", False)), signals=True)
+    except training.TrainingStopped as e:
+        return e.exit_code  # 128 + signal; the `interrupted at step N; resume with ...` line is printed
     except training.TrainingFailed:
         return 1  # the coordinator has said which rank failed, and how to resume
     return 0

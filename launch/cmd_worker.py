@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from ndtrain.cluster import interrupt
 from ndtrain.cluster.comm.local import LocalCommunicator
 from ndtrain.cluster.comm.mpi import MPICommunicator
 from ndtrain.cluster.rank_entry import local_ranks, start_rank
@@ -66,6 +67,8 @@ def main(args) -> int:
             traceback.print_exc()
             comm.abort(1)  # the other ranks would otherwise wait in a collective forever
         raise
+    if summary is None:  # stopped on request at a step boundary, with a checkpoint (cluster/interrupt.py)
+        return interrupt.exit_code()
     if comm.rank == 0 and not args.quiet:
         print(format_done(summary, cfg.run.out), flush=True)
     return 0

@@ -9,11 +9,14 @@ directory being resumed) < run.* values (the CLI's flags) < `section.key=value` 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tomllib
 from pathlib import Path
 
+from ndtrain.cluster import checkpoint as ckpt
+from ndtrain.cluster import interrupt
 from ndtrain.cluster.comm.local import LocalCommunicator
 from ndtrain.cluster.nonfinite import WorkerError
 from ndtrain.cluster.supervise import Topology, local_host
@@ -32,6 +35,15 @@ LAUNCHERS = {"mpi": launch_mpi, "ray": launch_ray}  # run.backend -> the module 
 
 class TrainingFailed(RuntimeError):
     """A distributed job ended without finishing (the coordinator printed which rank failed and why)."""
+
+
+class TrainingStopped(RuntimeError):
+    """Ctrl-C / SIGTERM stopped the run at a step boundary, with a checkpoint (cluster/interrupt.py); the
+    `interrupted at step N; resume with ...` line is printed. exit_code: 128 + the signal."""
+
+    def __init__(self, step: int | None, run_dir: str):
+        super().__init__(f"interrupted at step {step}; resume with: ndtrain train --resume {run_dir}")
+        self.step, self.run_dir, self.exit_code = step, run_dir, interrupt.exit_code()
 
 
 def run_dir_of(resume: str | None) -> Path | None:
@@ -100,14 +112,29 @@ def prepare_run_dir(cfg: Config, overwrite: bool) -> None:
         raise ConfigError(str(e) if isinstance(e, rundir.RunDirError) else f"run.out: {cfg.run.out}: {e}") from None
 
 
-def train(cfg: Config, console: Console, overwrite: bool = False) -> dict:
+def train(cfg: Config, console: Console, overwrite: bool = False, signals: bool = False) -> dict:
     """Gate, run, finish: returns the summary. UsageError for a user mistake (before anything runs) or a run that
     stopped for a reason it names (non-finite steps, a full disk), TrainingFailed when a distributed job failed
-    (its message is on stderr already). overwrite: clear a non-empty run directory first (else it is refused)."""
+    (its message is on stderr already), TrainingStopped when Ctrl-C / SIGTERM stopped it with a checkpoint.
+    overwrite: clear a non-empty run directory first (else it is refused). signals: this process (the main thread
+    of `ndtrain train`) turns Ctrl-C / SIGTERM into a stop at the next step boundary (cluster/interrupt.py) once
+    the gate has passed."""
     if not cfg.run.out:  # no --out: a fresh directory, never an earlier run's
         cfg.run.out = str(rundir.fresh_run_dir(cfg.run.task, cfg.run.model))
     job, data = check_config(cfg)
     prepare_run_dir(cfg, overwrite)
+    with interrupt.handle_signals() if signals else contextlib.nullcontext():
+        summary = _run(cfg, console, job, data)
+    if console.json:
+        console.emit("done", {**summary, "run_dir": cfg.run.out})
+    else:  # --quiet too: it silences progress, not the result
+        print(format_done(summary, cfg.run.out), flush=True)
+    finish_report(cfg, console)
+    return summary
+
+
+def _run(cfg: Config, console: Console, job, data) -> dict:
+    """The job on its backend; the summary of a finished run."""
     if cfg.run.backend == "local":
         def on_ready(trainer) -> None:
             topo = local_topology(cfg)
@@ -118,6 +145,9 @@ def train(cfg: Config, console: Console, overwrite: bool = False) -> dict:
         try:
             summary = run_worker(cfg, LocalCommunicator(), write_config=True, console=console, on_ready=on_ready,
                                  job=job, data=data)
+        except interrupt.Interrupted as e:
+            print(interrupt.interrupted_line(e.step, cfg.run.out), file=sys.stderr, flush=True)
+            raise _stopped(console, e.step, cfg.run.out) from None
         except (WorkerError, DiskFullError) as e:  # the run stopped for a reason it names (rank, step / path)
             raise UsageError(str(e)) from None
     else:
@@ -125,15 +155,19 @@ def train(cfg: Config, console: Console, overwrite: bool = False) -> dict:
             rundir.truncate_metrics(cfg.run.out, job.start_step)  # records after the checkpoint are replayed
         del job, data  # the ranks build their own
         rc = int(LAUNCHERS[cfg.run.backend].launch(cfg, console) or 0)
+        if rc > 128:  # stopped on request; the launcher printed where to resume from
+            newest = ckpt.latest(rundir.checkpoints_dir(cfg.run.out))
+            raise _stopped(console, int(newest.stem.split("-")[1]) if newest is not None else None, cfg.run.out)
         if rc != 0:
             raise TrainingFailed(f"the {cfg.run.backend} job failed (exit status {rc})")
         summary = rundir.read_summary(cfg.run.out)
-    if console.json:
-        console.emit("done", {**summary, "run_dir": cfg.run.out})
-    else:  # --quiet too: it silences progress, not the result
-        print(format_done(summary, cfg.run.out), flush=True)
-    finish_report(cfg, console)
     return summary
+
+
+def _stopped(console: Console, step: int | None, out: str) -> TrainingStopped:
+    if console.json:
+        console.emit("interrupted", {"step": step, "run_dir": out})
+    return TrainingStopped(step, out)
 
 
 def report_enabled(cfg: Config) -> bool:
@@ -153,4 +187,4 @@ def finish_report(cfg: Config, console=None) -> Path | None:
     return path
 
 
-__all__ = ["resolve_config", "train", "TrainingFailed", "preset_path", "finish_report", "UsageError"]
+__all__ = ["resolve_config", "train", "TrainingFailed", "TrainingStopped", "preset_path", "finish_report", "UsageError"]
