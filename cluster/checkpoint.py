@@ -80,11 +80,13 @@ def _split_optim(state: dict) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 
 def save(ckpt_dir: str | os.PathLike, step: int, store, *, buffers: dict[str, np.ndarray] | None = None,
-         optim_state: dict | None = None, meta: dict | None = None, keep: int | None = None) -> Path:
-    """Write checkpoint `step` into ckpt_dir; returns the JSON's path. `keep`: prune all but the newest `keep`."""
+         optim_state: dict | None = None, meta: dict | None = None, keep: int | None = None,
+         name: str | None = None) -> Path:
+    """Write checkpoint `step` into ckpt_dir; returns the JSON's path. `keep`: prune all but the newest `keep`.
+    name: the files' stem instead of ckpt-<step> (e.g. "avg": not listed, pruned or resumed from automatically)."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"ckpt-{int(step):08d}"
+    stem = name or f"ckpt-{int(step):08d}"
     npz, js = ckpt_dir / f"{stem}.npz", ckpt_dir / f"{stem}.json"
     optim_arrays, optim_scalars = _split_optim(optim_state)
     arrays: dict[str, np.ndarray] = {}

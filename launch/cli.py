@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["train", "worker", "data", "eval", "generate", "report", "bench"]
+COMMANDS = ["train", "worker", "data", "eval", "generate", "average", "report", "bench"]
 
 
 class UsageError(Exception):

@@ -40,6 +40,8 @@ class TokenEmbedding(Module):
         y = W.data[ids]  # (B, T, D) gather = copy
         if self.scale != 1.0:
             y *= np.asarray(self.scale, y.dtype)
+        if not train:
+            return y, None
 
         def backward(dy):
             dy2 = dy.reshape(-1, self.d_model)

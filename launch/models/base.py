@@ -39,3 +39,7 @@ class TaskModel(ABC):
     @abstractmethod
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
         """Turn summed statistics into the task's metrics, e.g. {"loss": .., "accuracy": ..} or {"mse": ..}."""
+
+    def set_tokenizer(self, tokenizer, bleu: bool | None = None) -> None:
+        """The task's tokenizer (data.tokenizer.Tokenizer or None), for metrics on text (BLEU); bleu None: the
+        model's own rule. Models without text metrics ignore it."""
