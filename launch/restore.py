@@ -214,9 +214,10 @@ def pinned_threads(threads: int | None):
     """A context pinning BLAS threads (threadpoolctl) for eval / generate, as `train` pins its workers: --threads,
     else OMP/OPENBLAS/MKL_NUM_THREADS when set, else all cores (one process)."""
     from threadpoolctl import threadpool_limits
-    from ndtrain.cluster.worker_process import default_threads
+    from ndtrain.cluster.worker_process import default_threads, set_up_process_memory
     if threads is not None and threads < 1:
         raise RunError(f"--threads: must be >= 1, got {threads}")
+    set_up_process_memory()  # as a trainer process: freed memory is kept for the next batch (no page faults)
     return threadpool_limits(limits=threads or default_threads(1), user_api="blas")
 
 
