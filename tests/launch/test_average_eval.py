@@ -215,3 +215,18 @@ def test_average_of_known_checkpoints(tmp_path):
     assert got.meta["x"] == 2 and got.step == 15 and "loader" not in got.meta
     assert average(run, 2, tmp_path / "two.json") == tmp_path / "two.json"
     np.testing.assert_array_equal(ckpt.load(tmp_path / "two.json").params["b"], np.arange(6, 9) * 2.5)
+
+
+def test_wall_time_continues_across_a_resume(tmp_path):
+    out = tmp_path / "run"
+    base = ["train", "--out", str(out), "--quiet", "--task", "xor", "--model", "mlp", "--set", "run.eval_every=10",
+            "--checkpoint-every", "10"]
+    assert main([*base, "--steps", "20"]) == 0
+    first = [r for r in read_metrics(out) if "eval" in r]
+    ck = ckpt.load(out / "checkpoints" / "ckpt-00000020.json")
+    assert ck.meta["wall_time"] >= first[-1]["wall_time"] > first[0]["wall_time"] > 0
+    assert main([*base, "--steps", "30", "--resume", str(out)]) == 0
+    evals = [r for r in read_metrics(out) if "eval" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert evals[-1]["wall_time"] > ck.meta["wall_time"]  # the resumed run's clock starts where the checkpoint's ended
+    assert evals[-1]["time"] < evals[-1]["wall_time"]  # `time` counts this process's loop only
