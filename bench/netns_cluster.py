@@ -16,9 +16,10 @@ machine, same Python, same ndtrain checkout, machines reachable on the LAN, e.g.
     3. On the head, train:               ndtrain train --backend ray --address 192.168.1.10:6379 --workers 2
                                          --threads 2 ...   (num_cpus per actor = --threads: with 2 CPUs per laptop
                                          and --threads 2, Ray places one worker on each laptop)
-       Ranks on different nodes exchange gradients over TCP (cluster/comm/tcp.py); the coordinator runs in the
-       driver and listens on all interfaces, so the laptops must reach the head's address (open its firewall for
-       the ports Ray and the coordinator pick, or allow the LAN).
+       Ranks on different nodes exchange gradients over TCP (cluster/comm/tcp.py, every connection authenticated
+       by an HMAC challenge on the run's secret); the coordinator runs in the driver and listens on the head's Ray
+       address (or --iface NAME's), so the laptops must reach it (open its firewall for the ports Ray and the
+       coordinator pick, to the LAN's addresses only). docs/security.md.
     4. When done, on every laptop:       ray stop
     Recent Ray (2.60 here) starts the head with token authentication: every node and driver needs the same token
     (the head writes ~/.ray/auth_token; copy it to the other laptops, or export RAY_AUTH_TOKEN) and drivers need
@@ -36,8 +37,8 @@ machine, same Python, same ndtrain checkout, machines reachable on the LAN, e.g.
          export PRTE_MCA_oob_tcp_if_include=192.168.1.0/24
        With a hostfile the launcher maps ranks round-robin over the hosts (`--map-by node`): by slot, Open MPI 5
        counts the launching host's cores rather than its hostfile slots and put both ranks there.
-       The coordinator listens beside mpiexec on all interfaces and advertises the address of the default route's
-       interface; the other laptops must be able to reach it.
+       The coordinator listens beside mpiexec on the address of the default route's interface (or --iface NAME's,
+       which also pins MPI's traffic to it) and advertises it; the other laptops must be able to reach it.
        This script replaces ssh by an agent that runs the command in the other namespace
        (PRTE_MCA_plm_ssh_agent=<script>: `agent HOST COMMAND...` -> `ip netns exec NS sh -c COMMAND`).
 

@@ -7,7 +7,9 @@ JSON:      step, files, the npz's sha256, the param layout, buffer and optimizer
            the loader state, the schedule step, RNG states, the config and any extra record.
 
 Integrity: the JSON records the npz's sha256 AND a sha256 of its own content (`record_sha256`, over the canonical
-JSON of every other field), so a truncated or edited file of either kind is rejected with a message naming it.
+JSON of every other field; mandatory), so a truncated or edited file of either kind is rejected with a message
+naming it. Every field of the record is type-checked on load (check_record): a wrong type or an `npz` that is not
+a plain file name beside the JSON is a CheckpointError naming the file and the field, never a TypeError later.
 `load_valid(dir)` (automatic resume) walks back from the newest checkpoint to the newest one that verifies, with a
 CheckpointWarning for each one skipped.
 
@@ -97,7 +99,8 @@ def save(ckpt_dir: str | os.PathLike, step: int, store, *, buffers: dict[str, np
     for k, v in optim_arrays.items():
         arrays[f"optim/{k}"] = v
 
-    with atomic_open(npz, "wb") as f:
+    # expected_bytes: what a full disk's message says the checkpoint needs (the npz's header adds little)
+    with atomic_open(npz, "wb", expected_bytes=sum(int(np.asarray(a).nbytes) for a in arrays.values())) as f:
         np.savez(f, **arrays)
 
     record = {
@@ -119,6 +122,75 @@ def save(ckpt_dir: str | os.PathLike, step: int, store, *, buffers: dict[str, np
     if keep:
         prune(ckpt_dir, keep)
     return js
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_NPZ_NAME = re.compile(r"^ckpt-\d+\.npz$")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_uint(v) -> bool:
+    return _is_int(v) and v >= 0
+
+
+def _is_hex64(v) -> bool:
+    return isinstance(v, str) and bool(_HEX64.match(v))
+
+
+def _is_loader_state(v) -> bool:
+    return isinstance(v, dict) and all(_is_uint(v.get(k)) for k in ("epoch", "batches_done"))
+
+
+# field -> (check, what it must be). Required fields first; the rest are checked when present. The record is
+# untrusted input (a file anyone may edit): every field is checked here, so a reader never meets a wrong type.
+_REQUIRED = {
+    "step": (_is_uint, "an integer >= 0"),
+    "npz": (lambda v: isinstance(v, str) and bool(_NPZ_NAME.match(v)),
+            "the plain file name ckpt-<step>.npz beside the JSON (no directory part)"),
+    "sha256": (_is_hex64, "a sha256 digest (64 lowercase hex digits)"),
+    "record_sha256": (_is_hex64, "a sha256 digest (64 lowercase hex digits); every checkpoint records the hash of "
+                                 "its own content"),
+}
+_OPTIONAL = {
+    "dtype": (lambda v: v in ("float32", "float64"), "float32 or float64"),
+    "param_layout": (lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v), "a list of tables"),
+    "buffer_layout": (lambda v: isinstance(v, dict), "a table"),
+    "optim_layout": (lambda v: isinstance(v, dict), "a table"),
+    "optim_scalars": (lambda v: isinstance(v, dict), "a table"),
+    "loader": (_is_loader_state, "a table {epoch, batches_done} of integers >= 0"),
+    "schedule_step": (_is_uint, "an integer >= 0"),
+    "rng": (lambda v: isinstance(v, dict) and all(isinstance(s, dict) for s in v.values()),
+            "a table of tables (rank -> RNG states)"),
+    "config": (lambda v: isinstance(v, dict), "a table"),
+    "config_hash": (lambda v: isinstance(v, str), "a string"),
+    "world_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "param_checksum": (lambda v: isinstance(v, str), "a string"),
+    "skipped_steps": (_is_uint, "an integer >= 0"),
+    "data": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+             "a list of strings"),
+    "task_info": (lambda v: isinstance(v, dict), "a table"),
+}
+
+
+def check_record(meta: dict, path: Path) -> None:
+    """Every field of a checkpoint's JSON record has the type and form save() writes; CheckpointError naming the
+    file and the field otherwise (a missing required field, `"sha256": 5`, `"npz": "../x"`, `"loader": "x"`)."""
+    for key, (ok, what) in _REQUIRED.items():
+        if key not in meta:
+            raise CheckpointError(f"{path}: field {key!r} missing")
+        if not ok(meta[key]):
+            raise CheckpointError(f"{path}: field {key!r} must be {what}; got {_short(meta[key])}")
+    for key, (ok, what) in _OPTIONAL.items():
+        if key in meta and not ok(meta[key]):
+            raise CheckpointError(f"{path}: field {key!r} must be {what}; got {_short(meta[key])}")
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
@@ -154,20 +226,20 @@ def load(path: str | os.PathLike) -> Checkpoint:
     if path.suffix == ".npz":
         path = path.with_suffix(".json")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         fmt = meta.get("format") if isinstance(meta, dict) else None
         raise CheckpointError(f"{path}: not an ndtrain checkpoint (format {fmt!r})")
-    if "record_sha256" in meta and _record_digest(meta) != meta["record_sha256"]:
+    check_record(meta, path)
+    if _record_digest(meta) != meta["record_sha256"]:
         raise CheckpointError(f"{path}: the record's sha256 does not match its content: the file was modified")
-    for key in ("npz", "sha256", "step"):
-        if key not in meta:
-            raise CheckpointError(f"{path}: field {key!r} missing")
     npz = path.with_name(meta["npz"])
     if not npz.exists():
         raise CheckpointError(f"{npz}: checkpoint data missing (named by {path.name})")

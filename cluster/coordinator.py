@@ -1,7 +1,8 @@
 """The coordinator: one process beside the ranks (the MPI launcher, or the Ray driver) that they report to.
 
-It listens on 127.0.0.1 (or a given host) for the ranks' RankReporter connections, authenticated by a per-run
-token. It aggregates each step over ranks (cluster.aggregate), draws a progress bar with ETA, writes the run
+It listens on 127.0.0.1 (or a given host) for the ranks' RankReporter connections through cluster.coord_server
+(each one proves the per-run token by an HMAC challenge-response before anything it sends is parsed; sizes,
+connection count and idle time are bounded there). It aggregates each step over ranks (cluster.aggregate), draws a progress bar with ETA, writes the run
 directory through a sink (launch.rundir.RunWriter: metrics.jsonl, summary.json), TensorBoard events (DIR/tb) and
 ranks.json (each rank's host and pid), and decides when the job has failed:
   - a rank reported an exception (rank, step, traceback);
@@ -28,9 +29,7 @@ import json
 import os
 import queue
 import secrets
-import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 from ndtrain.data.atomic import atomic_write_text
 
 from .aggregate import StepAggregator, with_rank_timing
+from .coord_server import CoordServer, coord_key
 from .metrics_channel import ENV_ADDR, ENV_TOKEN
 
 
@@ -69,6 +69,7 @@ class Coordinator:
         self.total_steps, self.quiet = total_steps, quiet
         self.host, self.port = host, port
         self.token = token or secrets.token_hex(16)
+        self._key = coord_key(self.token)
         self.heartbeat_timeout, self.start_timeout = heartbeat_timeout, start_timeout
         self.stall_timeout = stall_timeout
         self.generation = 0
@@ -94,18 +95,16 @@ class Coordinator:
         self._t_wall0 = time.time()
         self._bar = None
         self._tb = None
-        self._server: socket.socket | None = None
-        self._conns: list[socket.socket] = []
+        self._server: CoordServer | None = None
 
     # -- server ------------------------------------------------------------------------------------------------------
     def start(self) -> "Coordinator":
-        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind((self.host, self.port))
-        srv.listen(max(16, self.world_size * 2))
-        self.port = srv.getsockname()[1]
-        self._server = srv
-        threading.Thread(target=self._accept_loop, name="ndtrain-coord-accept", daemon=True).start()
+        # an authenticated rank's link may stay silent up to heartbeat_timeout before the heartbeat rule names it;
+        # the server closes it only well after that
+        self._server = CoordServer(self.host, self.port, credentials=lambda: (self._key, self.generation),
+                                   deliver=self._inbox.put, world_size=self.world_size,
+                                   idle_s=max(120.0, 4 * self.heartbeat_timeout))
+        self.port = self._server.start()
         self._t0 = time.monotonic()
         return self
 
@@ -113,43 +112,13 @@ class Coordinator:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def server_stats(self) -> dict:
+        """Connections accepted, authenticated, refused, malformed, timed out, evicted, busy (cluster.coord_server)."""
+        return dict(self._server.stats) if self._server is not None else {}
+
     def env(self) -> dict[str, str]:
         return {ENV_ADDR: self.address, ENV_TOKEN: self.token}
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            self._conns.append(conn)
-            threading.Thread(target=self._read_loop, args=(conn,), daemon=True).start()
-
-    def _read_loop(self, conn: socket.socket) -> None:
-        rank = None
-        gen = self.generation
-        buf = b""
-        try:
-            while True:
-                chunk = conn.recv(1 << 16)
-                if not chunk:
-                    break
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    msg = json.loads(line)
-                    if rank is None:
-                        if msg.get("type") != "hello" or not secrets.compare_digest(str(msg.get("token", "")),
-                                                                                  self.token):
-                            conn.close()  # not one of ours
-                            return
-                        rank = int(msg["rank"])
-                    msg["_gen"] = gen
-                    self._inbox.put(msg)
-        except (OSError, ValueError):
-            pass
-        if rank is not None:
-            self._inbox.put({"type": "eof", "rank": rank, "_gen": gen})
 
     # -- main loop ---------------------------------------------------------------------------------------------------
     def poll(self, timeout: float = 0.2) -> None:
@@ -311,6 +280,7 @@ class Coordinator:
         and cannot reconnect), fresh per-rank state; output files, records and the progress bar stay."""
         self.generation += 1
         self.token = secrets.token_hex(16)
+        self._key = coord_key(self.token)
         self.failure = None
         self.finished = False
         self.ranks, self.last_seen, self.last_step, self.liveness, self.rank_timing = {}, {}, {}, {}, {}
@@ -388,15 +358,7 @@ class Coordinator:
     def close(self) -> None:
         self._close_bar()
         if self._server is not None:
-            try:
-                self._server.close()
-            except OSError:
-                pass
-        for c in self._conns:
-            try:
-                c.close()
-            except OSError:
-                pass
+            self._server.close()
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -2,8 +2,8 @@
 
 A rank finds the coordinator through the environment the launcher sets (NDTRAIN_COORD_ADDR = host:port,
 NDTRAIN_COORD_TOKEN = a per-run secret). Messages are JSON lines over one TCP connection; a background thread
-sends them, so `log()` costs one queue put on the training thread. The first message is a hello with the token,
-the rank's host and pid.
+sends them, so `log()` costs one queue put on the training thread. The connection first proves the token by an
+HMAC challenge-response (cluster.coord_server.dial); the first message is a hello with the rank's host and pid.
 
 RankReporter has the run-directory sink interface (launch.rundir.MetricsSink: log / summary / close), so the worker
 loop logs the same way whether it writes the run directory itself (local) or reports to a coordinator.
@@ -36,6 +36,8 @@ import socket
 import threading
 import time
 import traceback as tb_mod
+
+from .coord_server import dial
 
 ENV_ADDR = "NDTRAIN_COORD_ADDR"
 ENV_TOKEN = "NDTRAIN_COORD_TOKEN"
@@ -94,17 +96,10 @@ class RankReporter:
         self._q: queue.Queue = queue.Queue()
         self._closed = False
         host, port = parse_addr(addr)
-        deadline = time.monotonic() + connect_timeout
-        while True:
-            try:
-                self._sock = socket.create_connection((host, port), timeout=5.0)
-                break
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise ConnectionError(f"rank {rank}: cannot reach the coordinator at {addr}: {e}") from None
-                time.sleep(0.2)
+        # the HMAC challenge-response of cluster.coord_server: the token itself never goes over the wire
+        self._sock = dial(host, port, token, rank, timeout=connect_timeout)
         self._sock.settimeout(10.0)
-        self._send_now({"type": "hello", "token": token, "rank": rank, "world_size": world_size,
+        self._send_now({"type": "hello", "rank": rank, "world_size": world_size,
                         "host": socket.gethostname(), "pid": os.getpid(), "reports": bool(reports)})
         self._heartbeat_s = heartbeat_s
         self._lost = False

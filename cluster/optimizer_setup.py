@@ -5,13 +5,14 @@
 """
 from __future__ import annotations
 
-from ndtrain.launch.config import ConfigError
+from ndtrain.launch.config import ConfigError, _coerce
 
 
 def make_schedule_fn(ocfg, total_steps: int):
     """lr(step) from optim.schedule + optim.schedule_kwargs; lr / max_lr and total_steps filled in from the
     config when the schedule takes them and they are not given."""
     import dataclasses
+    import typing
     from ndtrain.engine import schedules
     kwargs = dict(ocfg.schedule_kwargs)
     cls = schedules.SCHEDULES.get(ocfg.schedule)
@@ -19,6 +20,10 @@ def make_schedule_fn(ocfg, total_steps: int):
         raise ConfigError(f"optim.schedule: unknown schedule {ocfg.schedule!r}; known: "
                           f"{', '.join(sorted(schedules.SCHEDULES))}")
     fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in kwargs.items():  # types first: "warmup_steps = 'x'" is named, not a TypeError inside
+        if key in hints and hints[key] in (int, float, str, bool):
+            kwargs[key] = _coerce(f"optim.schedule_kwargs.{key}", value, hints[key])
     for key, value in (("lr", ocfg.lr), ("max_lr", ocfg.lr), ("total_steps", total_steps)):
         if key in fields:
             kwargs.setdefault(key, value)

@@ -31,10 +31,24 @@ class RankActor:
     def unlink_shm(self) -> None:
         self.group.unlink()
 
-    def listen_tcp(self) -> int:
+    def listen_tcp(self, loopback: bool, iface: str = "") -> tuple[str, int]:
+        """Open this rank's TCP mesh listener; returns the (ip, port) its peers dial. It binds loopback when every
+        rank shares this node, else the address of `iface` (cluster.iface) or, without one, the address Ray uses
+        for this node. The mesh key is derived from the run's secret (NDTRAIN_COORD_TOKEN, given by the driver
+        through the actor's constructor, never a command line)."""
+        from .comm.auth import derive_key
+        from .comm.mesh import PURPOSE
+        from .comm.netif import interface_address
         from .comm.tcp import TcpGroup
-        self.group = TcpGroup(self.rank, self.world_size)
-        return self.group.port
+        from .metrics_channel import ENV_TOKEN
+        import ray
+        if loopback:
+            host = "127.0.0.1"
+        else:
+            host = interface_address(iface) if iface else ray.util.get_node_ip_address()
+        key = derive_key(os.environ.get(ENV_TOKEN, ""), PURPOSE)
+        self.group = TcpGroup(self.rank, self.world_size, key=key, host=host)
+        return host, self.group.port
 
     def connect_tcp(self, peers: list, timeout: float) -> None:
         self.group.timeout = timeout

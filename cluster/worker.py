@@ -105,6 +105,8 @@ class Trainer:
             self.model = build_model(run.model, self.info, cfg)
         except KeyError as e:
             raise ConfigError(f"run.model: {e.args[0]}") from None
+        except ValueError as e:  # the builders' checks of model.* against the task (they name the field)
+            raise ConfigError(str(e)) from None
         self.model.set_tokenizer(getattr(self.train_data, "tokenizer", None))  # text metrics (BLEU) in evals
         dtype = np.dtype(run.dtype)
         self.store = ParamStore.from_module(self.model.module, dtype=dtype, seed=run.seed)
@@ -227,6 +229,7 @@ class Trainer:
             if run.checkpoint_every and self.step % run.checkpoint_every == 0 and self.step != run.steps:
                 self.save_checkpoint()
 
+        self._check_finite_params()
         record = self._eval_record(t_start)
         final_eval = record["eval"]
         wall = record["time"] = time.perf_counter() - t_start  # the last event's time: the whole loop
@@ -288,6 +291,16 @@ class Trainer:
         self.store.grad[...] = global_tree_sum(self.comm, tree.result())
         self.store.grad *= self.store.grad.dtype.type(1.0 / buf[1])  # the mean: scaled once, identically
         return True
+
+    def _check_finite_params(self) -> None:
+        """A run must not end (exit 0, a final checkpoint) with NaN/Inf parameters: an update can overflow even when
+        every loss and gradient was finite (a huge optim.lr)."""
+        if np.isfinite(self.store.data).all():
+            return
+        from ndtrain.engine.debug import first_nonfinite
+        raise WorkerError(f"rank {self.rank}, step {self.step}: the parameters are not finite at the end of training "
+                          f"(first: {first_nonfinite(self.store, 'data')!r}); no final checkpoint was written. "
+                          f"Lower optim.lr or set optim.grad_clip")
 
     def _check_count(self, buf: np.ndarray, step: int) -> None:
         if buf[1] <= 0:

@@ -6,19 +6,26 @@ Directory layout:
   DIR/shard-00000.arrow ...  one Arrow IPC *file* (uncompressed, one record batch) per shard
 Columns: lm `tokens` list<int32>; seq2seq `src`, `tgt` list<int32>; vector `x` fixed_size_list<float32>[D] and `y`
 int64 (classification) or fixed_size_list<float32>[K] (regression). Token ids never include BOS/EOS.
-Every file goes to a per-process temporary name in DIR first and is moved into place (data.atomic).
+The whole directory is first written beside DIR (a hidden temporary directory in the same parent) and swapped in
+only when complete: re-importing over an existing data set replaces it in one step, and a failed write (bad
+argument, full disk, interrupt) leaves the old data set byte for byte as it was. DIR may be new, empty, or hold
+only a data set's own files (check_output_dir): a directory with anything else in it is never replaced.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .atomic import atomic_write_bytes
+from .atomic import DiskFullError, atomic_write_bytes
 from .info import BOS, EOS, PAD, UNK, TaskInfo
 
 SCHEMA_VERSION = 1
@@ -29,6 +36,43 @@ SPECIAL_IDS = {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS}
 
 class DataError(ValueError):
     """A data directory or input file is unusable; the message names the file (and row where it applies)."""
+
+
+# the files of a data set (and write_dataset's temporaries): what may be replaced by a new one
+_OWN_FILE = re.compile(r"^(manifest\.json|tokenizer\.json|shard-\d+\.arrow|\..+\.tmp(-\d+)?)$")
+
+
+def check_output_dir(out_dir: str | Path) -> None:
+    """`out_dir` may receive a data set: new, empty, or holding only a data set's own files (an earlier import,
+    an interrupted one). DataError naming it otherwise. Nothing is changed."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory")
+    if not out.is_dir():
+        return
+    try:
+        foreign = sorted(p.name for p in out.iterdir() if not _OWN_FILE.match(p.name))
+    except OSError as e:
+        raise DataError(f"{out}: cannot read the output directory ({e.strerror or e})") from None
+    if foreign:
+        raise DataError(f"{out}: holds {foreign[0]!r}, which is not part of an ndtrain data set; write to a new or "
+                        f"empty directory (an earlier data set there is replaced whole)")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Move the complete directory tmp to out; an existing out is moved aside first and deleted last (restored if
+    the second rename fails)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def schema_for(info: TaskInfo) -> pa.Schema:
@@ -94,13 +138,30 @@ def write_dataset(out_dir: str | Path, info: TaskInfo, columns: dict, *, shard_r
     """Write columns as shards + tokenizer + manifest (last) into out_dir. Returns the directory.
     `source` records how the data was made (task, rows, seed, ...), for ensure_prepared's cache check."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # the old manifest must not vouch for half-new shards
-    if shard_rows < 1:
-        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+    # everything is checked before anything is touched
+    if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
+        raise DataError(f"shard_rows: must be an integer >= 1, got {shard_rows!r}")
     n = len(columns["x"] if "x" in columns else columns[schema_for(info).names[0]])
     if n == 0:
         raise DataError(f"{out}: no rows to write")
+    check_output_dir(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
+    except OSError as e:
+        raise DataError(f"{out}: cannot create the data directory ({e.strerror or e})") from None
+    try:
+        _write_into(tmp, info, columns, n, shard_rows, tokenizer, source)
+        _swap_in(tmp, out)
+    except DiskFullError as e:  # name the destination, not the temporary directory
+        raise DiskFullError(out / e.path.name, e.needed) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_into(out: Path, info: TaskInfo, columns: dict, n: int, shard_rows: int, tokenizer, source) -> None:
     tok_entry = None
     if tokenizer is not None:
         text = tokenizer.to_json().encode("utf-8")
@@ -128,7 +189,6 @@ def write_dataset(out_dir: str | Path, info: TaskInfo, columns: dict, *, shard_r
         "shards": shards,
     }
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"), unique=True)
-    return out
 
 
 def _json_safe(extra: dict) -> dict:

@@ -162,31 +162,79 @@ class BpeTokenizer(Tokenizer):
 
 
 KINDS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": BpeTokenizer}
+# byte-level BPE starts from the 256-byte alphabet plus the 4 specials: a smaller vocabulary cannot be honoured
+BPE_MIN_VOCAB = 256 + N_SPECIAL
+
+
+def check_vocab_size(kind: str, vocab_size: int | None) -> None:
+    """ValueError naming the minimum when `vocab_size` cannot be honoured by tokenizer `kind`."""
+    if vocab_size is None:
+        return
+    least = BPE_MIN_VOCAB if kind == "bpe" else N_SPECIAL + 1
+    if vocab_size < least:
+        why = "the 256-byte alphabet + 4 special tokens" if kind == "bpe" else "4 special tokens + at least one"
+        raise ValueError(f"vocab_size: the {kind} tokenizer needs at least {least} ({why}), got {vocab_size}")
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = None) -> Tokenizer:
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer {kind!r}; choose one of {sorted(KINDS)}")
+    check_vocab_size(kind, vocab_size)
     if kind == "bpe":
         return BpeTokenizer.train(texts, vocab_size or 1000)
     return KINDS[kind].train(texts, vocab_size)
 
 
 def tokenizer_from_json(text: str, *, source: str = "<string>") -> Tokenizer:
+    """Any saved tokenizer. The file is untrusted: every way it can be malformed is a ValueError naming `source`
+    (and the field), never a KeyError / TypeError / the HF library's own exception."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{source}: not a tokenizer JSON file ({e})") from None
-    kind = obj.get("ndtrain_tokenizer") if isinstance(obj, dict) else None
-    if kind in ("char", "word"):
-        return KINDS[kind](obj["tokens"])
-    if isinstance(obj, dict) and "model" in obj:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{source}: not a tokenizer file (a JSON object expected, got {type(obj).__name__})")
+    kind = obj.get("ndtrain_tokenizer")
+    if kind is not None:
+        if kind not in ("char", "word"):
+            raise ValueError(f"{source}: field 'ndtrain_tokenizer' must be 'char' or 'word', got {kind!r}")
+        tokens = obj.get("tokens")
+        if tokens is None:
+            raise ValueError(f"{source}: field 'tokens' missing")
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise ValueError(f"{source}: field 'tokens' must be a list of strings, got {type(tokens).__name__}")
+        if len(set(tokens)) != len(tokens):
+            dup = next(t for i, t in enumerate(tokens) if t in tokens[:i])
+            raise ValueError(f"{source}: field 'tokens' lists {dup!r} twice (ids would be ambiguous)")
+        return KINDS[kind](tokens)
+    if "model" in obj:
         from tokenizers import Tokenizer as HFTokenizer
 
-        return BpeTokenizer(HFTokenizer.from_str(text))
-    raise ValueError(f"{source}: unknown tokenizer format")
+        try:
+            hf = HFTokenizer.from_str(text)
+        except Exception as e:  # the Rust library raises a bare Exception for any malformed file
+            msg = " ".join(str(e).split())
+            raise ValueError(f"{source}: not a valid HF tokenizers file ({msg})") from None
+        try:
+            return BpeTokenizer(hf)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+    raise ValueError(f"{source}: unknown tokenizer format (neither 'ndtrain_tokenizer' nor an HF 'model')")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer file; ValueError naming the path when it is missing, not a file, not UTF-8 or malformed."""
     path = Path(path)
-    return tokenizer_from_json(path.read_text(encoding="utf-8"), source=str(path))
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such tokenizer file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not a tokenizer file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the tokenizer file ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a tokenizer file (not UTF-8 text at byte {e.start})") from None
+    return tokenizer_from_json(text, source=str(path))

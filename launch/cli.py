@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["train", "worker", "data", "eval", "generate", "average", "report", "bench"]
+COMMANDS = ["train", "worker", "data", "eval", "generate", "average", "report", "runs", "config", "bench"]
 
 
 class UsageError(Exception):
@@ -16,6 +16,7 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ndtrain", description="Distributed training with a pure-NumPy engine.")
+    parser.add_argument("--version", action="version", version=f"ndtrain {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -26,6 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # not built yet
         mod.add_parser(sub)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), or 'unknown' outside an install."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("ndtrain")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

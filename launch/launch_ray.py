@@ -42,7 +42,8 @@ def ensure_ray(address: str = "", num_cpus: int | None = None):
 def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None, total_steps: int | None = None,
             threads: int = 0, address: str = "", global_batch: int | None = None, quiet: bool = False,
             heartbeat_timeout: float = 30.0, start_timeout: float = 120.0, transport: str = "auto",
-            shutdown: bool = True, max_restarts: int = 0, on_restart=None, stall_timeout: float = 20.0) -> int:
+            shutdown: bool = True, max_restarts: int = 0, on_restart=None, stall_timeout: float = 20.0,
+            iface: str = "") -> int:
     """Run `target` on `workers` Ray actors; returns the exit status (0: every rank finished and reported).
 
     max_restarts: how many times a group whose process died, went silent or hung is torn down and started again
@@ -51,7 +52,15 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None, to
     threads = threads or default_threads(workers)
     ray, started = ensure_ray(address, num_cpus=max(workers * threads, os.cpu_count() or 1))
     multi_node = len([n for n in ray.nodes() if n.get("Alive")]) > 1
-    bind = "0.0.0.0" if multi_node else "127.0.0.1"
+    # across nodes the coordinator listens on iface's address (cluster.iface) or this node's Ray address, which is
+    # also what it advertises; on one node on loopback (docs/security.md)
+    if not multi_node:
+        bind = "127.0.0.1"
+    elif iface:
+        from ndtrain.cluster.comm.netif import interface_address
+        bind = interface_address(iface)
+    else:
+        bind = ray.util.get_node_ip_address()
     coord = Coordinator(workers, writer=writer, run_dir=run_dir, total_steps=total_steps, quiet=quiet, host=bind,
                         heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout,
                         stall_timeout=stall_timeout, extra_summary={"restarts": 0}).start()
@@ -59,7 +68,7 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None, to
     try:
         while True:
             failure = _run_group(ray, coord, target, args, workers, threads, multi_node, global_batch,
-                                 start_timeout, transport)
+                                 start_timeout, transport, iface)
             if failure is None or restarts >= max_restarts or not _recoverable(failure):
                 break
             restarts += 1
@@ -86,14 +95,15 @@ def _recoverable(failure) -> bool:
     return not failure.traceback and "interrupted" not in failure.reason
 
 
-def _run_group(ray, coord, target, args, workers, threads, multi_node, global_batch, start_timeout, transport):
+def _run_group(ray, coord, target, args, workers, threads, multi_node, global_batch, start_timeout, transport,
+               iface=""):
     """Start one group of rank actors for the coordinator's current generation, supervise it, tear it down (every
     actor killed, the shared-memory file removed). Returns None on success, else the Failure."""
     from ndtrain.cluster.comm.ray_comm import form_group
     from ndtrain.cluster.ray_rank import RankActor
     env = coord.env()
     if multi_node:
-        env["NDTRAIN_COORD_ADDR"] = f"{ray.util.get_node_ip_address()}:{coord.port}"
+        env["NDTRAIN_COORD_ADDR"] = coord.address  # bound to the advertised address (run_ray)
     for k in THREAD_ENV:
         env[k] = str(threads)
     for k in (ENV_TEST_HANG, ENV_TEST_STEP_DELAY):  # test-only fault injection reaches the actors too
@@ -108,7 +118,7 @@ def _run_group(ray, coord, target, args, workers, threads, multi_node, global_ba
     failure = None
     try:
         try:
-            nodes = form_group(actors, group_token, timeout=start_timeout, transport=transport)
+            nodes = form_group(actors, group_token, timeout=start_timeout, transport=transport, iface=iface)
         except Exception as e:  # a rank could not be placed or joined
             coord.fail(None, None, f"could not form the Ray rank group: {type(e).__name__}: {e}")
             failure = coord.failure
@@ -176,7 +186,8 @@ def launch(cfg, quiet: bool | None = None, log_format: str | None = None) -> int
         from ndtrain.cluster import checkpoint as ckpt
         return {**args, "resume": str(ckpt_dir.resolve())} if ckpt.latest(ckpt_dir) is not None else args
 
-    rc = run_ray(**_train_job(cfg), address=cfg.cluster.address, quiet=cli_quiet(quiet) or json_out,
+    rc = run_ray(**_train_job(cfg), address=cfg.cluster.address, iface=cfg.cluster.iface,
+                 quiet=cli_quiet(quiet) or json_out,
                  on_restart=resume_args,
                  max_restarts=settings["max_restarts"], heartbeat_timeout=settings["heartbeat_timeout"],
                  stall_timeout=settings["stall_timeout"])

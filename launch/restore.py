@@ -116,19 +116,37 @@ def _data_split_dir(data_dir: str | Path, split: str) -> Path:
     raise RunError(f"{d}: no prepared split {split!r} here (expected {d / split / 'manifest.json'})")
 
 
+def _task_info(record, where) -> object:
+    """TaskInfo from a JSON record (task_info.json, a checkpoint's task_info): RunError naming `where` if malformed."""
+    from ndtrain.data.info import TaskInfo
+    try:
+        if callable(record):
+            record = record()
+        return TaskInfo(**record)
+    except (TypeError, ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise RunError(f"{where}: not a valid task info record ({e})") from None
+
+
+def _load_tokenizer(path: Path):
+    from ndtrain.data.tokenizer import load_tokenizer
+    try:
+        return load_tokenizer(path)
+    except ValueError as e:  # names the file (and field)
+        raise RunError(str(e)) from None
+
+
 def task_info_and_tokenizer(cfg, run_dir: Path | None = None, checkpoint=None, data_dir: str | None = None):
     """(TaskInfo, Tokenizer | None) the model was built with (see the module docstring)."""
-    from ndtrain.data.info import TaskInfo
-    from ndtrain.data.tokenizer import load_tokenizer, tokenizer_from_json
+    from ndtrain.data.tokenizer import tokenizer_from_json
     info = None
     saved = run_dir / TASK_INFO_FILE if run_dir is not None else None
     if saved is not None and saved.is_file():
-        info = TaskInfo(**json.loads(saved.read_text()))
+        info = _task_info(lambda: json.loads(saved.read_text(encoding="utf-8")), saved)
     elif checkpoint is not None and isinstance(checkpoint.meta.get("task_info"), dict):
-        info = TaskInfo(**checkpoint.meta["task_info"])
+        info = _task_info(checkpoint.meta["task_info"], f"{checkpoint.path}: field 'task_info'")
     tokenizer = None
     if run_dir is not None and (run_dir / TOKENIZER_FILE).is_file():
-        tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+        tokenizer = _load_tokenizer(run_dir / TOKENIZER_FILE)
     # A run directory that saved its task info (and its tokenizer, for text tasks) needs no data directory: eval
     # and generate keep working after the data is moved or deleted. An explicit --data still takes precedence.
     self_contained = saved is not None and saved.is_file() and (
@@ -148,7 +166,7 @@ def task_info_and_tokenizer(cfg, run_dir: Path | None = None, checkpoint=None, d
             tpath = split_dir / m["tokenizer"]["file"]
             if not tpath.is_file():
                 raise RunError(f"{tpath}: tokenizer named by {split_dir / 'manifest.json'} is missing")
-            tokenizer = load_tokenizer(tpath)
+            tokenizer = _load_tokenizer(tpath)
     elif info is None or tokenizer is None:
         from ndtrain.data import tasks
         if cfg.run.task not in tasks.TASKS:

@@ -15,21 +15,40 @@
 Writers append and flush one line per event, so a crash loses at most the event being written; summary.json and
 config.toml are replaced atomically (ndtrain.data.atomic: temp file + fsync + rename), so a reader never sees half
 a file.
+
+A run never writes into a directory that is not empty (check_run_dir_free): `--resume` continues it, `--overwrite`
+first removes the files above (RUN_OUTPUTS, and nothing else: a user's own file beside them stays). Without --out
+a run gets a fresh directory, runs/<task>-<model>-<UTC timestamp> (fresh_run_dir).
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
-from ndtrain.data.atomic import atomic_write_text  # re-exported: report tools write through rundir
+from ndtrain.data.atomic import DiskFullError, atomic_write_text, is_disk_full  # (re-exported: report tools write
+# through rundir)
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
+TASK_INFO = "task_info.json"
+TOKENIZER = "tokenizer.json"
+TOPOLOGY = "topology.json"
+RANKS = "ranks.json"  # the coordinator's per-rank table (distributed backends)
+TB_DIR = "tb"
+REPORT = "report.html"
+PLOTS_DIR = "plots"
+# everything a run writes into its directory: what --overwrite removes first
+RUN_OUTPUTS = (CONFIG, METRICS, SUMMARY, CHECKPOINTS, TASK_INFO, TOKENIZER, TOPOLOGY, RANKS, TB_DIR, REPORT,
+               PLOTS_DIR)
+RUNS_ROOT = "runs"
 
 SUMMARY_KEYS = ("steps", "wall_s", "final_loss", "eval")
 TRAIN_KEYS = ("step", "loss", "lr", "time")
@@ -76,6 +95,8 @@ class RunWriter(MetricsSink):
     """Writes DIR/metrics.jsonl and DIR/summary.json. `log` appends one line and flushes."""
 
     def __init__(self, out: str | os.PathLike, append: bool = False):
+        if not str(out):
+            raise ValueError("RunWriter: empty run directory (run.out); `ndtrain train` picks a fresh one")
         self.dir = Path(out)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / CHECKPOINTS).mkdir(exist_ok=True)
@@ -84,8 +105,14 @@ class RunWriter(MetricsSink):
     def log(self, record: dict) -> None:
         if "step" not in record:
             raise ValueError(f"{self.dir / METRICS}: every record needs a 'step'; got keys {sorted(record)}")
-        self._f.write(json.dumps(_jsonable(record), separators=(",", ":")) + "\n")
-        self._f.flush()
+        line = json.dumps(_jsonable(record), separators=(",", ":")) + "\n"
+        try:
+            self._f.write(line)
+            self._f.flush()
+        except OSError as e:
+            if is_disk_full(e):
+                raise DiskFullError(self.dir / METRICS, len(line)) from None
+            raise
 
     def summary(self, summary: dict) -> None:
         missing = [k for k in SUMMARY_KEYS if k not in summary]
@@ -127,6 +154,87 @@ def truncate_metrics(out: str | os.PathLike, step: int) -> int:
     if dropped:
         atomic_write_text(path, "".join(kept))
     return dropped
+
+
+# -- where a run writes ----------------------------------------------------------------------------------------------
+class RunDirError(ValueError):
+    """The run directory cannot be used (not empty, not creatable, not writable); the message names it."""
+
+
+def fresh_run_dir(task: str, model: str, root: str | os.PathLike = RUNS_ROOT, now: float | None = None) -> Path:
+    """runs/<task>-<model>-<UTC timestamp>, with -2, -3, ... when that name is taken: never an existing directory."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
+    base = Path(root) / f"{task}-{model}-{stamp}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def check_run_dir_free(out: str | os.PathLike, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a run directory that already holds files, unless the run resumes it or overwrites it. Nothing is
+    changed here."""
+    d = Path(out)
+    if d.exists() and not d.is_dir():
+        raise RunDirError(f"run.out: {d} exists and is not a directory")
+    if resume or overwrite or not d.is_dir():
+        return
+    try:
+        entries = sorted(p.name for p in d.iterdir())
+    except OSError as e:
+        raise RunDirError(f"run.out: cannot read {d}: {e.strerror}") from None
+    if entries:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise RunDirError(f"run.out: {d} is not empty ({shown}); pass --resume {d} to continue that run, "
+                          f"--overwrite to replace it, or another --out")
+
+
+def clear_run_outputs(out: str | os.PathLike) -> list[str]:
+    """--overwrite: remove every file and directory a run writes (RUN_OUTPUTS) from `out`; returns their names."""
+    d = Path(out)
+    removed = []
+    for name in RUN_OUTPUTS:
+        p = d / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def check_writable_dir(out: str | os.PathLike) -> None:
+    """Prove before any worker starts that `out` can be created and written: a path that cannot be created
+    (/proc/x, under a file) or a read-only directory is one RunDirError naming it, not a traceback mid-run. It
+    really creates the missing directories and a probe file, then removes exactly what it created: a bad run
+    leaves nothing behind."""
+    d = Path(out)
+    created = []
+    missing = [p for p in [d, *d.parents] if not p.exists()]
+    try:
+        for p in reversed(missing):
+            try:
+                p.mkdir()
+            except OSError as e:
+                raise RunDirError(f"run.out: cannot create {d}: {e.strerror or e} ({p})") from None
+            created.append(p)
+        probe = d / f".ndtrain-write-test-{os.getpid()}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"x")
+        except OSError as e:
+            what = "read-only" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else e.strerror
+            raise RunDirError(f"run.out: cannot write in {d} ({what})") from None
+        probe.unlink()
+    finally:
+        for p in reversed(created):
+            try:
+                p.rmdir()
+            except OSError:
+                pass
 
 
 # -- readers ---------------------------------------------------------------------------------------------------------

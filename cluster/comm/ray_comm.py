@@ -57,9 +57,11 @@ class RayCommunicator(Communicator):
 
 
 def form_group(actors: list, token: str, slot_bytes: int = 4 << 20, timeout: float = 60.0,
-               transport: str = "auto") -> list[dict]:
+               transport: str = "auto", iface: str = "") -> list[dict]:
     """Driver side: connect the rank actors (RankActor) into one communicator group. transport: "auto" (shm when
-    all ranks share a node, else tcp), "shm" or "tcp". Returns each rank's {"rank", "host", "ip", "pid", "node"}."""
+    all ranks share a node, else tcp), "shm" or "tcp". The TCP mesh listens on loopback when every rank shares a
+    node, else on `iface`'s address (or Ray's node address); it authenticates every connection with a key derived
+    from the run's secret the actors hold. Returns each rank's {"rank", "host", "ip", "pid", "node"}."""
     import ray
 
     nodes = ray.get([a.node_info.remote() for a in actors], timeout=timeout)
@@ -75,8 +77,7 @@ def form_group(actors: list, token: str, slot_bytes: int = 4 << 20, timeout: flo
         ray.get([a.join_shm.remote(path, False, slot_bytes, timeout) for a in actors[1:]], timeout=timeout)
         ray.get(actors[0].unlink_shm.remote(), timeout=timeout)  # every rank has it mapped: drop the name
     elif transport == "tcp":
-        ports = ray.get([a.listen_tcp.remote() for a in actors], timeout=timeout)
-        peers = [(n["ip"], p) for n, p in zip(nodes, ports)]
+        peers = ray.get([a.listen_tcp.remote(same_node, iface) for a in actors], timeout=timeout)
         ray.get([a.connect_tcp.remote(peers, timeout) for a in actors], timeout=timeout)
     else:
         raise ValueError(f"transport must be auto, shm or tcp; got {transport!r}")

@@ -22,7 +22,8 @@ style) and "classifier" (encoder with a pooled head).
     eval_bleu = true               # BLEU in every eval when the tokenizer is word or BPE level
 
 The keys are the fields of the engine's config dataclasses (engine/transformer/config.py) plus the adapter's own
-(label_smoothing, eval_beam_size, length_penalty, length_penalty_kind, eval_bleu, block_size); vocabulary sizes and max_len come from TaskInfo.
+(label_smoothing, eval_beam_size, length_penalty, length_penalty_kind, eval_bleu, block_size); vocabulary sizes
+and max_len come from TaskInfo.
 
 Batches (launch/models/base.py): seq2seq src/tgt_in/tgt_out, lm x/y, classification x/y. PAD (0) targets are
 ignored by the loss and every metric. The engine module maps ids to logits:
@@ -297,11 +298,10 @@ def build_transformer(task_info: TaskInfo, cfg) -> Seq2SeqModel:
     opts = _engine_options(_options(cfg, "transformer"))
     mc = _config(Seq2SeqConfig, {**opts, "src_vocab": task_info.src_vocab_size, "tgt_vocab": task_info.tgt_vocab_size,
                                  "max_len": max(task_info.max_src_len, task_info.max_tgt_len)})
-    from ndtrain.launch.config import ConfigError
     if opts["length_penalty_kind"] not in ("gnmt", "fairseq"):
-        raise ConfigError(f"model.length_penalty_kind: must be 'gnmt' or 'fairseq', got {opts['length_penalty_kind']!r}")
+        raise ValueError(f"model.length_penalty_kind: must be 'gnmt' or 'fairseq', got {opts['length_penalty_kind']!r}")
     if opts["eval_beam_size"] < 1:
-        raise ConfigError(f"model.eval_beam_size: must be >= 1, got {opts['eval_beam_size']}")
+        raise ValueError(f"model.eval_beam_size: must be >= 1, got {opts['eval_beam_size']}")
     return Seq2SeqModel(Seq2SeqTransformer(mc), opts["label_smoothing"], opts["eval_beam_size"],
                         opts["length_penalty"], max_decode_len=task_info.max_tgt_len,
                         length_penalty_kind=opts["length_penalty_kind"], eval_bleu=opts["eval_bleu"])

@@ -7,15 +7,23 @@ import html
 import json
 
 STYLE = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
-       color: #222; padding: 0 1em; }
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 1.5em auto; max-width: 1500px;
+       color: #222; padding: 0 1em; box-sizing: border-box; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.5em 0; }
-td, th { border: 1px solid #ccc; padding: 3px 10px; text-align: left; font-size: 0.92em; }
+h3 { font-size: 1.05em; }
+table { border-collapse: collapse; margin: 0.5em 0; max-width: 100%; }
+td, th { border: 1px solid #ccc; padding: 3px 10px; text-align: left; font-size: 0.92em; vertical-align: top; }
+th { background: #f6f8fa; font-weight: 600; }
 td.num { text-align: right; font-family: monospace; }
-pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
-figure { display: inline-block; margin: 0.5em; vertical-align: top; }
-figcaption { font-size: 0.85em; color: #555; max-width: 640px; }
+td.text { font-family: monospace; white-space: pre-wrap; }
+pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; white-space: pre-wrap; }
+img { max-width: 100%; height: auto; display: block; }
+figure { margin: 0; min-width: 0; }
+figcaption { font-size: 0.85em; color: #555; margin-top: 0.3em; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 560px), 1fr)); gap: 1.2em;
+        align-items: start; }
+.grid > .wide { grid-column: 1 / -1; }
+.scroll { overflow-x: auto; }
 .note { color: #8a5a00; } .error { color: #b00020; }
 """
 
@@ -34,9 +42,16 @@ def img(png: bytes, alt: str) -> str:
     return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
 
 
-def figure(png: bytes, alt: str, caption: str = "") -> str:
+def figure(png: bytes, alt: str, caption: str = "", wide: bool = False) -> str:
+    """An inlined PNG; `wide` spans both columns of a .grid (the attention map)."""
     cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
-    return f"<figure>{img(png, alt)}{cap}</figure>"
+    cls = ' class="wide"' if wide else ""
+    return f"<figure{cls}>{img(png, alt)}{cap}</figure>"
+
+
+def grid(items: list[str]) -> str:
+    """Figures in one column on narrow windows, two (or more) on wide ones."""
+    return '<div class="grid">\n' + "\n".join(items) + "\n</div>"
 
 
 def _fmt(v) -> str:
@@ -51,6 +66,23 @@ def kv_table(rows: list[tuple[str, object]], css_id: str = "") -> str:
     ident = f' id="{esc(css_id)}"' if css_id else ""
     body = "".join(f"<tr><th>{esc(k)}</th><td class=\"num\">{esc(_fmt(v))}</td></tr>" for k, v in rows)
     return f"<table{ident}>{body}</table>"
+
+
+def words_table(rows: list[tuple[str, str, str]], css_id: str = "") -> str:
+    """(raw key, words, value text) rows: the words shown, the raw key as the row's tooltip."""
+    ident = f' id="{esc(css_id)}"' if css_id else ""
+    body = "".join(f'<tr><th title="{esc(k)}">{esc(w)}</th><td>{esc(v)}</td></tr>' for k, w, v in rows)
+    return f"<table{ident}>{body}</table>"
+
+
+def table(header: list[str], rows: list[list[str]], css_id: str = "", text_cols: tuple = ()) -> str:
+    """A plain table; columns in text_cols are shown as preformatted text (samples)."""
+    ident = f' id="{esc(css_id)}"' if css_id else ""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    text = ' class="text"'
+    body = "".join("<tr>" + "".join(f'<td{text if i in text_cols else ""}>{esc(c)}</td>'
+                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f'<div class="scroll"><table{ident}><tr>{head}</tr>{body}</table></div>'
 
 
 def records_table(records: list[dict], css_id: str = "") -> str:
@@ -74,4 +106,4 @@ def page(title: str, sections: list[tuple[str, str]]) -> str:
     return "\n".join(parts)
 
 
-__all__ = ["page", "figure", "img", "kv_table", "records_table", "esc", "pre"]
+__all__ = ["page", "figure", "grid", "img", "kv_table", "words_table", "table", "records_table", "esc", "pre"]

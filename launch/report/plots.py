@@ -4,14 +4,19 @@ No pyplot: figures are built with the object API and rendered by FigureCanvasAgg
 backend or a display, and plotting works inside the trainer, in tests and on headless CI machines.
 
     plots = metric_plots(rows)      # [(name, title, png bytes)] for every series the records have
-Series (each plotted only when the records carry it):
+    fig = draw(spec)                # one spec of plot_specs(rows) as a matplotlib Figure (tests inspect its axes)
+Figures (each drawn only when the records carry the series):
     loss          train loss per logged step, and the eval loss at each evaluation
-    eval          the other eval metrics (accuracy, exact_match, token_accuracy, mse, perplexity, bleu)
+    eval          one small panel per other eval metric (accuracy, exact match, token accuracy, mse, perplexity),
+                  each with its own y axis and no offset, so 1.0 reads as 1.0
+    bleu          BLEU against the step and against wall-clock time (eval events' `wall_time`, else `time`)
     lr            learning rate
-    throughput    tokens_per_s (or samples_per_s)
+    throughput    tokens_per_s (or samples_per_s), all ranks together
     grad_norm     global gradient norm (before clipping)
     step_time     seconds per step (step_s / step_time: the slowest rank in a distributed run), and per rank when
                   the records say (see per_rank_step_times)
+Every panel has a title, axis labels and a legend; every linear axis has plain tick labels (no offset, no
+scientific multiplier).
 """
 from __future__ import annotations
 
@@ -21,7 +26,18 @@ import math
 from ndtrain.launch.rundir import eval_events, train_events
 
 FIGSIZE = (6.4, 3.6)
+PANEL_SIZE = (3.2, 2.6)  # inches per small panel (the eval metrics: two per row, as wide as one plot)
 DPI = 100
+
+# eval metric -> how the report names it; FRACTIONS are in [0, 1] and get a 0..1-ish axis
+METRIC_NAMES = {"loss": "loss", "accuracy": "accuracy", "exact_match": "exact match",
+                "token_accuracy": "token accuracy", "bleu": "BLEU", "perplexity": "perplexity",
+                "mse": "mean squared error", "chrf": "chrF"}
+FRACTIONS = ("accuracy", "exact_match", "token_accuracy")
+
+
+def metric_name(key: str) -> str:
+    return METRIC_NAMES.get(key, key.replace("_", " "))
 
 
 def _num(v) -> float | None:
@@ -35,49 +51,115 @@ def _num(v) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of `key` over the rows that have a finite value for it."""
+def series(rows: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    """(xs, values) of `key` over the rows that have a finite value for it; xs are steps (ints), or another
+    record field (x="time": seconds since the run started)."""
     xs, ys = [], []
     for r in rows:
         v = _num(r.get(key))
-        if v is not None and "step" in r:
-            xs.append(int(r["step"]))
+        xv = _num(r.get(x))
+        if v is not None and xv is not None:
+            xs.append(int(xv) if x == "step" else xv)
             ys.append(v)
     return xs, ys
 
 
-def _figure(title: str, xlabel: str = "step", ylabel: str = ""):
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    if ylabel:
-        ax.set_ylabel(ylabel)
+def wall_clock(rows: list[dict]) -> list[dict]:
+    """Each record with `wall_s`: seconds since the run started. Eval events may carry `wall_time` (seconds since
+    the start, or an epoch timestamp: then counted from the first one); otherwise `time` is used."""
+    stamps = [_num(r.get("wall_time")) for r in rows]
+    base = min((t for t in stamps if t is not None and t > 1e8), default=None)  # epoch seconds, not a duration
+    out = []
+    for r, t in zip(rows, stamps):
+        if t is not None:
+            t = t - base if base is not None and t > 1e8 else t
+        else:
+            t = _num(r.get("time"))
+        out.append({**r, "wall_s": t} if t is not None else r)
+    return out
+
+
+def _plain_ticks(ax, axis: str = "both") -> None:
+    """No offset and no scientific multiplier on linear axes: a tick reads as the value it marks."""
+    axes = ("x", "y") if axis == "both" else (axis,)
+    for a in axes:
+        scale = ax.get_xscale() if a == "x" else ax.get_yscale()
+        if scale == "linear":
+            ax.ticklabel_format(axis=a, style="plain", useOffset=False)
+
+
+def _y_limits(ax, values: list[float], fraction: bool) -> None:
+    """Readable limits for nearly constant series (an exact match of 1.0 everywhere must not zoom into 1e-5)."""
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    span = hi - lo
+    if fraction and lo >= 0.0 and hi <= 1.0:  # on tenths, so 1.0 and 0.0 are always ticks
+        lower = max(0.0, math.floor((lo - 0.05) * 10) / 10)
+        upper = min(1.0, math.ceil((hi + 0.05) * 10) / 10)
+        ax.set_ylim(lower - 0.02 * (lower == 0.0), upper + 0.02 * (upper == 1.0))
+    elif span < 1e-3 * max(abs(lo), abs(hi), 1e-12):
+        pad = max(0.02 * max(abs(lo), abs(hi)), 1e-6)
+        ax.set_ylim(lo - pad, hi + pad)
+
+
+def panel(title: str, lines: list, ylabel: str, xlabel: str = "step", logy: bool = False,
+          fraction: bool = False) -> dict:
+    """One axes: lines [(label, xs, ys, style)] (empty ones dropped)."""
+    return {"title": title, "lines": [ln for ln in lines if ln[1]], "ylabel": ylabel, "xlabel": xlabel,
+            "logy": logy, "fraction": fraction}
+
+
+def _draw_panel(ax, p: dict, legend: bool = True) -> None:
+    ax.set_title(p["title"], fontsize=10)
+    ax.set_xlabel(p["xlabel"])
+    ax.set_ylabel(p["ylabel"])
     ax.grid(True, alpha=0.3)
-    return fig, ax
+    for label, xs, ys, style in p["lines"]:
+        if len(xs) == 1 and "marker" not in style:
+            style = {**style, "marker": "o"}  # a single record: a line alone would draw nothing
+        ax.plot(xs, ys, label=label, **style)
+    if p["xlabel"] == "step":
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 28.5
+    values = [y for _, _, ys, _ in p["lines"] for y in ys]
+    if p["logy"] and values and min(values) > 0 and max(values) / min(values) > 20:  # log only where it helps
+        ax.set_yscale("log")
+    else:
+        _y_limits(ax, values, p["fraction"])
+    _plain_ticks(ax)
+    if legend:
+        ax.legend(fontsize=8)
+
+
+def draw(spec: dict):
+    """A plot spec (plot_specs) -> matplotlib Figure: one axes per panel, up to `cols` per row."""
+    from matplotlib.figure import Figure
+    panels = spec["panels"]
+    cols = min(len(panels), spec.get("cols", 3))
+    rows = (len(panels) + cols - 1) // cols
+    if spec.get("size"):
+        size = spec["size"]
+    elif len(panels) == 1:
+        size = FIGSIZE
+    else:
+        size = (max(FIGSIZE[0], PANEL_SIZE[0] * cols), PANEL_SIZE[1] * rows + 0.4)
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    if len(panels) > 1:
+        fig.suptitle(spec["title"])
+    for i, p in enumerate(panels):
+        _draw_panel(fig.add_subplot(rows, cols, i + 1), p, legend=spec.get("legend", True))
+    return fig
 
 
 def to_png(fig, tight: bool = True) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     FigureCanvasAgg(fig)
-    if tight:  # fixed margins: tight_layout measures every label and doubles the rendering time
+    if tight and fig.get_layout_engine() is None:  # fixed margins: tight_layout doubles the rendering time
         fig.subplots_adjust(left=0.13, right=0.97, top=0.9, bottom=0.15)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
-
-
-def _line_plot(title: str, lines: list[tuple[str, list, list, dict]], ylabel: str = "", logy: bool = False) -> bytes:
-    fig, ax = _figure(title, ylabel=ylabel)
-    for label, xs, ys, style in lines:
-        ax.plot(xs, ys, label=label, **style)
-    values = [y for _, _, ys, _ in lines for y in ys]
-    if logy and values and min(values) > 0 and max(values) / min(values) > 20:  # log only where it helps
-        ax.set_yscale("log")
-    if len(lines) > 1:
-        ax.legend()
-    return to_png(fig)
 
 
 def per_rank_step_times(rows: list[dict]) -> dict[int, tuple[list[int], list[float]]]:
@@ -109,46 +191,75 @@ def per_rank_step_times(rows: list[dict]) -> dict[int, tuple[list[int], list[flo
     return out
 
 
+def eval_rows(rows: list[dict]) -> list[dict]:
+    """Eval events flattened: {"step", "time", "wall_s", <metric>: value}."""
+    out = []
+    for r in wall_clock(eval_events(rows)):
+        if isinstance(r.get("eval"), dict):
+            out.append({k: r[k] for k in ("step", "time", "wall_s") if k in r} | r["eval"])
+    return out
+
+
+def eval_metric_keys(rows: list[dict]) -> list[str]:
+    """The eval metrics other than loss, in first-seen order."""
+    return [k for k in dict.fromkeys(k for r in eval_rows(rows) for k in r)
+            if k not in ("step", "time", "wall_s", "loss") and any(_num(r.get(k)) is not None
+                                                                     for r in eval_rows(rows))]
+
+
+def throughput_key(train: list[dict]) -> tuple[str, str]:
+    """(record key, axis label) of the throughput the records carry."""
+    if series(train, "tokens_per_s")[0]:
+        return "tokens_per_s", "tokens / s (all ranks)"
+    return "samples_per_s", "samples / s (all ranks)"
+
+
 def plot_specs(rows: list[dict]) -> list[dict]:
-    """What metric_plots draws, without drawing it: [{"name", "title", "lines": [(label, xs, ys, style)],
-    "ylabel", "logy"}] for the series present in the records."""
+    """What metric_plots draws, without drawing it: [{"name", "title", "panels": [panel(...)]}] for the series
+    present in the records (a panel: {"title", "lines": [(label, xs, ys, style)], "ylabel", "xlabel", "logy",
+    "fraction"})."""
     train = [r for r in train_events(rows) if "error" not in r]
-    evals = eval_events(rows)
-    eval_rows = [{"step": r["step"], **r["eval"]} for r in evals if isinstance(r.get("eval"), dict)]
+    evals = eval_rows(rows)
     specs = []
 
-    def add(name, title, lines, ylabel="", logy=False):
-        lines = [ln for ln in lines if ln[1]]
-        if lines:
-            specs.append({"name": name, "title": title, "lines": lines, "ylabel": ylabel, "logy": logy})
+    def add(name, title, panels, **kw):
+        panels = [p for p in panels if p["lines"]]
+        if panels:
+            specs.append({"name": name, "title": title, "panels": panels, **kw})
 
-    add("loss", "Loss (train and validation)",
-        [("train", *series(train, "loss"), {}), ("val", *series(eval_rows, "loss"), {"marker": "o"})], "loss", True)
-    eval_keys = [k for k in dict.fromkeys(k for r in eval_rows for k in r) if k not in ("step", "loss")]
-    add("eval", "Validation metrics", [(k, *series(eval_rows, k), {"marker": "o"}) for k in eval_keys])
-    add("lr", "Learning rate", [("lr", *series(train, "lr"), {})], "lr")
-    xs, ys = series(train, "tokens_per_s")
-    if not xs:
-        xs, ys = series(train, "samples_per_s")
-    add("throughput", "Throughput", [("items/s", xs, ys, {})], "items / s (all ranks)")
-    add("grad_norm", "Gradient norm (global, before clipping)", [("norm", *series(train, "grad_norm"), {})], "norm",
-        True)
+    add("loss", "Loss (train and validation)", [panel(
+        "Loss (train and validation)", [("train", *series(train, "loss"), {}),
+                                        ("validation", *series(evals, "loss"), {"marker": "o"})], "loss", logy=True)])
+    keys = eval_metric_keys(rows)
+    add("eval", "Validation metrics", [
+        panel(metric_name(k), [(metric_name(k), *series(evals, k), {"marker": "o"})], metric_name(k),
+              fraction=k in FRACTIONS) for k in keys if k != "bleu"], legend=False, cols=2)
+    if "bleu" in keys:
+        add("bleu", "BLEU on the validation set over training", [
+            panel("BLEU against step", [("BLEU", *series(evals, "bleu"), {"marker": "o"})], "BLEU"),
+            panel("BLEU against wall-clock", [("BLEU", *series(evals, "bleu", "wall_s"), {"marker": "o"})], "BLEU",
+                  xlabel="seconds since start")], cols=2, legend=False)
+    add("lr", "Learning rate", [panel("Learning rate", [("lr", *series(train, "lr"), {})], "learning rate")])
+    key, label = throughput_key(train)
+    add("throughput", "Throughput", [panel("Throughput", [(label.split(" (")[0], *series(train, key), {})], label)])
+    add("grad_norm", "Gradient norm (global, before clipping)", [panel(
+        "Gradient norm (global, before clipping)", [("grad norm", *series(train, "grad_norm"), {})], "L2 norm",
+        logy=True)])
     lines = []
-    for key in ("step_time", "step_s"):
-        xs, ys = series([r for r in train if "rank" not in r], key)
+    for k in ("step_time", "step_s"):
+        xs, ys = series([r for r in train if "rank" not in r], k)
         if xs:
-            lines.append(("job (slowest rank)" if key == "step_time" else "step", xs, ys, {"linewidth": 2}))
+            lines.append(("job (slowest rank)" if k == "step_time" else "step", xs, ys, {"linewidth": 2}))
             break
     for rank, (xs, ys) in sorted(per_rank_step_times(rows).items()):
         lines.append((f"rank {rank}", xs, ys, {"linewidth": 1, "alpha": 0.8}))
-    add("step_time", "Seconds per step", lines, "s")
+    add("step_time", "Seconds per step", [panel("Seconds per step", lines, "seconds")])
     return specs
 
 
 def metric_plots(rows: list[dict]) -> list[tuple[str, str, bytes]]:
     """[(name, title, PNG bytes)] for the series present in the records (see the module docstring)."""
-    return [(s["name"], s["title"], _line_plot(s["title"], s["lines"], s["ylabel"], s["logy"]))
-            for s in plot_specs(rows)]
+    return [(s["name"], s["title"], to_png(draw(s))) for s in plot_specs(rows)]
 
 
 def attention_png(weights, src_tokens: list[str], out_tokens: list[str], title: str) -> bytes:
@@ -177,4 +288,5 @@ def attention_png(weights, src_tokens: list[str], out_tokens: list[str], title: 
     return to_png(fig, tight=False)
 
 
-__all__ = ["metric_plots", "plot_specs", "series", "per_rank_step_times", "attention_png", "to_png"]
+__all__ = ["metric_plots", "plot_specs", "draw", "panel", "series", "wall_clock", "eval_rows", "metric_name",
+           "per_rank_step_times", "attention_png", "to_png"]

@@ -107,3 +107,43 @@ def test_keep_last_k(tmp_path):
         _save(tmp_path, step=s, keep=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000003.json", "ckpt-00000004.json"]
     assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["ckpt-00000003.npz", "ckpt-00000004.npz"]
+
+
+# -- the JSON record is untrusted (issue #16) -------------------------------------------------------------------------
+def _rewrite(path, edit, rehash):
+    rec = json.loads(path.read_text())
+    edit(rec)
+    if rehash:
+        rec["record_sha256"] = ckpt._record_digest(rec)
+    path.write_text(json.dumps(rec))
+
+
+@pytest.mark.parametrize("edit, rehash, field", [
+    (lambda r: r.pop("record_sha256"), False, "'record_sha256' missing"),
+    (lambda r: (r.pop("record_sha256"), r.update(step=35)), False, "'record_sha256' missing"),
+    (lambda r: r.update(sha256=5), True, "'sha256' must be"),
+    (lambda r: r.update(loader="x"), True, "'loader' must be"),
+    (lambda r: r.update(npz="../x"), True, "'npz' must be"),
+    (lambda r: r.update(step=True), True, "'step' must be"),
+    (lambda r: r.update(optim_scalars=[]), True, "'optim_scalars' must be"),
+])
+def test_record_fields_are_type_checked_naming_the_field(tmp_path, edit, rehash, field):
+    _, _, _, path = _save(tmp_path)
+    _rewrite(path, edit, rehash)
+    with pytest.raises(ckpt.CheckpointError, match=field) as e:
+        ckpt.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_disk_full_names_the_file_and_the_space_needed(tmp_path, monkeypatch):
+    from ndtrain.data.atomic import DiskFullError
+    m, store = _model(1)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(DiskFullError) as e:
+        ckpt.save(tmp_path, 3, store)
+    msg = str(e.value)
+    assert "ckpt-00000003.npz" in msg and "needs" in msg and "free" in msg
+    assert list(tmp_path.iterdir()) == []  # no temp file, no half checkpoint

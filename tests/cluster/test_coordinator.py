@@ -1,11 +1,11 @@
 """Coordinator: aggregation across ranks, run-directory outputs, and failure detection (error, crash, silence)."""
 import json
-import socket
 import time
 
 import pytest
 
 from ndtrain.cluster.aggregate import StepAggregator, aggregate
+from ndtrain.cluster.coord_server import dial
 from ndtrain.cluster.coordinator import Coordinator
 from ndtrain.cluster.metrics_channel import RankReporter, encode
 from ndtrain.launch.rundir import RunWriter, read_metrics, read_summary
@@ -85,8 +85,8 @@ def test_reported_exception_names_rank_step_and_traceback(tmp_path):
 def test_crashed_rank_is_detected_by_its_closed_connection(tmp_path):
     coord = Coordinator(2, run_dir=tmp_path, quiet=True, tensorboard=False).start()
     ok = RankReporter(coord.address, coord.token, 0, 2)
-    raw = socket.create_connection(("127.0.0.1", coord.port))
-    raw.sendall(encode({"type": "hello", "token": coord.token, "rank": 1, "host": "h", "pid": 1}))
+    raw = dial("127.0.0.1", coord.port, coord.token, 1)
+    raw.sendall(encode({"type": "hello", "rank": 1, "host": "h", "pid": 1}))
     raw.sendall(encode({"type": "log", "rank": 1, "record": {"step": 5}}))
     raw.close()  # died without "done" or "error"
     _pump(coord, lambda: coord.failure is not None)
@@ -98,8 +98,8 @@ def test_crashed_rank_is_detected_by_its_closed_connection(tmp_path):
 def test_silent_rank_fails_the_job_naming_it(tmp_path):
     coord = Coordinator(2, run_dir=tmp_path, quiet=True, tensorboard=False, heartbeat_timeout=0.5).start()
     ok = RankReporter(coord.address, coord.token, 0, 2, heartbeat_s=0.1)
-    raw = socket.create_connection(("127.0.0.1", coord.port))
-    raw.sendall(encode({"type": "hello", "token": coord.token, "rank": 1, "host": "h", "pid": 1}))
+    raw = dial("127.0.0.1", coord.port, coord.token, 1)
+    raw.sendall(encode({"type": "hello", "rank": 1, "host": "h", "pid": 1}))
     _pump(coord, lambda: coord.failure is not None)  # rank 1 never sends a heartbeat
     assert coord.failure.rank == 1 and "silent" in coord.failure.reason
     raw.close()
@@ -109,8 +109,9 @@ def test_silent_rank_fails_the_job_naming_it(tmp_path):
 
 def test_wrong_token_is_ignored_and_missing_rank_times_out(tmp_path):
     coord = Coordinator(1, run_dir=tmp_path, quiet=True, tensorboard=False, start_timeout=0.5).start()
-    intruder = RankReporter(coord.address, "not-the-token", 0, 1)
+    with pytest.raises(ConnectionError, match=f"rank 0: cannot reach the coordinator at {coord.address}: it refused"):
+        RankReporter(coord.address, "not-the-token", 0, 1, connect_timeout=0.3)
     _pump(coord, lambda: coord.failure is not None)
     assert coord.ranks == {} and "did not connect" in coord.failure.reason and coord.failure.rank == 0
-    intruder.close()
+    assert coord.server_stats["refused"] >= 1
     coord.close()

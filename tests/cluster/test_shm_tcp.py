@@ -9,7 +9,10 @@ import pytest
 
 from ndtrain.cluster.comm.ray_comm import RayCommunicator
 from ndtrain.cluster.comm.shm import ShmGroup, ShmTimeout
+from ndtrain.cluster.comm.auth import derive_key
 from ndtrain.cluster.comm.tcp import TcpGroup
+
+KEY = derive_key("test-run-secret", b"mesh")
 
 SIZES = (1, 5, 1000, 4099, 20000)  # with 16 KB slots: one piece, and several pieces of 4096 / 2048
 
@@ -78,7 +81,7 @@ def test_shm_abort_stops_the_other_rank():
 
 def test_tcp_collectives_between_threads():
     W = 3
-    groups = [TcpGroup(r, W, timeout=20, piece_bytes=8192) for r in range(W)]
+    groups = [TcpGroup(r, W, key=KEY, timeout=20, piece_bytes=8192) for r in range(W)]
     addrs = [("127.0.0.1", g.port) for g in groups]
     errors = {}
 
@@ -110,7 +113,7 @@ def test_tcp_collectives_between_threads():
 
 
 def test_tcp_timeout_names_the_silent_rank():
-    a, b = TcpGroup(0, 2, timeout=0.3), TcpGroup(1, 2, timeout=0.3)
+    a, b = TcpGroup(0, 2, key=KEY, timeout=0.3), TcpGroup(1, 2, key=KEY, timeout=0.3)
     addrs = [("127.0.0.1", a.port), ("127.0.0.1", b.port)]
     t = threading.Thread(target=b.connect, args=(addrs,))
     t.start()

@@ -88,3 +88,28 @@ def test_cli_bad_input_is_a_one_line_usage_error(tmp_path, capsys, argv, message
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+# -- tokenizer files are untrusted (issue #16) -------------------------------------------------------------------------
+@pytest.mark.parametrize("content, message", [
+    ('{"ndtrain_tokenizer": "char"}', "'tokens' missing"),
+    ('{"ndtrain_tokenizer": "char", "tokens": 5}', "'tokens' must be a list of strings"),
+    ('{"model": {}}', "not a valid HF tokenizers file"),
+    (b"\x80\x81binary", "not UTF-8"),
+    ("[]", "JSON object expected"),
+])
+def test_malformed_tokenizer_files_are_value_errors_naming_the_file(tmp_path, content, message):
+    from ndtrain.data.tokenizer import load_tokenizer
+    p = tmp_path / "tok.json"
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=message) as e:
+        load_tokenizer(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bpe_vocab_below_the_byte_alphabet_is_refused_with_the_minimum(tmp_path):
+    from ndtrain.data.importers import import_text
+    (tmp_path / "t.txt").write_text("some text\n")
+    with pytest.raises(DataError, match="at least 260"):
+        import_text(tmp_path / "t.txt", tmp_path / "out", tokenizer="bpe", vocab_size=10)
+    assert not (tmp_path / "out").exists()

@@ -176,3 +176,76 @@ def test_ensure_prepared_reuses_and_rebuilds(tmp_path):
     (d / "val" / "shard-00000.arrow").write_bytes(b"junk")  # damaged: rebuilt
     open_dataset(ensure_prepared("add", tmp_path, rows=30, seed=2) / "val")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+# -- a new data set is swapped in whole; an old one survives every failure (issue #16) --------------------------------
+def _tree(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_write_over_a_data_set_replaces_it_whole(tmp_path):
+    d = tmp_path / "d"
+    info, cols = generate("xor", 40, seed=0)
+    write_dataset(d, info, cols, shard_rows=10)
+    assert len(list(d.glob("shard-*.arrow"))) == 4
+    write_dataset(d, info, cols, shard_rows=40)  # fewer shards: the old ones must not linger
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "shard-00000.arrow"]
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no temporary or old directory left
+    assert len(open_dataset(d)) == 40
+
+
+def test_a_failed_write_leaves_the_old_data_set_byte_identical(tmp_path, monkeypatch):
+    from ndtrain.data import shards
+    d = tmp_path / "d"
+    info, cols = generate("xor", 40, seed=0)
+    write_dataset(d, info, cols, shard_rows=10)
+    before = _tree(d)
+    with pytest.raises(DataError, match="shard_rows"):  # checked before anything is touched
+        write_dataset(d, info, cols, shard_rows=0)
+    assert _tree(d) == before
+    calls = []
+
+    def failing_shard(path, batch):  # the second shard of the new data set fails (an interrupt, a bad disk)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, batch)
+    real = shards.write_shard
+    monkeypatch.setattr(shards, "write_shard", failing_shard)
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(d, info, generate("xor", 40, seed=1)[1], shard_rows=10)
+    assert _tree(d) == before and [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def test_a_directory_with_other_files_is_never_replaced(tmp_path):
+    (tmp_path / "mine.txt").write_text("x")
+    info, cols = generate("xor", 10, seed=0)
+    with pytest.raises(DataError, match="mine.txt"):
+        write_dataset(tmp_path, info, cols)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize("name", ["../x.arrow", "/etc/passwd", "a/b.arrow", "..", "", 5, "a\\b"])
+def test_manifest_file_names_must_stay_inside_the_directory(shards, name):
+    d = shards
+    m = json.loads((d / MANIFEST).read_text())
+    m["shards"][0]["file"] = name
+    (d / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"shards\[0\]\.file"):
+        open_dataset(d)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m.pop("shards"), "'shards'"),
+    (lambda m: m["info"].update(bogus=1), "info.bogus"),
+    (lambda m: m.update(tokenizer={"file": "../tokenizer.json", "sha256": "0" * 64}), "tokenizer.file"),
+    (lambda m: m["shards"][0].update(bytes=-1), r"shards\[0\]\.bytes"),
+    (lambda m: m["info"].update(kind="lm"), "info.kind"),
+])
+def test_manifest_structure_is_checked(shards, edit, field):
+    d = shards
+    m = json.loads((d / MANIFEST).read_text())
+    edit(m)
+    (d / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(DataError, match=field):
+        open_dataset(d)

@@ -1,7 +1,8 @@
-"""The docs run: every ```python block of docs/*.md executes, in order, in one namespace per file.
+"""The docs run: every ```python block of README.md and docs/*.md executes, in order, in one namespace per file.
 
 A block preceded by `<!-- no-test -->` is skipped; a ```bash block preceded by `<!-- run -->` is run with bash
-(`set -e`) in a temporary directory, with the venv's bin first on PATH; `<!-- run-slow -->` bash blocks (MPI, Ray
+(`set -e`) in a temporary directory holding `input.txt` (a tiny generated play, for the README's language-model
+tour), with the venv's bin first on PATH; `<!-- run-slow -->` bash blocks (MPI, Ray
 launches) run the same way under @pytest.mark.slow. Global registries a doc may extend (the model registry, the
 module hooks) are restored after each file. A failure names the doc file, the block
 number and the line where the block starts. docs/architecture.md additionally has its "where it lives" table
@@ -22,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
-DOC_FILES = sorted(DOCS.glob("*.md"))
+DOC_FILES = [ROOT / "README.md"] + sorted(DOCS.glob("*.md"))
 
 FENCE = re.compile(r"^```(\w*)\s*$")
 MARK = re.compile(r"^<!--\s*(no-test|run|run-slow)\s*-->\s*$")
@@ -78,7 +79,31 @@ def test_extract_blocks_sees_markers_and_numbers():
 
 def test_docs_exist():
     names = {p.name for p in DOC_FILES}
-    assert {"architecture.md", "tutorial.md", "adding-a-layer.md"} <= names, names
+    assert {"README.md", "architecture.md", "tutorial.md", "adding-a-layer.md", "performance.md"} <= names, names
+
+
+def tiny_play(lines: int = 240, seed: int = 0) -> str:
+    """A few KB of Shakespeare-shaped text (speaker lines, verse, blank lines): what the README's LM tour imports
+    as input.txt, generated so the test needs no data set."""
+    import random
+    rng = random.Random(seed)
+    names = ["ROMEO", "JULIET", "MERCUTIO", "NURSE", "FRIAR LAURENCE"]
+    words = ("but soft what light through yonder window breaks it is the east and juliet is the sun arise fair "
+             "kill the envious moon who is already sick and pale with grief").split()
+    out = []
+    for _ in range(lines // 3):
+        out += [rng.choice(names) + ":", " ".join(rng.choice(words) for _ in range(rng.randint(5, 10))).capitalize()
+                + rng.choice([".", ",", "!", "?"]), ""]
+    return "\n".join(out)
+
+
+def test_readme_tour_runs_the_language_model_path():
+    blocks = [b for b in extract_blocks((ROOT / "README.md").read_text()) if b.lang == "bash" and b.mark == "run"]
+    lm = [b for b in blocks if "--task shakespeare" in b.code]
+    assert lm, "README.md: the language-model tour block is not marked <!-- run -->"
+    for step in ("data import --text input.txt --val-fraction", "train --task shakespeare --data", "eval --run",
+                 "generate --run"):
+        assert step in lm[0].code, step
 
 
 @pytest.mark.parametrize("doc", DOC_FILES, ids=[p.name for p in DOC_FILES])
@@ -132,8 +157,9 @@ RUN_BLOCKS = [pytest.param(doc, b, id=f"{doc.name}-bash{b.index}",
 @pytest.mark.parametrize("doc,block", RUN_BLOCKS)
 def test_marked_bash_blocks_run(doc: Path, block: Block, tmp_path):
     where = f"{doc.relative_to(ROOT)}, bash block {block.index} (line {block.line})"
+    (tmp_path / "input.txt").write_text(tiny_play())
     proc = subprocess.run(["bash", "-e", "-c", block.code], cwd=tmp_path, env=_bash_env(), capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=180)
     assert proc.returncode == 0, (f"{where} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n"
                                   f"--- stderr ---\n{proc.stderr[-3000:]}")
 

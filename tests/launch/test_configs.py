@@ -112,7 +112,7 @@ def test_multi30k_preset_on_a_tiny_parallel_corpus(tmp_path):
     en.write_text("".join(f"a man rides {n} horses .\n" for n in range(12)))
     de.write_text("".join(f"ein mann reitet {n} pferde .\n" for n in range(12)))
     d = tmp_path / "data"
-    import_parallel(d / "train", src=en, tgt=de, tokenizer="bpe", vocab_size=60)
+    import_parallel(d / "train", src=en, tgt=de, tokenizer="bpe", vocab_size=260)  # the least byte-level BPE has
     import_parallel(d / "val", src=en, tgt=de, tokenizer_file=d / "train" / "tokenizer.json")
     s = _train_tiny(tmp_path, "m30k", "--config", str(CONFIGS / "multi30k.toml"), "--backend", "local",
                     "--workers", "1", "--set", f"data.dir={d}", "--set", "run.eval_every=0",

@@ -190,7 +190,7 @@ def test_coordinator_listens_on_localhost_and_requires_the_token(tmp_path):
     from ndtrain.cluster.metrics_channel import encode
     coord = Coordinator(1, run_dir=tmp_path, quiet=True, tensorboard=False, start_timeout=30).start()
     try:
-        assert coord._server.getsockname()[0] == "127.0.0.1" and coord.address.startswith("127.0.0.1:")
+        assert coord._server._srv.getsockname()[0] == "127.0.0.1" and coord.address.startswith("127.0.0.1:")
         for hello in ({"type": "hello", "rank": 0, "host": "h", "pid": 1},  # no token
                       {"type": "hello", "token": coord.token[:-1] + "x", "rank": 0, "host": "h", "pid": 1}):
             raw = socket.create_connection(("127.0.0.1", coord.port))
@@ -201,9 +201,10 @@ def test_coordinator_listens_on_localhost_and_requires_the_token(tmp_path):
                 coord.poll(0.05)
             raw.close()
         assert coord.ranks == {} and coord.records == []
-        # control: the same messages with the token are accepted
-        raw = socket.create_connection(("127.0.0.1", coord.port))
-        raw.sendall(encode({"type": "hello", "token": coord.token, "rank": 0, "host": "h", "pid": 1}))
+        # control: the same messages after proving the token (HMAC challenge-response) are accepted
+        from ndtrain.cluster.coord_server import dial
+        raw = dial("127.0.0.1", coord.port, coord.token, 0)
+        raw.sendall(encode({"type": "hello", "rank": 0, "host": "h", "pid": 1}))
         deadline = time.monotonic() + 10
         while not coord.ranks and time.monotonic() < deadline:
             coord.poll(0.05)

@@ -31,3 +31,33 @@ def test_writer_rejects_incomplete_records(tmp_path):
     with pytest.raises(ValueError, match="final_loss"):
         w.summary({"steps": 1, "wall_s": 1.0, "eval": {}})
     w.close()
+
+
+# -- where a run writes (issue #16) -------------------------------------------------------------------------------------
+def test_run_outputs_are_cleared_and_nothing_else(tmp_path):
+    from ndtrain.launch.rundir import RUN_OUTPUTS, clear_run_outputs
+    for name in RUN_OUTPUTS:
+        (tmp_path / name).mkdir() if "." not in name else (tmp_path / name).write_text("x")
+    (tmp_path / "mine.txt").write_text("keep")
+    assert sorted(clear_run_outputs(tmp_path)) == sorted(RUN_OUTPUTS)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_non_empty_directory_is_refused_unless_resume_or_overwrite(tmp_path):
+    from ndtrain.launch.rundir import RunDirError, check_run_dir_free
+    check_run_dir_free(tmp_path / "new", resume=False, overwrite=False)
+    check_run_dir_free(tmp_path, resume=False, overwrite=False)  # empty
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(RunDirError, match="not empty"):
+        check_run_dir_free(tmp_path, resume=False, overwrite=False)
+    check_run_dir_free(tmp_path, resume=True, overwrite=False)
+    check_run_dir_free(tmp_path, resume=False, overwrite=True)
+
+
+def test_writability_check_leaves_nothing_behind(tmp_path):
+    from ndtrain.launch.rundir import RunDirError, check_writable_dir
+    check_writable_dir(tmp_path / "a" / "b" / "c")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(RunDirError, match="cannot create"):
+        check_writable_dir(tmp_path / "f" / "sub")
