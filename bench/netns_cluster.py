@@ -51,7 +51,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from ndtrain.launch.netns.hosts import TwoHosts, mpi_setup
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -75,61 +76,30 @@ MODEL = ["--task", "reverse", "--model", "transformer", "--batch-size", "16", "-
 TOL = 1e-6
 
 
+NET = TwoHosts(TAG, SUBNET, PREFIX)  # set-up/teardown shared with `ndtrain bench network` (launch/netns/hosts.py)
+
+
 def ns(host: str) -> str:
-    return f"{TAG}{host}"
+    return NET.ns(host)
 
 
-def sh(*cmd, check=True, timeout=60, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], check=check, timeout=timeout, capture_output=True, text=True, **kw)
-
-
-# -- set up / tear down ------------------------------------------------------------------------------------------
 def setup_network() -> None:
-    """Two namespaces, one veth pair; each side has lo, its address, and a default route over the pair (so a
-    process asking "which address do others see me by" gets 10.213.7.x, as on a real LAN)."""
-    va, vb = f"{TAG}va", f"{TAG}vb"
-    for h in HOSTS:
-        sh("ip", "netns", "add", ns(h))
-    sh("ip", "link", "add", va, "type", "veth", "peer", "name", vb)
-    for h, link in (("a", va), ("b", vb)):
-        sh("ip", "link", "set", link, "netns", ns(h))
-        sh("ip", "-n", ns(h), "addr", "add", f"{HOSTS[h]}/{PREFIX}", "dev", link)
-        sh("ip", "-n", ns(h), "link", "set", "lo", "up")
-        sh("ip", "-n", ns(h), "link", "set", link, "up")
-        sh("ip", "-n", ns(h), "route", "add", "default", "dev", link)
+    NET.setup()
 
 
 def teardown() -> None:
-    """Kill every process inside our namespaces (they are all ours), then delete the namespaces (the veth pair
-    goes with them). Safe to call more than once."""
-    present = sh("ip", "netns", "list", check=False).stdout
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = False
-        for h in HOSTS:
-            if ns(h) not in present:
-                continue
-            for pid in sh("ip", "netns", "pids", ns(h), check=False).stdout.split():
-                try:
-                    os.kill(int(pid), sig)
-                    alive = True
-                except (ProcessLookupError, ValueError):
-                    pass
-        if alive and sig == signal.SIGTERM:
-            time.sleep(3)
-    for h in HOSTS:
-        if ns(h) in present:
-            sh("ip", "netns", "del", ns(h), check=False)
+    """Every process inside our namespaces, then the namespaces (the veth pair goes with them). Idempotent."""
+    NET.teardown()
 
 
 def in_ns(host: str, *cmd) -> list[str]:
     """cmd inside host's network namespace, with its own hostname (a UTS namespace): ranks.json then shows which
     "machine" each rank ran on, and MPI does not take the two for one node."""
-    return ["ip", "netns", "exec", ns(host), "unshare", "--uts", "/bin/sh", "-c", 'hostname "$0"; exec "$@"',
-            hostname(host), *map(str, cmd)]
+    return NET.in_ns(host, *cmd)
 
 
 def hostname(host: str) -> str:
-    return f"{TAG}-{host}"
+    return NET.hostname(host)
 
 
 def run_logged(cmd: list[str], log: Path, env: dict, timeout: float) -> int:
@@ -186,29 +156,9 @@ def _wait_for_nodes(env: dict, head: str, n: int, timeout: float) -> None:
     raise RuntimeError(f"Ray cluster at {head} did not reach {n} alive node(s) within {timeout:.0f} s")
 
 
-AGENT = """#!/bin/sh
-# Open MPI launch agent standing in for ssh: `agent [ssh options] HOST COMMAND...` runs COMMAND in HOST's namespace.
-while [ "${1#-}" != "$1" ]; do shift; done
-host="$1"; shift
-case "$host" in
-%s
-  *) echo "netns agent: unknown host $host" >&2; exit 255;;
-esac
-exec ip netns exec "$ns" unshare --uts /bin/sh -c "hostname $name; $*"
-"""
-
-
 def mpi_job(work: Path, env: dict, reference: dict) -> dict:
-    agent = work / "netns_agent.sh"
-    cases = "\n".join(f"  {ip}) ns={ns(h)}; name={hostname(h)};;" for h, ip in HOSTS.items())
-    agent.write_text(AGENT % cases)
-    agent.chmod(0o755)
-    hostfile = work / "hosts"
-    hostfile.write_text("".join(f"{ip} slots=1\n" for ip in HOSTS.values()))
-    net = f"{SUBNET}.0/{PREFIX}"
-    env = {**env, "PRTE_MCA_plm_ssh_agent": str(agent), "PRTE_MCA_plm_rsh_agent": str(agent),
-           "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": net, "OMPI_MCA_pml": "ob1",
-           "PRTE_MCA_oob_tcp_if_include": net, "OMPI_MCA_oob_tcp_if_include": net}
+    extra, hostfile = mpi_setup(NET, work)
+    env = {**env, **extra}
     out = work / "mpi"
     log = work / "logs" / "mpi-train.log"
     rc = run_logged(in_ns("a", BIN / "ndtrain", "train", *MODEL, "--backend", "mpi", "--workers", "2",

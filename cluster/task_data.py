@@ -49,13 +49,24 @@ def data_fingerprint(ds) -> str:
 
 def make_loader(dataset, cfg: Config, rank: int, world: int):
     """This rank's share of every global batch (ndtrain.data.loader.Loader: order from (seed, epoch) only); in
-    deterministic mode a list of this rank's fixed micro-batches of it (cluster.deterministic.MicroBatchLoader)."""
+    deterministic mode a list of this rank's fixed micro-batches of it (cluster.deterministic.MicroBatchLoader).
+    data.bucket / data.max_tokens pick length-bucketed / token-budget seq2seq batches (data/plan.py): still a
+    function of (seed, epoch) and the data only, so any worker count sees the same global batches."""
     from ndtrain.data.loader import Loader
+    d = cfg.data
+    if (d.bucket or d.max_tokens) and dataset.kind != "seq2seq":
+        raise ConfigError(f"data.{'max_tokens' if d.max_tokens else 'bucket'}: length-bucketed batches apply to "
+                          f"seq2seq data; task {dataset.info.name!r} is {dataset.kind}")
+    if d.max_tokens and cfg.run.deterministic:
+        raise ConfigError("data.max_tokens: deterministic mode needs batches of exactly run.batch_size rows; use "
+                          "data.bucket = true instead")
     try:
         if cfg.run.deterministic:
             from ndtrain.cluster.deterministic import MicroBatchLoader
-            return MicroBatchLoader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed, cfg.run.micro_batches)
-        return Loader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed)
+            return MicroBatchLoader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed, cfg.run.micro_batches,
+                                    bucket=d.bucket)
+        return Loader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed, bucket=d.bucket,
+                      max_tokens=d.max_tokens or None, rows_multiple=d.rows_multiple)
     except ValueError as e:
         raise ConfigError(f"run.batch_size: {e}") from None
 

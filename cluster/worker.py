@@ -222,6 +222,7 @@ class Trainer:
                     last_record["skipped_steps"] = self.skipped_steps
                 if self.reducer is not None:  # blocked on the all-reduce in the last step (after overlap)
                     last_record["comm_time"] = self.reducer.comm_wait_s
+                last_record.update(self.model.pad_stats(self.comm))  # pad_fraction over the window, all ranks
                 self._log(last_record)
                 window_loss, window_count, window_t, window_steps = 0.0, 0.0, now, 0
             if run.eval_every and self.step % run.eval_every == 0 and self.step != run.steps:

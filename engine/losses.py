@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from .cross_entropy import check_targets, softmax_xent_grad_, softmax_xent_rows
+
 _REDUCTIONS = ("mean", "sum")
 
 
@@ -133,42 +135,16 @@ def cross_entropy_fused(logits: np.ndarray, targets: np.ndarray, *, ignore_index
     t = targets.reshape(-1)  # (N,)
     valid = t != ignore_index  # (N,)
     count = int(np.count_nonzero(valid))
-    bad = valid & ((t < 0) | (t >= K))
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"cross_entropy: target {int(t[row])} at flat row {row} is outside [0, {K}) and is not "
-                         f"ignore_index={ignore_index}")
-    t_safe = np.where(valid, t, 0)
-    rows = np.arange(x.shape[0])
+    check_targets(t, valid, K, "cross_entropy", ignore_index)
     eps = float(label_smoothing)
-
-    # one pass of log-softmax: z = x - max, kept in the buffer that becomes the gradient
-    m = x.max(axis=1, keepdims=True)  # (N, 1)
-    if inplace and x.flags.writeable:
-        e = x  # the logits' own buffer, or the private copy reshape made of non-contiguous logits
-        e -= m
-    else:
-        e = x - m  # (N, K)
-    z_t = e[rows, t_safe].astype(np.float64)  # (N,) shifted logit of the target
-    # row sums in the logits' dtype (pairwise summation, SIMD), then float64: a dtype=float64 reduction would cast
-    # element by element (measured 2x slower)
-    sum_z = e.sum(axis=1).astype(np.float64) if eps else None  # (N,)
-    np.exp(e, out=e)
-    s = e.sum(axis=1).astype(np.float64)  # (N,) sum exp z, >= 1
-    lse = np.log(s)  # (N,) log-sum-exp of the shifted logits
-    per = lse - (1.0 - eps) * z_t
-    if eps:
-        per -= (eps / K) * sum_z
+    # exp(z - max) in cache-sized row blocks (engine/cross_entropy.py), kept in the buffer that becomes the gradient
+    e = x if inplace and x.flags.writeable and x.flags.c_contiguous else np.array(x, order="C")  # (N, K)
+    s, per = softmax_xent_rows(e, np.where(valid, t, 0), eps)
     loss_sum = float(per[valid].sum())
 
     def grad_fn(scale: float = 1.0) -> np.ndarray:
-        # p - ((1 - eps) onehot + eps / K), zeroed on ignored rows, times scale: one pass to scale, one to shift
-        row_scale = np.where(valid, scale / s, 0.0).astype(e.dtype)  # (N,)
-        np.multiply(e, row_scale[:, None], out=e)  # ufunc form: `e *=` would make e local to this closure
-        if eps:
-            np.subtract(e, np.where(valid, scale * eps / K, 0.0).astype(e.dtype)[:, None], out=e)
-        e[rows[valid], t_safe[valid]] -= e.dtype.type(scale * (1.0 - eps))
-        return e.reshape(out_shape)
+        # p - ((1 - eps) onehot + eps / K), zeroed on ignored rows, times scale: block by block, in place
+        return softmax_xent_grad_(e, s, t, valid, eps, scale).reshape(out_shape)
 
     return loss_sum, count, grad_fn
 

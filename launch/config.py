@@ -95,6 +95,14 @@ class DataConfig:
     cache: str = _f("", doc="cache root for prepared datasets")
     rows: int = _f(0, min=0, doc="rows to generate for synthetic tasks (0: the task's default)")
     options: dict = _f({}, doc="task-specific options passed to the data layer")
+    # Variable-length seq2seq batches (data/plan.py). Both keep global batch k a function of (seed, epoch) and the
+    # data only, never of run.workers: W=1 and W=2 train on the same batches, and resume holds across W.
+    bucket: bool = _f(False, doc="seq2seq: length-bucketed batches of run.batch_size rows (rows of similar length "
+                                 "share a batch: little padding)")
+    max_tokens: int = _f(0, min=0, doc="seq2seq: token-budget batches, rows * longest <= max_tokens and at most "
+                                       "run.batch_size rows (0: off; overrides bucket)")
+    rows_multiple: int = _f(8, min=1, doc="with max_tokens: batch rows come in multiples of this (>= run.workers, "
+                                          "so every rank gets a non-empty share)")
 
 
 @dataclass
@@ -301,6 +309,9 @@ def validate(cfg: Config) -> Config:
     if cfg.run.batch_size < cfg.run.workers:
         raise ConfigError(f"run.batch_size: the global batch ({cfg.run.batch_size}) must be >= run.workers "
                           f"({cfg.run.workers})")
+    if cfg.data.max_tokens and cfg.data.rows_multiple < cfg.run.workers:
+        raise ConfigError(f"data.rows_multiple: token-budget batches come in multiples of {cfg.data.rows_multiple} "
+                          f"rows, fewer than run.workers ({cfg.run.workers}): a rank could get no rows")
     if not isinstance(cfg.model, dict):
         raise ConfigError("model: expected a table")
     if cfg.run.deterministic:

@@ -6,17 +6,9 @@ import math
 import numpy as np
 
 from .. import init as initializers
+from ..kernels import embedding_backward
 from ..module import Module
 from ..params import Param
-
-
-def scatter_add_rows(dst: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
-    """dst[ids[i]] += rows[i] for ids: (N,) int, rows: (N, D). Sort + np.add.reduceat: about 3x faster than
-    np.add.at for (4096, 256) float32 rows (one contiguous reduction per distinct id)."""
-    order = np.argsort(ids, kind="stable")
-    sid = ids[order]
-    starts = np.flatnonzero(np.concatenate(([True], sid[1:] != sid[:-1])))
-    dst[sid[starts]] += np.add.reduceat(rows[order], starts, axis=0)
 
 
 class TokenEmbedding(Module):
@@ -44,10 +36,8 @@ class TokenEmbedding(Module):
             return y, None
 
         def backward(dy):
-            dy2 = dy.reshape(-1, self.d_model)
-            if self.scale != 1.0:
-                dy2 = dy2 * np.asarray(self.scale, dy2.dtype)
-            scatter_add_rows(W.grad, ids.reshape(-1), dy2)
+            # sorted ids and a sparse product (kernels.embedding_backward), the sqrt(D) scale folded into it
+            embedding_backward(W.grad, ids, dy, scale=self.scale)
             return None  # ids have no gradient
 
         return y, backward

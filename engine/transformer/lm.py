@@ -5,6 +5,7 @@ import numpy as np
 
 from .. import init as initializers
 from ..attention import make_attention_mask
+from ..cross_entropy import linear_cross_entropy
 from ..module import Module
 from ..params import Param
 from .config import DecoderLMConfig
@@ -41,21 +42,54 @@ class DecoderLM(Module):
         W = self.embed.tokens.weight.data.T if self.cfg.tie_embeddings else self.w_out.data
         return (h.reshape(-1, h.shape[-1]) @ W).reshape(*h.shape[:-1], -1)  # one 2-D GEMM
 
-    def forward(self, x, *, record: dict | None = None, train: bool):
-        """train=False: forward only, returns (logits, None)."""
+    def _head_params(self):
+        """The output layer as linear_cross_entropy takes it: weight (V, D) and its grad."""
+        w = self.embed.tokens.weight if self.cfg.tie_embeddings else None
+        return (w.data, w.grad) if w is not None else (self.w_out.data.T, self.w_out.grad.T)
+
+    def hidden(self, x, *, record: dict | None = None, train: bool):
+        """x (B, T) -> the last hidden states h (B, T, D) and backward(dh) -> None (None for train=False)."""
         T = x.shape[1]
         mask = make_attention_mask(padding_mask(x, self.cfg.pad_id), causal=True, tq=T, tk=T, dtype=self.dtype)
         h, emb_backward = self.embed(x, train=train)
         h, dec_backward = self.decoder(h, self_mask=mask, record=record, train=train)
         if not train:
+            return h, None  # forward only: nothing kept
+
+        def backward(dh):
+            emb_backward(dec_backward(dh)[0])
+            return None
+
+        return h, backward
+
+    def forward(self, x, *, record: dict | None = None, train: bool):
+        """train=False: forward only, returns (logits, None)."""
+        h, hidden_backward = self.hidden(x, record=record, train=train)
+        if not train:
             return self._logits(h), None
         logits, head_backward = self._head(h)
 
         def backward(dlogits):
-            emb_backward(dec_backward(head_backward(dlogits))[0])
-            return None
+            return hidden_backward(head_backward(dlogits))
 
         return logits, backward
+
+    def loss(self, x, y, *, ignore_index: int | None = None, label_smoothing: float = 0.0, gather: bool = True,
+             record: dict | None = None, train: bool):
+        """Next-token cross-entropy SUM over the real positions of y (y != ignore_index, default cfg.pad_id); the
+        output projection and softmax run on those rows only when y has padding (gather=False: every row).
+        Returns (loss_sum, count, backward(scale)); tied embeddings get both their gradients."""
+        h, hidden_backward = self.hidden(x, record=record, train=train)  # (B, T, D)
+        weight, dweight = self._head_params()
+        ignore = self.cfg.pad_id if ignore_index is None else ignore_index
+        loss_sum, count, head_backward = linear_cross_entropy(h, weight, np.asarray(y), dweight=dweight,
+                                                              ignore_index=ignore, label_smoothing=label_smoothing,
+                                                              gather=gather)
+
+        def backward(scale: float) -> None:
+            hidden_backward(head_backward(scale))
+
+        return loss_sum, count, backward
 
     # -- IncrementalDecoder -------------------------------------------------------------------------------------------
     def start(self, src=None, batch_size: int | None = None) -> dict:

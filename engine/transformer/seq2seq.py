@@ -5,6 +5,7 @@ import numpy as np
 
 from .. import init as initializers
 from ..attention import make_attention_mask
+from ..cross_entropy import linear_cross_entropy
 from ..kernels import add_row_, col_sum
 from ..module import Module
 from ..params import Param
@@ -71,9 +72,17 @@ class Seq2SeqTransformer(Module):
         add_row_(y, self.b_out.data)
         return y.reshape(*h.shape[:-1], -1)
 
+    def _head_params(self):
+        """The output layer as linear_cross_entropy takes it: weight (V, D), its grad, bias and its grad (or None)."""
+        if self.cfg.tie_output:
+            w = self.tgt_embed.tokens.weight
+            return w.data, w.grad, None, None
+        return self.w_out.data.T, self.w_out.grad.T, self.b_out.data, self.b_out.grad
+
     # -- training ---------------------------------------------------------------------------------------------------------
-    def forward(self, src, tgt_in, *, record: dict | None = None, train: bool):
-        """train=False: forward only, returns (logits, None); no layer keeps anything for a backward."""
+    def hidden(self, src, tgt_in, *, record: dict | None = None, train: bool):
+        """src (B, S), tgt_in (B, T) -> the decoder's last hidden states h (B, T, D) and backward(dh) -> None
+        (None for train=False)."""
         memory, cross_mask, enc_backward = self.encode(src, record=record, train=train)
         T = tgt_in.shape[1]
         self_mask = make_attention_mask(padding_mask(tgt_in, self.cfg.pad_id), causal=True, tq=T, tk=T,
@@ -82,16 +91,45 @@ class Seq2SeqTransformer(Module):
         h, dec_backward = self.decoder(x, memory, self_mask=self_mask, cross_mask=cross_mask, record=record,
                                        train=train)
         if not train:
-            return self._logits(h), None
-        logits, head_backward = self._head(h)
+            return h, None  # forward only: nothing kept
 
-        def backward(dlogits):
-            dx, dmemory = dec_backward(head_backward(dlogits))
+        def backward(dh):
+            dx, dmemory = dec_backward(dh)
             emb_backward(dx)
             enc_backward(dmemory)
             return None
 
+        return h, backward
+
+    def forward(self, src, tgt_in, *, record: dict | None = None, train: bool):
+        """train=False: forward only, returns (logits, None); no layer keeps anything for a backward."""
+        h, hidden_backward = self.hidden(src, tgt_in, record=record, train=train)
+        if not train:
+            return self._logits(h), None
+        logits, head_backward = self._head(h)
+
+        def backward(dlogits):
+            return hidden_backward(head_backward(dlogits))
+
         return logits, backward
+
+    def loss(self, src, tgt_in, tgt_out, *, ignore_index: int | None = None, label_smoothing: float = 0.0,
+             gather: bool = True, record: dict | None = None, train: bool):
+        """Teacher-forced cross-entropy SUM over the real target positions (tgt_out != ignore_index, default
+        cfg.pad_id), the output projection and softmax computed on those rows only (gathered before the output GEMM;
+        gather=False: on every row, the reference). Returns (loss_sum, count, backward(scale)): backward accumulates
+        the gradient of scale * loss_sum into every parameter (a tied output layer into the shared embedding)."""
+        h, hidden_backward = self.hidden(src, tgt_in, record=record, train=train)  # (B, T, D)
+        weight, dweight, bias, dbias = self._head_params()
+        ignore = self.cfg.pad_id if ignore_index is None else ignore_index
+        loss_sum, count, head_backward = linear_cross_entropy(h, weight, np.asarray(tgt_out), bias=bias,
+                                                              dweight=dweight, dbias=dbias, ignore_index=ignore,
+                                                              label_smoothing=label_smoothing, gather=gather)
+
+        def backward(scale: float) -> None:
+            hidden_backward(head_backward(scale))
+
+        return loss_sum, count, backward
 
     # -- IncrementalDecoder -------------------------------------------------------------------------------------------
     def start(self, src, batch_size: int | None = None) -> dict:

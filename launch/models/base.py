@@ -21,6 +21,10 @@ from ndtrain.engine.module import Module
 
 class TaskModel(ABC):
     module: Module
+    # Token models count the padding of the batches they train on (note_padding in loss), so the loop can log
+    # pad_fraction: the share of computed positions that are PAD.
+    reports_padding = False
+    _pad_counts = None  # np.array([pad positions, positions]) since the last pad_stats()
 
     @abstractmethod
     def loss(self, batch: dict[str, np.ndarray], *, train: bool) -> tuple[float, int, Callable[[float], None]]:
@@ -43,3 +47,23 @@ class TaskModel(ABC):
     def set_tokenizer(self, tokenizer, bleu: bool | None = None) -> None:
         """The task's tokenizer (data.tokenizer.Tokenizer or None), for metrics on text (BLEU); bleu None: the
         model's own rule. Models without text metrics ignore it."""
+
+    # -- padding statistics ------------------------------------------------------------------------------------------
+    def note_padding(self, *ids: np.ndarray, pad: int = 0) -> None:
+        """Count the PAD positions among the token arrays a training step computes on (src and tgt_in, or x)."""
+        if self._pad_counts is None:
+            self._pad_counts = np.zeros(2, dtype=np.float64)
+        for a in ids:
+            self._pad_counts += (np.count_nonzero(a == pad), a.size)
+
+    def pad_stats(self, comm=None) -> dict[str, float]:
+        """{"pad_fraction": PAD positions / computed positions} over the training batches since the last call,
+        summed over all ranks when comm is given (an all-reduce of two numbers: every rank must call it at the same
+        steps, as the loop's log steps are); {} for models without padding. Resets the counts."""
+        if not self.reports_padding:
+            return {}
+        counts = self._pad_counts.copy() if self._pad_counts is not None else np.zeros(2, dtype=np.float64)
+        self._pad_counts = None
+        if comm is not None and comm.world_size > 1:
+            comm.allreduce(counts)
+        return {"pad_fraction": float(counts[0] / counts[1])} if counts[1] else {}

@@ -101,6 +101,7 @@ class Seq2SeqModel(TaskModel):
     """Teacher-forced cross-entropy summed over the real (non-PAD) target tokens; eval adds the exact match of
     greedy (or beam) decodes made through the IncrementalDecoder protocol and, with a word or BPE tokenizer
     (set_tokenizer), the corpus BLEU of the same decodes: one decode per batch serves every metric."""
+    reports_padding = True  # pad_fraction of the source + decoder-input positions
 
     def __init__(self, module, label_smoothing: float = 0.0, eval_beam_size: int = 1, length_penalty: float = 0.6,
                  max_decode_len: int | None = None, length_penalty_kind: str = "gnmt", eval_bleu: bool = True):
@@ -122,8 +123,14 @@ class Seq2SeqModel(TaskModel):
         self.detokenize = tokenizer.decode if bleu and tokenizer is not None else None
 
     def loss(self, batch, *, train):
-        logits, backward = self.module(_ids(batch["src"]), _ids(batch["tgt_in"]), train=train)  # (B, T, V)
-        loss_sum, count, grad_fn = losses.cross_entropy_fused(logits, _ids(batch["tgt_out"]), ignore_index=PAD,
+        src, tgt_in, tgt_out = _ids(batch["src"]), _ids(batch["tgt_in"]), _ids(batch["tgt_out"])
+        if train:
+            self.note_padding(src, tgt_in, pad=PAD)
+        if hasattr(self.module, "loss"):  # the Transformer: output layer and softmax on the real rows only
+            return self.module.loss(src, tgt_in, tgt_out, ignore_index=PAD, label_smoothing=self.label_smoothing,
+                                    train=train)
+        logits, backward = self.module(src, tgt_in, train=train)  # (B, T, V)
+        loss_sum, count, grad_fn = losses.cross_entropy_fused(logits, tgt_out, ignore_index=PAD,
                                                               label_smoothing=self.label_smoothing, inplace=True)
         return loss_sum, count, _scaled_backward(backward, grad_fn)
 
@@ -172,6 +179,7 @@ class Seq2SeqModel(TaskModel):
 # -- language model ---------------------------------------------------------------------------------------------------
 class LMModel(TaskModel):
     """Next-token cross-entropy summed over the real positions of y; metrics loss, perplexity, token accuracy."""
+    reports_padding = True
 
     def __init__(self, module, block_size: int, label_smoothing: float = 0.0):
         self.module = module
@@ -179,10 +187,10 @@ class LMModel(TaskModel):
         self.label_smoothing = float(label_smoothing)
 
     def loss(self, batch, *, train):
-        logits, backward = self.module(_ids(batch["x"]), train=train)  # (B, T, V)
-        loss_sum, count, grad_fn = losses.cross_entropy_fused(logits, _ids(batch["y"]), ignore_index=PAD,
-                                                              label_smoothing=self.label_smoothing, inplace=True)
-        return loss_sum, count, _scaled_backward(backward, grad_fn)
+        x, y = _ids(batch["x"]), _ids(batch["y"])
+        if train:
+            self.note_padding(x, pad=PAD)
+        return self.module.loss(x, y, ignore_index=PAD, label_smoothing=self.label_smoothing, train=train)
 
     def metric_sums(self, batch):
         y = _ids(batch["y"])
