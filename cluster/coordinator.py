@@ -11,6 +11,9 @@ ranks.json (each rank's host and pid), and decides when the job has failed:
   - a rank is hung: its peers have waited for it in a collective for stall_timeout seconds (heartbeats say whether a
     rank is blocked in a collective, cluster.rank_entry.WatchedComm); the failure names the ranks NOT waiting;
   - not every rank connected within start_timeout.
+Its server answers every heartbeat with an ack (ranks that stop hearing from it stop themselves:
+cluster/metrics_channel.py) and, after `request_stop()` (the driver got Ctrl-C or SIGTERM), tells every rank to stop at a step boundary; ranks then
+report "interrupted" at the step they agreed on (cluster/interrupt.py), and `interrupted_step` holds it.
 The launcher calls `poll()` in its loop and ends the job when `failure` is set. After a failure, `restart()` opens
 a new generation (a new token: messages of the dead group are ignored) that keeps the output files: records of
 steps already written (the steps a restarted group replays from its checkpoint) are not written twice.
@@ -96,6 +99,8 @@ class Coordinator:
         self._bar = None
         self._tb = None
         self._server: CoordServer | None = None
+        self.stop_requested = False
+        self.interrupted_at: dict[int, int] = {}  # rank -> the step it stopped at on request
 
     # -- server ------------------------------------------------------------------------------------------------------
     def start(self) -> "Coordinator":
@@ -119,6 +124,19 @@ class Coordinator:
 
     def env(self) -> dict[str, str]:
         return {ENV_ADDR: self.address, ENV_TOKEN: self.token}
+
+    def request_stop(self) -> None:
+        """Ask every rank to stop at the next step boundary with a checkpoint (the server tells each connected rank,
+        and any that connects later)."""
+        self.stop_requested = True
+        if self._server is not None:
+            self._server.stop = True
+
+    @property
+    def interrupted_step(self) -> int | None:
+        """The step every rank stopped at on request (None: the job was not interrupted)."""
+        steps = set(self.interrupted_at.values())
+        return steps.pop() if len(steps) == 1 and len(self.interrupted_at) == self.world_size else None
 
     # -- main loop ---------------------------------------------------------------------------------------------------
     def poll(self, timeout: float = 0.2) -> None:
@@ -175,6 +193,14 @@ class Coordinator:
                 self._summary = msg["summary"]
         elif kind == "error":
             self._fail(rank, msg.get("step"), "raised an exception", msg.get("traceback", ""))
+        elif kind == "interrupted":
+            self.interrupted_at[rank] = int(msg["step"])
+            if len(self.interrupted_at) == self.world_size and len(set(self.interrupted_at.values())) > 1:
+                self._fail(rank, None, f"ranks stopped at different steps on request: {self.interrupted_at}")
+                return
+            self.done.add(rank)
+            if len(self.done) == self.world_size:
+                self._finish()
         elif kind == "done":
             self.done.add(rank)
             if len(self.done) == self.world_size:
@@ -286,6 +312,7 @@ class Coordinator:
         self.ranks, self.last_seen, self.last_step, self.liveness, self.rank_timing = {}, {}, {}, {}, {}
         self.training = set()
         self.done = set()
+        self.interrupted_at = {}
         self._summary = None
         self._pending_logs = []
         self._agg = None

@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .interrupt import Interrupted, end_rank_if_lost
+
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -112,6 +114,11 @@ def run_target(target: str, ctx: RankContext):
     """Run target(ctx); report an exception (with ctx.step) to the coordinator, then re-raise."""
     try:
         result = resolve(target)(ctx)
+    except Interrupted as e:  # stopped on request at a step boundary, checkpoint written (cluster/interrupt.py)
+        if ctx.reporter is not None:
+            ctx.reporter.interrupted(e.step)
+        end_rank_if_lost()
+        return None
     except BaseException as e:
         if ctx.reporter is not None:
             # a target that does not keep ctx.step (train_target: the loop tells the reporter through progress())

@@ -1,5 +1,6 @@
 """What the MPI and Ray launchers share: the resolved topology (printed at start and stored in the run directory),
-the supervision loop around the coordinator, the recovery settings and the final `done:` line."""
+the supervision loop around the coordinator (which passes a Ctrl-C / SIGTERM of the driver on to the ranks:
+cluster/interrupt.py), the job's exit status, the recovery settings and the final `done:` line."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
+
+from . import interrupt
 
 
 @dataclass
@@ -45,9 +48,12 @@ def local_host() -> str:
 def supervise(coord, is_running, grace_s: float = 3.0, poll_s: float = 0.2):
     """Pump the coordinator until every rank is done or something failed.
     is_running(): None while the ranks' processes run, else (ok: bool, description: str) once they have ended.
-    Returns None on success, else the coordinator's Failure."""
+    Returns None on success (every rank finished, or stopped on request: coord.interrupted_step), else the
+    coordinator's Failure. A stop requested in this process (interrupt.handle_signals) is passed to the ranks."""
     ended_at = None
     while True:
+        if interrupt.requested() and not coord.stop_requested:
+            coord.request_stop()
         coord.poll(poll_s)
         if coord.failure is not None:
             return coord.failure
@@ -72,6 +78,19 @@ def supervise(coord, is_running, grace_s: float = 3.0, poll_s: float = 0.2):
 
 def report_failure(failure) -> None:
     print(failure.message(), file=sys.stderr, flush=True)
+
+
+def job_status(coord, failure) -> int:
+    """The launcher's exit status once supervise returned: 0 (done), 1 (failed; the failure is printed), or
+    128 + signal when the ranks stopped on request (the `interrupted at step N; resume with ...` line is printed)."""
+    if failure is not None:
+        report_failure(failure)
+        return 1
+    step = coord.interrupted_step
+    if step is not None:
+        print(interrupt.interrupted_line(step, coord.run_dir), file=sys.stderr, flush=True)
+        return interrupt.exit_code()
+    return 0
 
 
 # recovery settings: the config field when set (>= 0), else these environment variables, else the default

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ndtrain.cluster import checkpoint as ckpt
+from ndtrain.cluster import interrupt
 from ndtrain.cluster.comm.base import Communicator
 from ndtrain.engine.module import seed_rngs
 from ndtrain.engine.params import ParamStore
@@ -80,7 +81,7 @@ def run_worker(cfg: Config, comm: Communicator, sink: MetricsSink | None = None,
         except BaseException as e:
             # a coordinator link (it has .error) gets the failure from the rank's entry point (rank_entry); a run
             # directory gets it as a last record here. Either way the exception propagates.
-            if not hasattr(sink, "error"):
+            if not hasattr(sink, "error") and not isinstance(e, interrupt.Interrupted):
                 try:
                     sink.log({"step": trainer.step, "rank": comm.rank, "error": f"{type(e).__name__}: {e}",
                               "traceback": traceback.format_exc()})
@@ -184,7 +185,7 @@ class Trainer:
         window_loss, window_count, window_t, window_steps = 0.0, 0.0, time.perf_counter(), 0
         last_record: dict = {}
         grad_norm = 0.0
-        buf = np.zeros(2, dtype=np.float64)
+        buf = np.zeros(3, dtype=np.float64)  # [loss sum, count, stop votes] of the step, all-reduced
         self._batches = iter(self.loader)  # endless; its state_dict counts the batches handed out
         progress = getattr(self.sink, "progress", None)
         while self.step < run.steps:
@@ -229,6 +230,10 @@ class Trainer:
                 self._log(self._eval_record(t_start))
             if run.checkpoint_every and self.step % run.checkpoint_every == 0 and self.step != run.steps:
                 self.save_checkpoint()
+            if interrupt.agreed(buf[2], self.world) and self.step != run.steps:  # Ctrl-C, SIGTERM: every rank
+                if not (run.checkpoint_every and self.step % run.checkpoint_every == 0):
+                    self.save_checkpoint()
+                raise interrupt.Interrupted(self.step, interrupt.STOP.reason)
 
         self._check_finite_params()
         record = self._eval_record(t_start)
@@ -253,8 +258,8 @@ class Trainer:
             self.reducer.begin(sync=True)
         self.store.zero_grad()
         loss_sum, count, backward = self.model.loss(batch, train=True)
-        buf[0], buf[1] = loss_sum, count
-        self.comm.allreduce(buf)  # global loss sum and count (every rank's share of batch k)
+        buf[0], buf[1], buf[2] = loss_sum, count, interrupt.vote()
+        self.comm.allreduce(buf)  # global loss sum and count (every rank's share of batch k), stop votes
         self._check_count(buf, step)
         if not math.isfinite(buf[0]):
             if self.reducer is not None:
@@ -276,8 +281,9 @@ class Trainer:
             loss_sum, count, backward = self.model.loss(mb, train=True)
             sums[:, j] = loss_sum, count
             backwards.append(backward)
-        rows = allgather_rows(self.comm, canonical_zeros(sums.ravel()))  # (W, 2 * M/W): rank order = mb order
-        per_rank = rows.reshape(self.world, 2, len(block))
+        rows = allgather_rows(self.comm, canonical_zeros(np.append(sums.ravel(), interrupt.vote())))
+        buf[2] = rows[:, -1].sum()  # stop votes (cluster/interrupt.py)
+        per_rank = rows[:, :-1].reshape(self.world, 2, len(block))  # (W, 2, M/W): rank order = mb order
         buf[0] = float(tree_sum(list(per_rank[:, 0, :].ravel())))
         buf[1] = float(per_rank[:, 1, :].sum())  # integers: exact in any order
         self._check_count(buf, step)

@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from ndtrain.cluster import interrupt
+
 COMMANDS = ["train", "worker", "data", "eval", "generate", "average", "report", "runs", "config", "bench"]
 
 
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"ndtrain {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop, or a second one inside (cluster/interrupt.py)
+        print(f"ndtrain {args.command}: aborted", file=sys.stderr, flush=True)
+        return interrupt.exit_code()
 
 
 if __name__ == "__main__":

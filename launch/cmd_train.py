@@ -21,6 +21,10 @@ config.toml, task_info.json (+ tokenizer.json), metrics.jsonl, summary.json, che
 run.tensorboard) and, once training succeeded, report.html (run.report, or --no-report).
 For test suites: NDTRAIN_REPORT=0 and NDTRAIN_TENSORBOARD=0 in the environment turn the last two off.
 
+Ctrl-C or SIGTERM (every backend) stops at the next step boundary, writes a checkpoint, prints `interrupted at step
+N; resume with: ndtrain train --resume DIR` and exits 130 (SIGINT) or 143 (SIGTERM); a second Ctrl-C aborts at
+once (cluster/interrupt.py).
+
     ndtrain train --task xor --print-config        # the resolved config as TOML, nothing run
     ndtrain train --task xor --log-format json | jq -c 'select(.event == "train") | [.step, .loss]'
 """
@@ -33,6 +37,7 @@ import os
 import sys
 from pathlib import Path
 
+from ndtrain.cluster import interrupt
 from ndtrain.launch.cli import UsageError
 from ndtrain.launch.config import Config, ConfigError, apply_overrides, load_config, merge_dict, validate
 
@@ -259,6 +264,18 @@ def main(args) -> int:
         return 0
     prepare_run_dir(cfg, bool(getattr(args, "overwrite", False)))
     resolve_resume(cfg)
+    with interrupt.handle_signals():
+        return _train(cfg, args)
+
+
+def _interrupted(console, step: int | None, out: str) -> int:
+    """The end of a run stopped on request (the launchers print the line themselves): exit 128 + signal."""
+    if console.json:
+        console.emit("interrupted", {"step": step, "run_dir": out})
+    return interrupt.exit_code()
+
+
+def _train(cfg: Config, args) -> int:
     from ndtrain.launch.progress import Console
     log_format = getattr(args, "log_format", "text") or "text"
     console = Console(cfg.run.steps, log_format, quiet=args.quiet)
@@ -268,6 +285,11 @@ def main(args) -> int:
             raise UsageError(f"run.backend: the {cfg.run.backend} backend is not available yet in this build "
                              f"(use --backend local)")
         rc = int(launcher.launch(cfg, quiet=args.quiet, log_format=log_format) or 0)
+        if rc > 128:  # stopped on request; the launcher printed where to resume from
+            from ndtrain.cluster import checkpoint as ckpt  # only needed here: numpy stays out of CLI start-up
+            newest = ckpt.latest(Path(cfg.run.out) / "checkpoints")
+            step = int(newest.stem.split("-")[1]) if newest is not None else None
+            return _interrupted(console, step, cfg.run.out)
         if rc == 0:  # the driver, after the job ended well: the run directory is complete
             if console.json:
                 from ndtrain.launch.rundir import read_summary
@@ -287,6 +309,9 @@ def main(args) -> int:
 
     try:
         summary = run_worker(cfg, LocalCommunicator(), write_config=True, console=console, on_ready=on_ready)
+    except interrupt.Interrupted as e:
+        print(interrupt.interrupted_line(e.step, cfg.run.out), file=sys.stderr, flush=True)
+        return _interrupted(console, e.step, cfg.run.out)
     except (WorkerError, DiskFullError) as e:  # the run stopped for a reason it names (rank, step / path): one line
         raise UsageError(str(e)) from None
     if console.json:

@@ -10,6 +10,11 @@ NDTRAIN_COORD_TOKEN, passed by name (never on the command line). What listens wh
 fails, dies (kill -9), goes silent, or hangs (its peers wait for it in a collective for stall_timeout s), mpiexec's
 process group is terminated within seconds and the message names the rank and its last step; `ndtrain train
 --resume DIR` then continues from the last checkpoint. MPI cannot replace a rank in a running job: no restarts.
+
+Process lifetime: mpiexec runs in a session of its own (a terminal's Ctrl-C reaches the driver only) and gets
+SIGTERM when the driver dies, kill -9 included (cluster/fate_share.die_with_parent), and ends its ranks; ranks that
+lose the coordinator stop by themselves too (cluster/metrics_channel.py). Ctrl-C or SIGTERM to the driver stops the
+ranks at a step boundary with a checkpoint (exit 130 / 143); a second one ends mpiexec's process group at once.
 """
 from __future__ import annotations
 
@@ -23,11 +28,12 @@ import sys
 from pathlib import Path
 
 from ndtrain.cluster.coordinator import Coordinator
+from ndtrain.cluster.fate_share import die_with_parent
 from ndtrain.cluster.rank_entry import THREAD_ENV, default_threads
 
 from ndtrain.cluster.metrics_channel import ENV_TEST_HANG, ENV_TEST_STEP_DELAY
 from ndtrain.cluster.supervise import (Topology, cli_json, cli_quiet, done_line, local_host, recovery_settings,
-                                       report_failure, supervise)
+                                       job_status, supervise)
 
 
 def find_mpiexec() -> str:
@@ -144,7 +150,8 @@ def run_mpi(target: str, args: dict, workers: int, writer=None, run_dir=None, to
     print(topo.line(), file=sys.stderr, flush=True)
     coord.write_json("topology.json", topo.to_dict())
     cmd = mpiexec_command(target, args, workers, threads, env, hostfile, iface=iface)
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, start_new_session=True)
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, start_new_session=True,
+                            preexec_fn=die_with_parent(signal.SIGTERM))
 
     def is_running():
         rc = proc.poll()
@@ -153,17 +160,11 @@ def run_mpi(target: str, args: dict, workers: int, writer=None, run_dir=None, to
         return rc == 0, f"mpiexec exited with status {rc}"
 
     try:
-        failure = supervise(coord, is_running)
-    except KeyboardInterrupt:
-        coord.fail(None, None, "interrupted (Ctrl-C)")
-        failure = coord.failure
+        failure = supervise(coord, is_running)  # a second Ctrl-C raises KeyboardInterrupt: every process ends here
     finally:
         _stop(proc)
         coord.close()
-    if failure is not None:
-        report_failure(failure)
-        return 1
-    return 0
+    return job_status(coord, failure)
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
@@ -192,7 +193,7 @@ def launch(cfg, quiet: bool | None = None, log_format: str | None = None) -> int
                  heartbeat_timeout=settings["heartbeat_timeout"], stall_timeout=settings["stall_timeout"])
     if rc == 0 and not json_out:  # the JSON console prints its own "done" event
         print(done_line(cfg.run.out), flush=True)
-    else:
+    elif rc == 1:
         print(f"ndtrain: continue the run from its last checkpoint with the same options and --resume {cfg.run.out}",
               file=sys.stderr, flush=True)
     return rc

@@ -10,6 +10,12 @@ silent or hangs is recovered instead: the whole group is torn down (actors kille
 started again, `ndtrain train` resuming from the run's last checkpoint, at most max_restarts times (cluster
 .max_restarts, else NDTRAIN_MAX_RESTARTS, default 3); summary.json counts them (`restarts`), and metrics.jsonl goes
 on without repeating the steps the new group replays.
+
+Process lifetime: Ctrl-C or SIGTERM to the driver stops the ranks at a step boundary with a checkpoint (exit 130 /
+143; no restart after that); a second one kills the actors at once. A Ray runtime this driver started is torn down
+with it however it ends: a watchdog process (cluster/fate_share.Reaper) SIGKILLs the head, its agents and the rank
+actors when the driver is gone, kill -9 included; and ranks that lose the coordinator stop by themselves
+(cluster/metrics_channel.py), on a cluster given with --address too.
 """
 from __future__ import annotations
 
@@ -18,10 +24,12 @@ import secrets
 import sys
 from pathlib import Path
 
+from ndtrain.cluster import interrupt
 from ndtrain.cluster.coordinator import Coordinator
+from ndtrain.cluster.fate_share import Reaper
 from ndtrain.cluster.metrics_channel import ENV_TEST_HANG, ENV_TEST_STEP_DELAY
 from ndtrain.cluster.rank_entry import THREAD_ENV, default_threads
-from ndtrain.cluster.supervise import (Topology, cli_json, cli_quiet, done_line, recovery_settings, report_failure,
+from ndtrain.cluster.supervise import (Topology, cli_json, cli_quiet, done_line, job_status, recovery_settings,
                                        supervise)
 
 
@@ -51,6 +59,10 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None, to
     arguments (training: resume from the run's last checkpoint). The count is `restarts` in summary.json."""
     threads = threads or default_threads(workers)
     ray, started = ensure_ray(address, num_cpus=max(workers * threads, os.cpu_count() or 1))
+    interrupt.reinstall()  # ray.init replaced our SIGTERM handler (with one that exits)
+    reaper = Reaper.start() if started and shutdown else None  # the Ray runtime started here ends with this process
+    if reaper is not None:
+        reaper.track_descendants()
     multi_node = len([n for n in ray.nodes() if n.get("Alive")]) > 1
     # across nodes the coordinator listens on iface's address (cluster.iface) or this node's Ray address, which is
     # also what it advertises; on one node on loopback (docs/security.md)
@@ -68,8 +80,9 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None, to
     try:
         while True:
             failure = _run_group(ray, coord, target, args, workers, threads, multi_node, global_batch,
-                                 start_timeout, transport, iface)
-            if failure is None or restarts >= max_restarts or not _recoverable(failure):
+                                 start_timeout, transport, iface, reaper)
+            if failure is None or restarts >= max_restarts or not _recoverable(failure) or coord.stop_requested \
+                    or interrupt.requested():
                 break
             restarts += 1
             args = on_restart(args) if on_restart is not None else args
@@ -78,16 +91,15 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None, to
                   file=sys.stderr, flush=True)
             coord.restart()
             coord.extra_summary["restarts"] = restarts
-    finally:
+    finally:  # a second Ctrl-C (KeyboardInterrupt) passes here too: the actors are gone (_run_group), Ray ends
         coord.close()
         if started and shutdown:
             ray.shutdown()
-    if failure is not None:
-        if max_restarts and restarts >= max_restarts and _recoverable(failure):
-            print(f"ndtrain: giving up after {restarts} restart(s) (the cap)", file=sys.stderr, flush=True)
-        report_failure(failure)
-        return 1
-    return 0
+        if reaper is not None:
+            reaper.close()
+    if failure is not None and max_restarts and restarts >= max_restarts and _recoverable(failure):
+        print(f"ndtrain: giving up after {restarts} restart(s) (the cap)", file=sys.stderr, flush=True)
+    return job_status(coord, failure)
 
 
 def _recoverable(failure) -> bool:
@@ -96,7 +108,7 @@ def _recoverable(failure) -> bool:
 
 
 def _run_group(ray, coord, target, args, workers, threads, multi_node, global_batch, start_timeout, transport,
-               iface=""):
+               iface="", reaper=None):
     """Start one group of rank actors for the coordinator's current generation, supervise it, tear it down (every
     actor killed, the shared-memory file removed). Returns None on success, else the Failure."""
     from ndtrain.cluster.comm.ray_comm import form_group
@@ -128,11 +140,10 @@ def _run_group(ray, coord, target, args, workers, threads, multi_node, global_ba
             if coord.generation == 0:
                 print(topo.line(), file=sys.stderr, flush=True)
             coord.write_json("topology.json", {**topo.to_dict(), "nodes": nodes})
+            if reaper is not None:
+                reaper.track_descendants()  # the rank actors' processes (children of this driver's raylet)
             futures = [a.run.remote(target, args) for a in actors]
             failure = supervise(coord, _watch(ray, futures, coord))
-    except KeyboardInterrupt:
-        coord.fail(None, None, "interrupted (Ctrl-C)")
-        failure = coord.failure
     finally:
         for a in actors:
             try:
