@@ -108,6 +108,7 @@ class Trainer:
             raise ConfigError(f"run.model: {e.args[0]}") from None
         except ValueError as e:  # the builders' checks of model.* against the task (they name the field)
             raise ConfigError(str(e)) from None
+        self.model.set_tokenizer(getattr(self.train_data, "tokenizer", None))  # text metrics (BLEU) in evals
         dtype = np.dtype(run.dtype)
         self.store = ParamStore.from_module(self.model.module, dtype=dtype, seed=run.seed)
         # dropout masks differ per rank (independent noise per share of the batch), reproducibly
@@ -135,6 +136,8 @@ class Trainer:
                                        overlap=cfg.cluster.overlap)
         self.ckpt_dir = Path(run.out) / "checkpoints"
         self.evals: list[dict] = []
+        self.wall_before = 0.0  # wall seconds of the run before this process (a resumed run continues its clock)
+        self._t_start = time.perf_counter()
         if run.resume:
             self._resume(run.resume)
 
@@ -172,12 +175,13 @@ class Trainer:
         ckpt.set_rng_states(self.model.module, c.meta.get("rng", {}).get(str(self.rank), {}))
         self.step = int(c.step)
         self.skipped_steps = int(c.meta.get("skipped_steps", 0))
+        self.wall_before = float(c.meta.get("wall_time", 0.0))
         self.comm.broadcast(self.store.data, root=0)
 
     # -- the loop ----------------------------------------------------------------------------------------------------
     def run(self) -> dict:
         run = self.cfg.run
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter()
         window_loss, window_count, window_t, window_steps = 0.0, 0.0, time.perf_counter(), 0
         last_record: dict = {}
         grad_norm = 0.0
@@ -223,7 +227,7 @@ class Trainer:
                 self._log(last_record)
                 window_loss, window_count, window_t, window_steps = 0.0, 0.0, now, 0
             if run.eval_every and self.step % run.eval_every == 0 and self.step != run.steps:
-                self._log({"step": self.step, "time": time.perf_counter() - t_start, "eval": self.evaluate()})
+                self._log(self._eval_record(t_start))
             if run.checkpoint_every and self.step % run.checkpoint_every == 0 and self.step != run.steps:
                 self.save_checkpoint()
             if interrupt.agreed(buf[2], self.world) and self.step != run.steps:  # Ctrl-C, SIGTERM: every rank
@@ -232,9 +236,10 @@ class Trainer:
                 raise interrupt.Interrupted(self.step, interrupt.STOP.reason)
 
         self._check_finite_params()
-        final_eval = self.evaluate()
-        wall = time.perf_counter() - t_start
-        self._log({"step": self.step, "time": wall, "eval": final_eval})
+        record = self._eval_record(t_start)
+        final_eval = record["eval"]
+        wall = record["time"] = time.perf_counter() - t_start  # the last event's time: the whole loop
+        self._log(record)
         self.save_checkpoint()
         summary = {"steps": self.step, "wall_s": wall, "final_loss": last_record.get("loss"),
                    "eval": final_eval, "task": run.task, "model": run.model, "world_size": self.world,
@@ -381,6 +386,18 @@ class Trainer:
                           f"({record['tokens_per_s']:.0f} items/s)", flush=True)
 
     # -- evaluation --------------------------------------------------------------------------------------------------
+    def wall_time(self) -> float:
+        """Seconds of wall time since the run started (across resumes: the checkpoint carries the clock)."""
+        return self.wall_before + time.perf_counter() - self._t_start
+
+    def _eval_record(self, t_start: float) -> dict:
+        """An eval event: time (seconds since this process's loop started, when the eval began), wall_time (the
+        run's wall seconds once its metrics are known: BLEU over wall-clock time), eval_s (its own cost)."""
+        t0 = time.perf_counter()
+        metrics = self.evaluate()
+        return {"step": self.step, "time": t0 - t_start, "wall_time": self.wall_time(),
+                "eval_s": time.perf_counter() - t0, "eval": metrics}
+
     def evaluate(self) -> dict:
         """Metrics over ALL validation rows: each rank sums exact statistics over its contiguous share, the sums are
         gathered and added in rank order (the same result on every rank, for any world size)."""
@@ -423,6 +440,7 @@ class Trainer:
                     "rng": {str(r): s for r, s in enumerate(rngs)}, "config": self.cfg.to_dict(),
                     "config_hash": config_hash(self.cfg), "world_size": self.world,
                     "param_checksum": self.store.checksum(), "skipped_steps": self.skipped_steps,
+                    "wall_time": self.wall_time(),
                     "data": [data_fingerprint(d) for d in (self.train_data, self.val_data)],
                     "task_info": self._task_info_record()}
             path = ckpt.save(self.ckpt_dir, self.step, self.store, buffers=dict(self.model.module.named_buffers()),

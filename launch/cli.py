@@ -9,7 +9,7 @@ import sys
 
 from ndtrain.cluster import interrupt
 
-COMMANDS = ["train", "worker", "data", "eval", "generate", "report", "runs", "config", "bench"]
+COMMANDS = ["train", "worker", "data", "eval", "generate", "average", "report", "runs", "config", "bench"]
 
 
 class UsageError(Exception):

@@ -7,7 +7,8 @@
 - kill -9 of the MPI driver: no rank and no mpiexec/prterun left within 30 s; of the Ray driver: nothing of the job
   (rank actors, the Ray runtime it started, its agents) within 10 s. "Of the job": every process seen below the
   driver while it ran, or in one of their sessions (tests/helpers/procs.py), not matched by name.
-- A second Ctrl-C aborts at once (here: while a rank hangs, so the first one cannot finish), still leaving nothing.
+- A second Ctrl-C aborts at once (here: while a rank hangs, so the first one cannot finish), still leaving nothing
+  (MPI; Ray under -m slow).
 """
 import os
 import re
@@ -24,7 +25,7 @@ from ndtrain.launch.cli import main as cli_main
 from helpers.procs import JobProcesses, Lines
 
 DET = ["--set", "run.deterministic=true", "--set", "run.micro_batches=2"]  # W = 1 and 2 give the same bits
-DIST_STEPS = 60
+DIST_STEPS = 120  # ~6 s of steps (NDTRAIN_TEST_STEP_DELAY) after the first checkpoint: room to signal under load
 
 
 def _env(**extra) -> dict:
@@ -180,11 +181,16 @@ def test_ray_driver_kill9_leaves_nothing_of_the_job_within_10s(tmp_path):
 
 # -- a second Ctrl-C -----------------------------------------------------------------------------------------------
 @pytest.mark.timeout(240)
-def test_second_ctrl_c_aborts_at_once_and_leaves_no_process(mpi_ok, tmp_path):
+@pytest.mark.parametrize("backend", ["mpi", pytest.param("ray", marks=pytest.mark.slow)])
+def test_second_ctrl_c_aborts_at_once_and_leaves_no_process(request, tmp_path, backend):
     """Rank 1 hangs at its first step (NDTRAIN_TEST_HANG), so the first Ctrl-C cannot finish; the second ends the
     job."""
+    if backend == "mpi":
+        request.getfixturevalue("mpi_ok")
+    else:
+        pytest.importorskip("ray")
     out = tmp_path / "run"
-    p, err, job = _start(_train_argv(out, "mpi", DIST_STEPS),
+    p, err, job = _start(_train_argv(out, backend, DIST_STEPS),
                          _env(NDTRAIN_TEST_HANG="1:0", NDTRAIN_STALL_TIMEOUT="600"))
     try:
         job.watch(lambda: (out / "ranks.json").exists(), 150, "every rank to connect")
