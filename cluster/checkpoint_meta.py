@@ -1,10 +1,10 @@
 """What a checkpoint records beside the parameters, and how a job picks up from one.
 
-    path = save_checkpoint(job, comm, step, skipped_steps)   # every rank calls it; rank 0 writes
+    path = save_checkpoint(job, comm, step, skipped_steps, wall_time)   # every rank calls it; rank 0 writes
     restore_job(job, path, rank)                             # params, optimizer, loader, schedule step, RNG
 
 The loop's own state (loader position, schedule step, every rank's RNG, world size, parameter checksum, skipped
-steps) is added to `job.meta`, which launch filled with what it knows (config, its hash, data fingerprints, task
+steps, wall time so far) is added to `job.meta`, which launch filled with what it knows (config, its hash, data fingerprints, task
 info). A job resumes on any world size: the loader state is (epoch, batches_done) of the GLOBAL order; a rank
 absent from the checkpoint keeps its freshly seeded RNG.
 """
@@ -15,9 +15,10 @@ from pathlib import Path
 from ndtrain.cluster import checkpoint as ckpt
 
 
-def save_checkpoint(job, comm, step: int, skipped_steps: int) -> Path | None:
+def save_checkpoint(job, comm, step: int, skipped_steps: int, wall_time: float = 0.0) -> Path | None:
     """Rank 0 writes (every rank holds the same parameters and optimizer state); RNG states of all ranks are
-    gathered so dropout resumes exactly. Returns the checkpoint's path on rank 0, None elsewhere."""
+    gathered so dropout resumes exactly; wall_time (the run's wall seconds so far) lets a resumed run continue its
+    clock. Returns the checkpoint's path on rank 0, None elsewhere."""
     module = job.model.module
     rngs = comm.allgather_obj(ckpt.rng_states(module))
     path = None
@@ -26,7 +27,7 @@ def save_checkpoint(job, comm, step: int, skipped_steps: int) -> Path | None:
         meta = {"loader": job.loader.state_dict(), "schedule_step": step,
                 "rng": {str(r): s for r, s in enumerate(rngs)}, **_launch_meta(job, "config", "config_hash"),
                 "world_size": comm.world_size, "param_checksum": job.store.checksum(),
-                "skipped_steps": skipped_steps, **_launch_meta(job, "data", "task_info")}
+                "skipped_steps": skipped_steps, "wall_time": wall_time, **_launch_meta(job, "data", "task_info")}
         extra = {k: v for k, v in job.meta.items() if k not in meta}
         s = job.settings
         path = ckpt.save(s.checkpoint_dir, step, job.store, buffers=dict(module.named_buffers()),
@@ -56,3 +57,4 @@ def restore_job(job, path: str, rank: int) -> None:
     job.start_step = int(c.step)
     job.skipped_steps = int(c.meta.get("skipped_steps", 0))
     job.resumed_from = c.path
+    job.wall_before = float(c.meta.get("wall_time", 0.0))

@@ -51,6 +51,10 @@ class TaskModel(ABC):
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
         """Turn summed statistics into the task's metrics, e.g. {"loss": .., "accuracy": ..} or {"mse": ..}."""
 
+    def set_tokenizer(self, tokenizer, bleu: bool | None = None) -> None:
+        """The task's tokenizer (data.tokenizer.Tokenizer or None), for metrics on text (BLEU); bleu None: the
+        model's own rule. Models without text metrics ignore it."""
+
     # -- padding statistics ------------------------------------------------------------------------------------------
     def note_padding(self, *ids: np.ndarray, pad: int = 0) -> None:
         """Count the PAD positions among the token arrays a training step computes on (src and tgt_in, or x)."""
@@ -106,3 +110,4 @@ class TrainJob:
     start_step: int = 0  # steps already done (a resumed job)
     skipped_steps: int = 0  # non-finite steps skipped before start_step
     resumed_from: Path | None = None  # the checkpoint JSON the job was restored from
+    wall_before: float = 0.0  # wall seconds of the run before this process (a resumed run continues its clock)

@@ -39,6 +39,7 @@ class Trainer:
         self.model, self.store, self.settings = job.model, job.store, job.settings
         self.rank, self.world = comm.rank, comm.world_size
         self.step, self.skipped_steps = job.start_step, job.skipped_steps
+        self._t_start = time.perf_counter()  # the loop's start (reset by run)
         self._nonfinite_in_row = 0
         self.evals: list[dict] = []
         self._check_same_everywhere({**job.fingerprints, "param_count": self.store.size})
@@ -76,7 +77,7 @@ class Trainer:
 
     def _run(self) -> dict:
         s = self.settings
-        t_start = window_t = time.perf_counter()
+        t_start = window_t = self._t_start = time.perf_counter()
         window_loss, window_count, window_steps = 0.0, 0.0, 0
         last_record: dict = {}
         grad_norm = 0.0
@@ -119,7 +120,7 @@ class Trainer:
                 window_loss, window_count, window_t, window_steps = 0.0, 0.0, now, 0
             t_aside = time.perf_counter()
             if s.eval_every and self.step % s.eval_every == 0 and self.step != s.steps:
-                self._log({"step": self.step, "time": time.perf_counter() - t_start, "eval": self.evaluate()})
+                self._log(self._eval_record(t_start))
             if s.checkpoint_every and self.step % s.checkpoint_every == 0 and self.step != s.steps:
                 self.save_checkpoint()
             window_t += time.perf_counter() - t_aside  # eval and checkpoints are not training time
@@ -129,9 +130,10 @@ class Trainer:
                 raise interrupt.Interrupted(self.step, interrupt.STOP.reason)
 
         check_finite_params(self.store, self.rank, self.step)
-        final_eval = self.evaluate()
-        wall = time.perf_counter() - t_start
-        self._log({"step": self.step, "time": wall, "eval": final_eval})
+        record = self._eval_record(t_start)
+        final_eval = record["eval"]
+        wall = record["time"] = time.perf_counter() - t_start  # the last event's time: the whole loop
+        self._log(record)
         self.save_checkpoint()
         summary = {"steps": self.step, "wall_s": wall, "final_loss": last_record.get("loss"), "eval": final_eval,
                    **self.job.summary, "world_size": self.world, "params": int(self.store.size),
@@ -197,6 +199,18 @@ class Trainer:
             self.sink.log(record)
 
     # -- evaluation and checkpoints -----------------------------------------------------------------------------------
+    def wall_time(self) -> float:
+        """Seconds of wall time since the run started (across resumes: the checkpoint carries the clock)."""
+        return self.job.wall_before + time.perf_counter() - self._t_start
+
+    def _eval_record(self, t_start: float) -> dict:
+        """An eval event: time (seconds since this process's loop started, when the eval began), wall_time (the
+        run's wall seconds once its metrics are known: BLEU over wall-clock time), eval_s (its own cost)."""
+        t0 = time.perf_counter()
+        metrics = self.evaluate()
+        return {"step": self.step, "time": t0 - t_start, "wall_time": self.wall_time(),
+                "eval_s": time.perf_counter() - t0, "eval": metrics}
+
     def evaluate(self) -> dict:
         """Metrics over the validation rows: each rank sums exact statistics over its share, the sums are gathered
         and added in rank order (the same result on every rank, for any world size)."""
@@ -220,4 +234,4 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self):
-        return save_checkpoint(self.job, self.comm, self.step, self.skipped_steps)
+        return save_checkpoint(self.job, self.comm, self.step, self.skipped_steps, self.wall_time())

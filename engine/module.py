@@ -104,6 +104,8 @@ class Module:
 def _observe(module: Module, out, backward):
     for hook in _HOOKS:
         hook(module, "forward", out)
+    if backward is None:  # a forward-only (train=False) call: nothing to observe later
+        return out, None
 
     def observed_backward(*grads):
         dx = backward(*grads)

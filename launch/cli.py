@@ -13,7 +13,7 @@ from importlib.metadata import version as dist_version
 from ndtrain.cluster import interrupt
 from ndtrain.launch.errors import UsageError  # re-exported: commands raise it, main() turns it into exit 2
 
-COMMANDS = ["train", "worker", "data", "eval", "generate", "report", "runs", "config", "bench"]
+COMMANDS = ["train", "worker", "data", "eval", "generate", "average", "report", "runs", "config", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,6 +75,7 @@ def build_job(cfg: Config, rank: int, world: int, data=None) -> TrainJob:
     run = cfg.run
     info, train, val = data if data is not None else load_task_data(cfg)
     model = build_model_for(cfg, info)
+    model.set_tokenizer(getattr(train, "tokenizer", None))  # text metrics (BLEU) in evals
     store = ParamStore.from_module(model.module, dtype=np.dtype(run.dtype), seed=run.seed)
     # dropout masks differ per rank (independent noise per share of the batch), reproducibly
     seed_rngs(model.module, int(np.random.SeedSequence([run.seed, rank]).generate_state(1)[0]))

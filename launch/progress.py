@@ -48,7 +48,8 @@ def summary_writer(path):
 
 class TensorBoardSink(MetricsSink):
     """Scalars of every record: train/<key> for train records, eval/<key> for eval records (the coordinator writes
-    its aggregated records through one of these too).
+    its aggregated records through one of these too); an eval record's wall_time also gives eval/wall_time and
+    eval_vs_wall_s/<key>, the eval metrics against whole seconds of wall time.
     The writer is created at the first record, so a run that fails at start-up leaves no events file."""
 
     def __init__(self, path: str | Path):
@@ -64,9 +65,17 @@ class TensorBoardSink(MetricsSink):
         step = int(record["step"])
         ev = record.get("eval")
         prefix, values = ("eval", ev) if isinstance(ev, dict) else ("train", record)
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
         for k, v in values.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if k != "step" and num(v):
                 self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        if prefix == "eval" and num(record.get("wall_time")):
+            # metrics over wall-clock time (BLEU vs minutes): the same values with whole seconds as the x axis
+            wall = record["wall_time"]
+            self._tb.add_scalar("eval/wall_time", wall, step)
+            for k, v in values.items():
+                if num(v):
+                    self._tb.add_scalar(f"eval_vs_wall_s/{k}", v, int(round(wall)))
 
     def summary(self, summary: dict) -> None:
         pass

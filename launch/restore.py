@@ -39,6 +39,8 @@ from ndtrain.launch.config import ConfigError, from_dict, load_config, validate
 from ndtrain.launch.errors import UsageError
 from ndtrain.launch.job import build_model_for
 from ndtrain.launch.task_data import load_task_data
+from ndtrain.cluster.worker_process import default_threads, set_up_process_memory
+from threadpoolctl import threadpool_limits
 
 
 class RunError(UsageError):
@@ -71,8 +73,22 @@ def check_run_dir(run_dir: str | Path) -> Path:
     return d
 
 
-def load_checkpoint(run_dir: Path):
-    """The newest checkpoint of run_dir that loads and passes its sha256 check (cluster.checkpoint.Checkpoint)."""
+def load_checkpoint(run_dir: Path, which: str | None = None):
+    """The newest checkpoint of run_dir that loads and passes its sha256 check (cluster.checkpoint.Checkpoint), or
+    the one `which` names: "latest" (the default), "avg" (DIR/checkpoints/avg.json, from `ndtrain average`), a
+    step number (ckpt-<step>), or a checkpoint JSON path."""
+    if which not in (None, "", "latest"):
+        if which.isdigit():
+            path = rundir.checkpoints_dir(run_dir) / f"ckpt-{int(which):08d}.json"
+        elif "/" not in which and not which.endswith(".json"):
+            path = rundir.checkpoints_dir(run_dir) / f"{which}.json"
+        else:
+            path = Path(which)
+        try:
+            return ckpt.load(path)
+        except ckpt.CheckpointError as e:
+            hint = " (make it with `ndtrain average`)" if which == "avg" else ""
+            raise RunError(f"--checkpoint {which}: {e}{hint}") from None
     found = ckpt.list_checkpoints(rundir.checkpoints_dir(run_dir))
     if not found:
         raise RunError(f"{rundir.checkpoints_dir(run_dir)}: no checkpoint (ckpt-*.json) - did the run finish its first "
@@ -185,15 +201,16 @@ def split_dataset(cfg, split: str = "val", data_dir: str | None = None, expect=N
 
 
 # -- the whole model ------------------------------------------------------------------------------------------------
-def load_run(run_dir: str | Path, *, data_dir: str | None = None) -> Restored:
-    """Rebuild the trained TaskModel of run_dir in eval mode (see the module docstring)."""
+def load_run(run_dir: str | Path, *, data_dir: str | None = None, checkpoint: str | None = None) -> Restored:
+    """Rebuild the trained TaskModel of run_dir in eval mode (see the module docstring); checkpoint: which one
+    (load_checkpoint), default the newest valid."""
     d = check_run_dir(run_dir)
-    c = load_checkpoint(d)
+    c = load_checkpoint(d, checkpoint)
     cfg = run_config(d, c)
     info, tokenizer = task_info_and_tokenizer(cfg, d, c, data_dir)
     try:
         model = build_model_for(cfg, info)
-    except ConfigError as e:
+    except UsageError as e:  # ConfigError included: the builders name the field
         raise RunError(f"{c.path}: cannot rebuild model {cfg.run.model!r}: {e}") from None
     dtype = np.dtype(c.meta.get("dtype") or cfg.run.dtype)
     store = ParamStore.from_module(model.module, dtype=dtype, seed=cfg.run.seed)
@@ -202,9 +219,19 @@ def load_run(run_dir: str | Path, *, data_dir: str | None = None) -> Restored:
     except ckpt.CheckpointError as e:
         raise RunError(f"{e} (was the run's config or task changed after training?)") from None
     model.module.eval()
+    model.set_tokenizer(tokenizer)
     return Restored(run_dir=d, cfg=cfg, info=info, model=model, store=store, step=c.step, checkpoint=c.path,
                     tokenizer=tokenizer)
 
 
-__all__ = ["RunError", "Restored", "load_run", "split_dataset", "task_info_and_tokenizer", "run_config",
+def pinned_threads(threads: int | None):
+    """A context pinning BLAS threads (threadpoolctl) for eval / generate, as `train` pins its workers: --threads,
+    else OMP/OPENBLAS/MKL_NUM_THREADS when set, else all cores (one process)."""
+    if threads is not None and threads < 1:
+        raise RunError(f"--threads: must be >= 1, got {threads}")
+    set_up_process_memory()  # as a trainer process: freed memory is kept for the next batch (no page faults)
+    return threadpool_limits(limits=threads or default_threads(1), user_api="blas")
+
+
+__all__ = ["pinned_threads", "RunError", "Restored", "load_run", "split_dataset", "task_info_and_tokenizer", "run_config",
            "load_checkpoint", "check_run_dir"]

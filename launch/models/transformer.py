@@ -16,11 +16,14 @@ style) and "classifier" (encoder with a pooled head).
     share_embeddings = false       # one embedding for source and target (same vocabulary)
     tie_output = true              # output projection = target embedding^T
     label_smoothing = 0.0
-    eval_beam_size = 1             # exact match decodes greedily (1) or with beam search
-    length_penalty = 0.6           # GNMT alpha of that beam search
+    eval_beam_size = 1             # eval decodes (exact match, BLEU) greedily (1) or with beam search
+    length_penalty = 0.6           # alpha of that beam search's length penalty (engine.decoding.length_penalty)
+    length_penalty_kind = "gnmt"   # gnmt ((5 + len) / 6) ** alpha | fairseq len ** alpha (its --lenpen)
+    eval_bleu = true               # BLEU in every eval when the tokenizer is word or BPE level
 
 The keys are the fields of the engine's config dataclasses (engine/transformer/config.py) plus the adapter's own
-(label_smoothing, eval_beam_size, length_penalty, block_size); vocabulary sizes and max_len come from TaskInfo.
+(label_smoothing, eval_beam_size, length_penalty, length_penalty_kind, eval_bleu, block_size); vocabulary sizes
+and max_len come from TaskInfo.
 
 Batches (cluster/job.py): seq2seq src/tgt_in/tgt_out, lm x/y, classification x/y. PAD (0) targets are
 ignored by the loss and every metric. The engine module maps ids to logits:
@@ -48,7 +51,8 @@ _COMMON = {"d_model": 128, "n_heads": 4, "d_ff": 512, "dropout": 0.1, "attn_drop
            "norm": "layer", "norm_placement": "pre", "scale_embedding": False, "label_smoothing": 0.0}
 DEFAULTS = {
     "transformer": {**_COMMON, "positional": "sinusoidal", "n_enc_layers": 2, "n_dec_layers": 2,
-                    "share_embeddings": False, "tie_output": True, "eval_beam_size": 1, "length_penalty": 0.6},
+                    "share_embeddings": False, "tie_output": True, "eval_beam_size": 1, "length_penalty": 0.6,
+                    "length_penalty_kind": "gnmt", "eval_bleu": True},
     # nanoGPT's small CPU configuration for shakespeare_char (no dropout)
     "lm": {**_COMMON, "dropout": 0.0, "positional": "learned", "n_layers": 4, "tie_embeddings": True,
            "block_size": 0},  # block_size 0: the task's context length (TaskInfo.max_tgt_len)
@@ -89,16 +93,28 @@ def _finalize_tokens(sums: dict) -> dict:
 # -- seq2seq ----------------------------------------------------------------------------------------------------------
 class Seq2SeqModel(TaskModel):
     """Teacher-forced cross-entropy summed over the real (non-PAD) target tokens; eval adds the exact match of
-    greedy (or beam) decodes made through the IncrementalDecoder protocol."""
+    greedy (or beam) decodes made through the IncrementalDecoder protocol and, with a word or BPE tokenizer
+    (set_tokenizer), the corpus BLEU of the same decodes: one decode per batch serves every metric."""
     reports_padding = True  # pad_fraction of the source + decoder-input positions
 
     def __init__(self, module, label_smoothing: float = 0.0, eval_beam_size: int = 1, length_penalty: float = 0.6,
-                 max_decode_len: int | None = None):
+                 max_decode_len: int | None = None, length_penalty_kind: str = "gnmt", eval_bleu: bool = True):
         self.module = module
         self.label_smoothing = float(label_smoothing)
         self.eval_beam_size = int(eval_beam_size)
         self.length_penalty = float(length_penalty)
+        self.length_penalty_kind = length_penalty_kind
         self.max_decode_len = max_decode_len
+        self.eval_bleu = bool(eval_bleu)
+        self.detokenize = None  # ids (L,) -> text, set by set_tokenizer when BLEU is computed
+
+    def set_tokenizer(self, tokenizer, bleu: bool | None = None) -> None:
+        """BLEU (sacreBLEU's corpus BLEU of the detokenized decodes against the detokenized targets) when bleu is
+        True, or when bleu is None, model.eval_bleu is set and the tokenizer is word or BPE level (a char task's
+        BLEU would count whole outputs as single words: exact match measures it better)."""
+        if bleu is None:
+            bleu = self.eval_bleu and getattr(tokenizer, "kind", "") in ("word", "bpe")
+        self.detokenize = tokenizer.decode if bleu and tokenizer is not None else None
 
     def loss(self, batch, *, train):
         src, tgt_in, tgt_out = _ids(batch["src"]), _ids(batch["tgt_in"]), _ids(batch["tgt_out"])
@@ -120,23 +136,37 @@ class Seq2SeqModel(TaskModel):
         beam = self.eval_beam_size if beam_size is None else beam_size
         if beam > 1:
             return decoding.beam_search(self.module, _ids(src), beam_size=beam, max_len=max_len,
-                                        alpha=self.length_penalty)[0]
+                                        alpha=self.length_penalty, penalty=self.length_penalty_kind)[0]
         return decoding.greedy(self.module, _ids(src), max_len=max_len)
 
     def metric_sums(self, batch):
+        """Forward only (train=False: no layer keeps backward state), then ONE decode of the batch for exact match
+        and (with a detokenizer) the BLEU statistics."""
         tgt_out = _ids(batch["tgt_out"])
         logits, _ = self.module(_ids(batch["src"]), _ids(batch["tgt_in"]), train=False)
         correct, count = metrics.token_accuracy_sums(logits, tgt_out)
         loss_sum, _, _ = losses.cross_entropy_fused(logits, tgt_out, ignore_index=PAD, inplace=True)
-        # A correct output ends with EOS within the batch's target width, so decoding further is never needed.
-        pred = self.decode(batch["src"], max_len=tgt_out.shape[1])
+        del logits
+        # A correct output ends with EOS within the batch's target width, so exact match never needs a longer
+        # decode; BLEU scores the whole translation, so then decoding runs up to the task's longest target.
+        max_len = tgt_out.shape[1]
+        if self.detokenize is not None:
+            max_len = max(max_len, self.max_decode_len or 0)
+        pred = self.decode(batch["src"], max_len=max_len)
         exact = metrics.sequence_exact_match(pred, tgt_out)
-        return {"loss_sum": loss_sum, "count": float(count), "correct": float(correct),
-                "exact": float(exact.sum()), "n_seq": float(tgt_out.shape[0])}
+        out = {"loss_sum": loss_sum, "count": float(count), "correct": float(correct),
+               "exact": float(exact.sum()), "n_seq": float(tgt_out.shape[0])}
+        if self.detokenize is not None:
+            hyps = [self.detokenize(row) for row in pred]
+            refs = [self.detokenize(row) for row in tgt_out]
+            out.update(metrics.bleu_sums(hyps, refs))
+        return out
 
     def finalize(self, sums):
         out = _finalize_tokens(sums)
         out["exact_match"] = sums["exact"] / max(sums.get("n_seq", 0.0), 1.0)
+        if "bleu_sys_len" in sums:
+            out["bleu"] = metrics.bleu_from_sums(sums).score
         return out
 
 
@@ -236,8 +266,13 @@ def build_transformer(task_info: TaskInfo, cfg) -> Seq2SeqModel:
     opts = _engine_options(_options(cfg, "transformer"))
     mc = _config(Seq2SeqConfig, {**opts, "src_vocab": task_info.src_vocab_size, "tgt_vocab": task_info.tgt_vocab_size,
                                  "max_len": max(task_info.max_src_len, task_info.max_tgt_len)})
+    if opts["length_penalty_kind"] not in ("gnmt", "fairseq"):
+        raise ValueError(f"model.length_penalty_kind: must be 'gnmt' or 'fairseq', got {opts['length_penalty_kind']!r}")
+    if opts["eval_beam_size"] < 1:
+        raise ValueError(f"model.eval_beam_size: must be >= 1, got {opts['eval_beam_size']}")
     return Seq2SeqModel(Seq2SeqTransformer(mc), opts["label_smoothing"], opts["eval_beam_size"],
-                        opts["length_penalty"], max_decode_len=task_info.max_tgt_len)
+                        opts["length_penalty"], max_decode_len=task_info.max_tgt_len,
+                        length_penalty_kind=opts["length_penalty_kind"], eval_bleu=opts["eval_bleu"])
 
 
 @register_model("lm")

@@ -25,7 +25,7 @@ from ndtrain.launch.cli import main as cli_main
 from helpers.procs import JobProcesses, Lines
 
 DET = ["--set", "run.deterministic=true", "--set", "run.micro_batches=2"]  # W = 1 and 2 give the same bits
-DIST_STEPS = 60
+DIST_STEPS = 120  # ~6 s of steps (NDTRAIN_TEST_STEP_DELAY) after the first checkpoint: room to signal under load
 
 
 def _env(**extra) -> dict:
