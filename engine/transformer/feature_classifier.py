@@ -15,7 +15,8 @@ class FeatureTokenClassifier(Module):
     """Vector classification with a Transformer encoder: each of the F features becomes a token
     e_j = x_j w_j + b_j (the "feature tokenizer" of Gorishniy et al., 2021, FT-Transformer), the tokens pass the
     engine's Encoder (no mask, no positions: the per-feature embeddings already tell the features apart), their mean
-    goes through a Linear head. forward(x (B, F) float) -> (logits (B, C), backward(dlogits) -> dx (B, F))."""
+    goes through a Linear head. forward(x (B, F) float) -> (logits (B, C), backward(dlogits) -> dx (B, F)); with
+    train=False the backward is None."""
 
     def __init__(self, cfg, n_features: int, n_classes: int):
         super().__init__()
@@ -32,6 +33,8 @@ class FeatureTokenClassifier(Module):
         h, enc_backward = self.encoder(tokens, train=train)  # (B, F, D)
         F = h.shape[1]
         logits, head_backward = self.head(h.mean(axis=1), train=train)  # (B, C)
+        if not train:
+            return logits, None  # forward-only: nothing kept for a backward
 
         def backward(dlogits):
             dpooled = head_backward(dlogits)  # (B, D)

@@ -144,6 +144,8 @@ def test_feature_token_classifier_gradcheck_and_shapes():
     ParamStore.from_module(m, dtype=np.float64, seed=0)
     perturb(m, scale=0.2)
     x = RNG.standard_normal((4, 3))
-    logits, backward = m(x, train=False)
+    logits, backward = m(x, train=True)
     assert logits.shape == (4, 2) and backward(np.ones_like(logits)).shape == (4, 3)
+    assert m(x, train=False)[1] is None  # forward-only in eval: nothing kept
+    np.testing.assert_allclose(m(x, train=False)[0], logits)  # no dropout: the same logits
     assert_gradcheck(m, [x])
