@@ -54,12 +54,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from ndtrain.launch.netns.hosts import TwoHosts, mpi_setup
+from ndtrain.launch.netns.hosts import RAY_ENV, TwoHosts, mpi_setup, ray_cluster, ray_temp_dirs
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -127,33 +126,12 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 # -- the two jobs ------------------------------------------------------------------------------------------------------
 def ray_job(work: Path, env: dict, reference: dict) -> dict:
-    head = f"{HOSTS['a']}:6379"
-    common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
     logs = work / "logs"
-    procs = []
-    for h, extra in (("a", ["--head", "--port", "6379", "--include-dashboard", "false"]), ("b", ["--address", head])):
-        cmd = in_ns(h, BIN / "ray", "start", *extra, "--node-ip-address", HOSTS[h], "--temp-dir",
-                    f"/tmp/ray-{ns(h)}", *common)
-        procs.append(subprocess.Popen(cmd, stdout=open(logs / f"ray-{h}.log", "w"), stderr=subprocess.STDOUT,
-                                      env=env, cwd=REPO, start_new_session=True))
-        _wait_for_nodes(env, head, 1 if h == "a" else 2, timeout=120)
+    head = ray_cluster(NET, env, logs, BIN, PY)
     out = work / "ray"
     rc = run_logged(in_ns("a", BIN / "ndtrain", "train", *MODEL, "--backend", "ray", "--workers", "2",
                           "--address", head, "--out", out), logs / "ray-train.log", env, timeout=300)
     return _result("ray", rc, out, reference, logs / "ray-train.log")
-
-
-def _wait_for_nodes(env: dict, head: str, n: int, timeout: float) -> None:
-    """Until the cluster at `head` has n alive nodes (queried from inside host a)."""
-    probe = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
-             "print(sum(1 for x in ray.nodes() if x['Alive']))")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = subprocess.run(in_ns("a", PY, "-c", probe, head), capture_output=True, text=True, env=env, timeout=90)
-        if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
-            return
-        time.sleep(2)
-    raise RuntimeError(f"Ray cluster at {head} did not reach {n} alive node(s) within {timeout:.0f} s")
 
 
 def mpi_job(work: Path, env: dict, reference: dict) -> dict:
@@ -195,10 +173,8 @@ def main(argv=None) -> int:
         return 77
     work = Path(tempfile.mkdtemp(prefix="ndtrain-netns-"))
     (work / "logs").mkdir()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-           # `ray start --head` turns on token authentication (Ray >= 2.5x) and the drivers here run without the
-           # token; the namespaces are private to this machine, so it is switched off (see the recipe above)
-           "RAY_AUTH_MODE": "disabled",
+    # RAY_ENV: no usage stats, and no token authentication inside the private namespaces (see the recipe above)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **RAY_ENV,
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     results = []
     # an empty --config: the built-in defaults plus the flags in MODEL, whatever the task's preset
@@ -222,8 +198,8 @@ def main(argv=None) -> int:
                 print(json.dumps(results[-1]), flush=True)
     finally:
         teardown()
-        for h in HOSTS:
-            shutil.rmtree(f"/tmp/ray-{ns(h)}", ignore_errors=True)
+        for d in ray_temp_dirs(NET).values():
+            shutil.rmtree(d, ignore_errors=True)
     ok = bool(results) and all(r["ok"] for r in results)
     if a.json:
         Path(a.json).write_text(json.dumps({"ok": ok, "results": results, "work": str(work)}, indent=2))

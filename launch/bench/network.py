@@ -1,6 +1,6 @@
 """`ndtrain bench network`: two "laptops" (network namespaces joined by a veth, launch/netns/) on an emulated link
-(lan, wifi-good, wifi-poor: launch/netns/link.py), checked with ping and iperf3, then a 2-worker MPI training job
-across them per training option, against one worker on the local backend. Needs root, iproute2, tc, iptables,
+(lan, wifi-good, wifi-poor: launch/netns/link.py), checked with ping and iperf3, then a 2-worker training job
+(MPI, or Ray with --backend ray) across them per training option, against one worker on the local backend. Needs root, iproute2, tc, iptables,
 ethtool, iperf3 and ping (Debian: apt-get install iproute2 iptables ethtool iperf3 iputils-ping). Sets up, runs and
 ALWAYS tears down the namespaces, their qdiscs and iptables rules, and the delay programs.
 
@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ndtrain.launch.netns.hosts import TwoHosts, mpi_setup, netns_available, sh
+from ndtrain.launch.netns.hosts import RAY_ENV, TwoHosts, mpi_setup, netns_available, ray_cluster, ray_temp_dirs
 from ndtrain.launch.netns.link import PROFILES, LinkProfile, shape
 
 BIN = Path(sys.executable).parent
@@ -64,6 +65,9 @@ def add_arguments(p) -> None:
                    help="also time a 2-rank all-reduce of this many MB over the link per schedule and --cc (0: off)")
     p.add_argument("--schedules", default="star,ring", help="all-reduce schedules: star (tcp.py today), ring, chain")
     p.add_argument("--repeat", type=int, default=2, help="timed all-reduces per schedule (after one warm-up)")
+    p.add_argument("--backend", choices=("mpi", "ray"), default="mpi",
+                   help="2-worker training across the hosts: MPI (a two-host hostfile) or Ray (a node per host, "
+                        "gradients over the TCP mesh)")
     p.add_argument("--steps", type=int, default=200, help="training steps per run")
     p.add_argument("--eval-every", type=int, default=20, help="steps between validation losses")
     p.add_argument("--target-loss", type=float, help="validation loss target (default: the 1-worker final loss)")
@@ -221,13 +225,19 @@ def one_worker(args, work: Path, env: dict) -> dict:
 def two_hosts(args, net: TwoHosts, work: Path, env: dict, profile: str, option: str, target: float,
               t_one: float | None) -> dict:
     out = work / f"{profile}-{option}"
-    extra_env, hostfile = mpi_setup(net, work)
-    tx0 = {h: veth_tx_bytes(net, h) for h in net.HOSTS}
     log = work / f"{profile}-{option}.log"
-    cmd = net.in_ns("a", *train_command(args, "mpi", out, ["--workers", "2", "--hostfile", str(hostfile),
-                                                           *OPTIONS[option]]))
+    if args.backend == "ray":
+        if net.ray_head is None:
+            net.ray_head = ray_cluster(net, env, work, BIN, sys.executable)
+        extra_env, where = RAY_ENV, ["--address", net.ray_head]
+    else:
+        extra_env, hostfile = mpi_setup(net, work)
+        where = ["--hostfile", str(hostfile)]
+    tx0 = {h: veth_tx_bytes(net, h) for h in net.HOSTS}
+    cmd = net.in_ns("a", *train_command(args, args.backend, out, ["--workers", "2", *where, *OPTIONS[option]]))
     rc = run_logged(cmd, log, {**env, **extra_env}, args.timeout)
-    res: dict = {"profile": profile, "option": option, "available": True, "exit_status": rc}
+    res: dict = {"profile": profile, "option": option, "backend": args.backend, "available": True,
+                 "exit_status": rc}
     if rc != 0:
         return {**res, "error": f"training failed (see {log})", "step_s": None, "comm_share": None,
                 "bytes_per_step": None, "time_to_target_vs_one_worker": None}
@@ -289,7 +299,8 @@ def _run(args, profiles, options, ccs, schedules, work: Path, env: dict) -> bool
     for name in profiles:
         profile: LinkProfile = PROFILES[name]
         tag = f"ndn{os.getpid() % 100000}"
-        with TwoHosts(tag, subnet=SUBNET) as net:
+        net = TwoHosts(tag, subnet=SUBNET)
+        with net:
             shape(net, profile)
             if not args.no_link_check:
                 emit(args, {"profile": name, "link": {"rate_mbit": profile.rate_mbit, "delay_ms": profile.delay_ms,
@@ -307,6 +318,8 @@ def _run(args, profiles, options, ccs, schedules, work: Path, env: dict) -> bool
                 r = two_hosts(args, net, work, env, name, option, target, one["time_to_target_s"])
                 ok &= "error" not in r
                 emit(args, r)
+        for d in ray_temp_dirs(net).values():
+            shutil.rmtree(d, ignore_errors=True)
     return ok
 
 

@@ -44,6 +44,7 @@ class TwoHosts:
         self.tag, self.subnet, self.prefix = tag, subnet, prefix
         self.addr = {h: f"{subnet}.{i + 1}" for i, h in enumerate(self.HOSTS)}
         self.procs: list[subprocess.Popen] = []  # started inside the namespaces (stopped first at teardown)
+        self.ray_head: str | None = None  # set by ray_cluster users (launch/bench/network.py)
 
     def ns(self, host: str) -> str:
         return f"{self.tag}{host}"
@@ -176,3 +177,47 @@ def mpi_setup(net: TwoHosts, work) -> tuple[dict, Path]:
            "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": cidr, "OMPI_MCA_pml": "ob1",
            "PRTE_MCA_oob_tcp_if_include": cidr, "OMPI_MCA_oob_tcp_if_include": cidr}
     return env, hostfile
+
+
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0",
+           # `ray start --head` turns on token authentication (Ray >= 2.5x) and the drivers here run without the
+           # token; the namespaces are private to this machine, so it is switched off inside them
+           "RAY_AUTH_MODE": "disabled"}
+_RAY_NODES = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
+              "print(sum(1 for x in ray.nodes() if x['Alive']))")
+
+
+def ray_cluster(net: TwoHosts, env: dict, logs, bin_dir, python: str, port: int = 6379,
+                timeout: float = 120.0) -> str:
+    """A Ray cluster over net's two hosts (head in a, a worker node in b, one CPU each so one rank lands on each):
+    the `ray start --block` processes are registered in net.procs (stopped at teardown). Returns the head address.
+    Its temporary directories are /tmp/ray-<namespace> (ray_temp_dirs)."""
+    logs = Path(logs)
+    head = f"{net.addr['a']}:{port}"
+    env = {**env, **RAY_ENV}
+    common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
+    for h, extra in (("a", ["--head", "--port", str(port), "--include-dashboard", "false"]),
+                     ("b", ["--address", head])):
+        cmd = net.in_ns(h, Path(bin_dir) / "ray", "start", *extra, "--node-ip-address", net.addr[h], "--temp-dir",
+                        ray_temp_dirs(net)[h], *common)
+        with open(logs / f"ray-{h}.log", "w") as log:
+            net.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                              start_new_session=True))
+        _wait_for_nodes(net, env, python, head, 1 if h == "a" else 2, timeout)
+    return head
+
+
+def ray_temp_dirs(net: TwoHosts) -> dict[str, str]:
+    return {h: f"/tmp/ray-{net.ns(h)}" for h in net.HOSTS}
+
+
+def _wait_for_nodes(net: TwoHosts, env: dict, python: str, head: str, n: int, timeout: float) -> None:
+    """Until the cluster at `head` has n alive nodes (asked from inside host a)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(net.in_ns("a", python, "-c", _RAY_NODES, head), capture_output=True, text=True, env=env,
+                           timeout=90)
+        if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
+            return
+        time.sleep(2)
+    raise RuntimeError(f"Ray cluster at {head} did not reach {n} alive node(s) within {timeout:.0f} s")
