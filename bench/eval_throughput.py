@@ -7,7 +7,7 @@ Train: `--train-steps` steps of the config's global batch on one worker (TaskMod
 optimizer step: what the trainer times). Eval: the trainer's evaluation (TaskModel.metric_sums: forward only, and
 for seq2seq the one decode per batch that gives exact match and BLEU) over the first `--eval-rows` validation rows,
 at each of `--eval-batch-sizes`; for seq2seq also the teacher-forced forward alone. Every figure is the best of
-`--repeat` runs (the machine is shared: the best is the least disturbed). BLAS threads are pinned (`--threads`).
+`--repeat` interleaved rounds (the machine is shared: the best is the least disturbed). BLAS threads are pinned (`--threads`).
 """
 from __future__ import annotations
 
@@ -59,8 +59,13 @@ def main(argv=None) -> int:
             _, count, backward = model.loss(next(batches), train=True)
             backward(1.0 / count)
             opt.step(cfg.optim.lr * 0.1)  # a real update: eval then sees a model that has moved off its init
-        best_train = 0.0
-        for _ in range(args.repeat):
+        model.module.eval()
+        n = min(val.n_rows(), args.eval_rows) if args.eval_rows else val.n_rows()
+        sizes = [int(x) for x in args.eval_batch_sizes.split(",")]
+        evals = {size: [val.batch(np.arange(s0, min(n, s0 + size))) for s0 in range(0, n, size)] for size in sizes}
+        best_train, best, best_tf, sums = 0.0, dict.fromkeys(sizes, 0.0), dict.fromkeys(sizes, 0.0), {}
+        for _ in range(args.repeat):  # interleaved: train, then every eval size, repeat (the load drifts)
+            model.module.train()
             toks, t0 = 0, time.perf_counter()
             for _ in range(args.train_steps):
                 batch = next(batches)
@@ -70,32 +75,31 @@ def main(argv=None) -> int:
                 opt.step(cfg.optim.lr * 0.1)
                 toks += _tokens(batch)
             best_train = max(best_train, toks / (time.perf_counter() - t0))
+            model.module.eval()
+            for size in sizes:
+                toks = sum(_tokens(b) for b in evals[size])
+                t0 = time.perf_counter()
+                sums[size] = {}
+                for b in evals[size]:
+                    for k, v in model.metric_sums(b).items():
+                        sums[size][k] = sums[size].get(k, 0.0) + v
+                best[size] = max(best[size], toks / (time.perf_counter() - t0))
+                if info.kind == "seq2seq":  # the teacher-forced part alone (loss, token accuracy), no decode
+                    t0 = time.perf_counter()
+                    for b in evals[size]:
+                        for c0 in range(0, len(b["src"]), model.EVAL_CHUNK_ROWS):
+                            rows = np.argsort((b["src"] != 0).sum(1))[c0:c0 + model.EVAL_CHUNK_ROWS]
+                            model._logits_real(b["src"][rows], b["tgt_in"][rows], b["tgt_out"][rows])
+                    best_tf[size] = max(best_tf[size], toks / (time.perf_counter() - t0))
         print(f"{cfg.run.task} / {cfg.run.model}: {store.size:,} parameters, {args.threads} BLAS thread(s)")
         print(f"train   batch {cfg.run.batch_size:5d}: {best_train:10,.0f} target tokens/s")
-
-        model.module.eval()
-        n = min(val.n_rows(), args.eval_rows) if args.eval_rows else val.n_rows()
-        for size in (int(s) for s in args.eval_batch_sizes.split(",")):
-            eval_batches = [val.batch(np.arange(s0, min(n, s0 + size))) for s0 in range(0, n, size)]
-            toks = sum(_tokens(b) for b in eval_batches)
-            best, best_tf = 0.0, 0.0
-            for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                sums: dict = {}
-                for b in eval_batches:
-                    for k, v in model.metric_sums(b).items():
-                        sums[k] = sums.get(k, 0.0) + v
-                best = max(best, toks / (time.perf_counter() - t0))
-                if info.kind == "seq2seq":
-                    t0 = time.perf_counter()
-                    for b in eval_batches:
-                        model.module(b["src"], b["tgt_in"], train=False)
-                    best_tf = max(best_tf, toks / (time.perf_counter() - t0))
-            extra = f"; teacher-forced forward alone {best_tf:10,.0f} ({best_tf / best_train:.2f}x)" if best_tf else ""
-            metrics = model.finalize(sums)
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            print(f"eval    batch {size:5d}: {best:10,.0f} target tokens/s = {best / best_train:.2f}x train"
-                  f"{extra}  [{n} rows, {toks:,} tokens; {shown}]")
+        for size in sizes:
+            toks = sum(_tokens(b) for b in evals[size])
+            tf = best_tf[size]
+            extra = f"; teacher-forced forward alone {tf:10,.0f} ({tf / best_train:.2f}x)" if tf else ""
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in model.finalize(sums[size]).items())
+            print(f"eval    batch {size:5d}: {best[size]:10,.0f} target tokens/s = {best[size] / best_train:.2f}x "
+                  f"train{extra}  [{n} rows, {toks:,} tokens; {shown}]")
     return 0
 
 

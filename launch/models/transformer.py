@@ -139,22 +139,47 @@ class Seq2SeqModel(TaskModel):
                                         alpha=self.length_penalty, penalty=self.length_penalty_kind)[0]
         return decoding.greedy(self.module, _ids(src), max_len=max_len)
 
+    # Rows per eval chunk: a batch is sorted by length and cut into chunks, each trimmed to its own longest row, so
+    # the forward and the decode compute (almost) nothing on padding; the sums do not depend on the order.
+    EVAL_CHUNK_ROWS = 128
+
     def metric_sums(self, batch):
-        """Forward only (train=False: no layer keeps backward state), then ONE decode of the batch for exact match
-        and (with a detokenizer) the BLEU statistics."""
-        tgt_out = _ids(batch["tgt_out"])
-        logits, _ = self.module(_ids(batch["src"]), _ids(batch["tgt_in"]), train=False)
-        correct, count = metrics.token_accuracy_sums(logits, tgt_out)
-        loss_sum, _, _ = losses.cross_entropy_fused(logits, tgt_out, ignore_index=PAD, inplace=True)
+        """Forward only (train=False: no layer keeps backward state), then ONE decode for exact match and (with a
+        detokenizer) the BLEU statistics; by length-sorted chunks of EVAL_CHUNK_ROWS rows, trimmed of padding."""
+        src, tgt_in, tgt_out = _ids(batch["src"]), _ids(batch["tgt_in"]), _ids(batch["tgt_out"])
+        src_len, tgt_len = (src != PAD).sum(axis=1), (tgt_out != PAD).sum(axis=1)
+        order = np.lexsort((tgt_len, src_len))  # by source length (what the decode sees), then target length
+        out: dict[str, float] = {}
+        for c0 in range(0, len(order), self.EVAL_CHUNK_ROWS):
+            rows = order[c0:c0 + self.EVAL_CHUNK_ROWS]
+            S, T = max(1, int(src_len[rows].max())), max(1, int(tgt_len[rows].max()))
+            for k, v in self._chunk_sums(src[rows, :S], tgt_in[rows, :T], tgt_out[rows, :T]).items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def _logits_real(self, src, tgt_in, tgt_out):
+        """Logits (N, V) of the N real (non-PAD) target positions only, and their targets (N,): the output layer
+        never runs on padding (a model without hidden() falls back to its full forward)."""
+        real = tgt_out != PAD
+        if hasattr(self.module, "hidden") and hasattr(self.module, "_logits"):
+            h, _ = self.module.hidden(src, tgt_in, train=False)  # (B, T, D)
+            return self.module._logits(h[real]), tgt_out[real]
+        logits, _ = self.module(src, tgt_in, train=False)  # (B, T, V)
+        return logits[real], tgt_out[real]
+
+    def _chunk_sums(self, src, tgt_in, tgt_out) -> dict[str, float]:
+        logits, targets = self._logits_real(src, tgt_in, tgt_out)  # (N, V), (N,)
+        correct = int(np.count_nonzero(logits.argmax(axis=-1) == targets))
+        loss_sum, count, _ = losses.cross_entropy_fused(logits, targets, ignore_index=PAD, inplace=True)
         del logits
-        # A correct output ends with EOS within the batch's target width, so exact match never needs a longer
+        # A correct output ends with EOS within the chunk's target width, so exact match never needs a longer
         # decode; BLEU scores the whole translation, so then decoding runs up to the task's longest target.
         max_len = tgt_out.shape[1]
         if self.detokenize is not None:
             max_len = max(max_len, self.max_decode_len or 0)
-        pred = self.decode(batch["src"], max_len=max_len)
+        pred = self.decode(src, max_len=max_len)
         exact = metrics.sequence_exact_match(pred, tgt_out)
-        out = {"loss_sum": loss_sum, "count": float(count), "correct": float(correct),
+        out = {"loss_sum": float(loss_sum), "count": float(count), "correct": float(correct),
                "exact": float(exact.sum()), "n_seq": float(tgt_out.shape[0])}
         if self.detokenize is not None:
             hyps = [self.detokenize(row) for row in pred]

@@ -82,7 +82,7 @@ def test_tensorboard_gets_bleu_against_wall_time(monkeypatch, tmp_path):
     assert ("eval_vs_wall_s/bleu", 12.5, 62) in scalars
 
 
-def test_eval_equals_the_slow_path(mt_run, capsys):
+def test_eval_equals_the_slow_path(mt_run, capsys, monkeypatch):
     """One forward-only pass plus one decode per batch gives what the old path gave: teacher-forced loss from a
     forward with its backward, exact match from a decode to the batch's target width, BLEU from a second decode up
     to the task's longest target."""
@@ -105,10 +105,16 @@ def test_eval_equals_the_slow_path(mt_run, capsys):
     assert res["loss"] == pytest.approx(loss_sum / count, rel=1e-6)
     assert res["exact_match"] == pytest.approx(exact / n, abs=1e-12)
     assert res["bleu"] == pytest.approx(metrics.corpus_bleu(hyps, [refs]).score, abs=1e-9)
-    # the same figures whatever the batch size (sums over batches are exact; BLEU from summed statistics)
+    # the same figures whatever the batch size (sums over batches are exact; BLEU from summed statistics) and
+    # whatever the length-sorted chunks a batch is cut into (each trimmed of its padding)
     res_big = _eval_json(capsys, mt_run)["metrics"]
     assert res_big["bleu"] == pytest.approx(res["bleu"], abs=1e-9)
     assert res_big["exact_match"] == pytest.approx(res["exact_match"], abs=1e-12)
+    from ndtrain.launch.models.transformer import Seq2SeqModel
+    monkeypatch.setattr(Seq2SeqModel, "EVAL_CHUNK_ROWS", 7)
+    res_small = _eval_json(capsys, mt_run)["metrics"]
+    for k in ("loss", "token_accuracy", "exact_match", "bleu"):
+        assert res_small[k] == pytest.approx(res[k], rel=1e-6, abs=1e-9), k
 
 
 def test_eval_beam_and_lenpen_flags(mt_run, capsys):
