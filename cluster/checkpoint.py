@@ -3,6 +3,8 @@
 npz keys:  param/<name>   every parameter of the ParamStore (tied aliases are one segment: saved once)
            buffer/<name>  module buffers (BatchNorm running statistics, ...)
            optim/<key>    the optimizer's state arrays (moments, momentum buffers)
+           rank/<r>/<key> one rank's own state where ranks differ (compression residuals; DiLoCo's local
+                          parameters and inner optimizer state)
 JSON:      step, files, the npz's sha256, the param layout, buffer and optimizer-state layouts, optimizer scalars,
            the loader state, the schedule step, RNG states, the config and any extra record.
 
@@ -57,6 +59,7 @@ class Checkpoint:
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
     optim: dict[str, Any] = field(default_factory=dict)  # arrays and scalars, as optimizer.state_dict() gave them
     meta: dict[str, Any] = field(default_factory=dict)  # the JSON record (loader, schedule, rng, config, layout...)
+    ranks: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # rank -> its own arrays (rank/<r>/<key>)
     path: Path | None = None
 
 
@@ -83,7 +86,7 @@ def _split_optim(state: dict) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 def save(ckpt_dir: str | os.PathLike, step: int, store, *, buffers: dict[str, np.ndarray] | None = None,
          optim_state: dict | None = None, meta: dict | None = None, keep: int | None = None,
-         name: str | None = None) -> Path:
+         name: str | None = None, rank_state: dict[int, dict[str, np.ndarray]] | None = None) -> Path:
     """Write checkpoint `step` into ckpt_dir; returns the JSON's path. `keep`: prune all but the newest `keep`.
     name: the files' stem instead of ckpt-<step> (e.g. "avg": not listed, pruned or resumed from automatically)."""
     ckpt_dir = Path(ckpt_dir)
@@ -98,6 +101,9 @@ def save(ckpt_dir: str | os.PathLike, step: int, store, *, buffers: dict[str, np
         arrays[f"buffer/{name}"] = np.asarray(b)
     for k, v in optim_arrays.items():
         arrays[f"optim/{k}"] = v
+    for r, state in (rank_state or {}).items():
+        for k, v in state.items():
+            arrays[f"rank/{int(r)}/{k}"] = np.asarray(v)
 
     # expected_bytes: what a full disk's message says the checkpoint needs (the npz's header adds little)
     with atomic_open(npz, "wb", expected_bytes=sum(int(np.asarray(a).nbytes) for a in arrays.values())) as f:
@@ -248,14 +254,20 @@ def load(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{npz}: sha256 {digest[:12]}... does not match {meta['sha256'][:12]}... recorded in "
                               f"{path.name}: the file is corrupt or was modified")
     params, buffers, optim = {}, {}, dict(meta.get("optim_scalars", {}))
+    ranks: dict[str, dict[str, np.ndarray]] = {}
     try:
         with np.load(npz, allow_pickle=False) as z:
             for key in z.files:
                 kind, _, name = key.partition("/")
+                if kind == "rank":
+                    r, _, name = name.partition("/")
+                    ranks.setdefault(r, {})[name] = z[key]
+                    continue
                 {"param": params, "buffer": buffers, "optim": optim}[kind][name] = z[key]
     except (ValueError, KeyError, OSError) as e:
         raise CheckpointError(f"{npz}: cannot read: {e}") from None
-    return Checkpoint(step=int(meta["step"]), params=params, buffers=buffers, optim=optim, meta=meta, path=path)
+    return Checkpoint(step=int(meta["step"]), params=params, buffers=buffers, optim=optim, meta=meta, ranks=ranks,
+                      path=path)
 
 
 def load_valid(path: str | os.PathLike) -> Checkpoint:

@@ -91,6 +91,11 @@ class LoopSettings:
     deterministic: bool = False  # cluster/deterministic.py: bitwise equal for any W
     bucket_mb: float = 1.0  # GradReducer bucket size
     overlap: bool = True  # all-reduce buckets while backward runs
+    compress: str = ""  # "" | fp16 | bf16 | powersgd: the reducer's compressed exchange (cluster/compressed.py)
+    powersgd_rank: int = 2
+    sync_every: int = 0  # DiLoCo's H (cluster/local_sgd.py); 0: synchronous training
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
 
 
 @dataclass
@@ -111,3 +116,7 @@ class TrainJob:
     skipped_steps: int = 0  # non-finite steps skipped before start_step
     resumed_from: Path | None = None  # the checkpoint JSON the job was restored from
     wall_before: float = 0.0  # wall seconds of the run before this process (a resumed run continues its clock)
+    world_size: int = 1  # the world this job was built for
+    rank_state: dict = field(default_factory=dict)  # this rank's own arrays from the checkpoint (same world only)
+    rank_state_world: int = 0  # the world size the resumed checkpoint was written with (0: not resumed)
+    shared_state: dict = field(default_factory=dict)  # the loop's shared arrays from the checkpoint (DiLoCo)

@@ -17,12 +17,17 @@ collectives in the same order even if its backward order differed: MPI needs tha
     reducer.begin(sync=True)    # before forward of a micro-batch (sync=False: accumulate, no communication)
     loss, backward = ...; backward(...)
     reducer.finish()            # launches what remains, waits for all: store.grad holds the SUM over ranks
+
+compress="fp16" | "bf16" | "powersgd" (cluster.compress): the buckets are exchanged compressed after backward
+(cluster/compressed.py, error feedback per rank and bucket); no overlap with backward then, since a bucket's payload
+is formed from its final gradient and the exchange is blocking. state_dict() holds the residuals for checkpoints.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
+from ndtrain.cluster.compressed import CompressedExchange
 from ndtrain.engine import module as engine_module
 
 
@@ -37,12 +42,17 @@ class Bucket:
 class GradReducer:
     """comm: a Communicator; store: the model's ParamStore; model: its root Module (for the hooks)."""
 
-    def __init__(self, comm, store, model, bucket_mb: float = 1.0, overlap: bool = True):
+    def __init__(self, comm, store, model, bucket_mb: float = 1.0, overlap: bool = True, compress: str = "",
+                 powersgd_rank: int = 2, seed: int = 0):
         self.comm, self.store, self.model = comm, store, model
         # Overlap only where the transport really runs in the background: on a blocking one (Ray's shared-memory
         # group, MPICH) launching bucket by bucket during backward only adds synchronisation points.
         self.overlap = bool(overlap) and bool(getattr(comm, "overlaps_compute", False))
         self.buckets = make_buckets(store, int(bucket_mb * (1 << 20)))
+        self.exchange = None
+        if compress:
+            self.exchange = CompressedExchange(comm, store, self.buckets, compress, powersgd_rank, seed)
+            self.overlap = False
         self._bucket_of = {n: i for i, b in enumerate(self.buckets) for n in b.names}
         # module -> names of the Params it registered directly; Param name -> number of owning modules
         self._owned: dict[int, list[str]] = {}
@@ -90,6 +100,11 @@ class GradReducer:
         self._detach()
         if not (self.enabled and self._sync):
             return
+        if self.exchange is not None:
+            t0 = time.perf_counter()
+            self.exchange.reduce()
+            self.comm_wait_s += time.perf_counter() - t0
+            return
         for i in range(self._next, len(self.buckets)):
             self._launch(i)
         self._next = len(self.buckets)
@@ -102,6 +117,14 @@ class GradReducer:
 
     def close(self) -> None:
         self._detach()
+
+    def state_dict(self) -> dict:
+        """This rank's own state (the compression residuals; {} without compression)."""
+        return self.exchange.state_dict() if self.exchange is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.exchange is not None:
+            self.exchange.load_state_dict(state)
 
     # -- internals -------------------------------------------------------------------------------------------------
     def _detach(self) -> None:

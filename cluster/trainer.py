@@ -17,6 +17,7 @@ evaluation and checkpoints is left out of the window they are measured over.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import traceback
@@ -28,6 +29,7 @@ from ndtrain.cluster.checkpoint_meta import save_checkpoint
 from ndtrain.cluster.comm.counters import CommWindow
 from ndtrain.cluster.deterministic import deterministic_gradient
 from ndtrain.cluster.job import TrainJob
+from ndtrain.cluster.local_sgd import LocalSGD
 from ndtrain.cluster.nonfinite import WorkerError, check_finite_params, locate_nonfinite, nonfinite_error
 from ndtrain.cluster.reducer import GradReducer
 from ndtrain.cluster.sink import NullSink
@@ -46,10 +48,16 @@ class Trainer:
         self._check_same_everywhere({**job.fingerprints, "param_count": self.store.size})
         comm.broadcast(self.store.data, root=0)
         self._check_same_everywhere({"params": self.store.checksum()})
-        self.reducer = None
-        if self.world > 1 and not self.settings.deterministic:
-            self.reducer = GradReducer(comm, self.store, self.model.module, bucket_mb=self.settings.bucket_mb,
-                                       overlap=self.settings.overlap)
+        self.reducer = self.local = None
+        st = self.settings
+        if st.sync_every:  # DiLoCo: local inner steps, a parameter all-reduce every H (cluster/local_sgd.py)
+            self.local = LocalSGD(job, comm)
+        elif self.world > 1 and not st.deterministic:
+            self.reducer = GradReducer(comm, self.store, self.model.module, bucket_mb=st.bucket_mb,
+                                       overlap=st.overlap, compress=st.compress, powersgd_rank=st.powersgd_rank,
+                                       seed=st.seed)
+            if job.rank_state:  # the compression residuals of this rank (same world size only)
+                self.reducer.load_state_dict(job.rank_state)
 
     def _check_same_everywhere(self, mine: dict) -> None:
         """Every rank must run the same config and data (and, after the broadcast, hold the same parameters);
@@ -106,8 +114,11 @@ class Trainer:
             else:
                 self._skip(batch, step, buf)  # raises after max_nonfinite in a row
             self.step = step + 1  # steps done (skipped ones included: the batch was consumed)
+            log_now = self.step % s.log_every == 0 or self.step == s.steps
+            if self.local is not None:  # the outer step at a sync step; window sums and stop votes all-reduced
+                window_loss, window_count = self.local.after_step(self.step, buf, window_loss, window_count, log_now)
 
-            if self.step % s.log_every == 0 or self.step == s.steps:
+            if log_now:
                 now = time.perf_counter()
                 dt = now - window_t
                 last_record = {"step": self.step, "loss": window_loss / window_count if window_count else math.nan,
@@ -118,6 +129,9 @@ class Trainer:
                     last_record["skipped_steps"] = self.skipped_steps
                 if self.reducer is not None:  # blocked on the all-reduce in the last step (after overlap)
                     last_record["comm_time"] = self.reducer.comm_wait_s
+                if self.local is not None:  # the outer syncs' time in this window, per step
+                    last_record["comm_time"] = self.local.sync_s / max(window_steps, 1)
+                    self.local.sync_s = 0.0
                 last_record.update(self.model.pad_stats(self.comm))  # pad_fraction over the window, all ranks
                 if window_comm is not None:
                     last_record.update(window_comm.per_step(window_steps))
@@ -157,6 +171,8 @@ class Trainer:
     def _gradient(self, batch, step: int, buf: np.ndarray) -> bool:
         """store.grad = gradient of the global mean loss; buf = [global loss sum, global count, stop votes]
         (cluster/interrupt.py). False (and no backward, on every rank alike) when the global loss is not finite."""
+        if self.local is not None:
+            return self.local.gradient(batch, buf)
         if self.settings.deterministic:
             finite = deterministic_gradient(self.model, self.store, self.comm, batch, self.job.loader.block,
                                             self.settings.seed, step, buf, vote=interrupt.vote())
@@ -201,6 +217,9 @@ class Trainer:
                    f"stop at run.max_nonfinite={limit})")
         if self._nonfinite_in_row < limit:
             return
+        if self.local is not None:  # a local decision (no collective: the other ranks may be mid-period)
+            raise WorkerError(f"rank {self.rank}, step {step}: {self._nonfinite_in_row} non-finite local steps in a "
+                              f"row (run.max_nonfinite={limit})")
         findings = self.comm.allgather_obj(locate_nonfinite(self.model, self.store, batch, buf[1], self.rank))
         raise nonfinite_error(findings, self.rank, step, self._nonfinite_in_row, limit, self.skipped_steps)
 
@@ -226,12 +245,15 @@ class Trainer:
         and added in rank order (the same result on every rank, for any world size)."""
         module = self.model.module
         module.eval()
+        anchor = self.local.anchor_params() if self.local is not None else contextlib.nullcontext()
         try:
+            anchor.__enter__()
             local: dict[str, float] = {}
             for batch in self.job.eval_batches():
                 for k, v in self.model.metric_sums(batch).items():
                     local[k] = local.get(k, 0.0) + float(v)
         finally:
+            anchor.__exit__(None, None, None)
             module.train()
         total: dict[str, float] = {}
         for sums in self.comm.allgather_obj(local):
@@ -244,4 +266,9 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self):
-        return save_checkpoint(self.job, self.comm, self.step, self.skipped_steps, self.wall_time())
+        if self.local is not None:
+            return save_checkpoint(self.job, self.comm, self.step, self.skipped_steps, self.wall_time(),
+                                   rank_state=self.local.rank_state(), shared_state=self.local.shared_state())
+        rank_state = self.reducer.state_dict() if self.reducer is not None else None
+        return save_checkpoint(self.job, self.comm, self.step, self.skipped_steps, self.wall_time(),
+                               rank_state=rank_state)

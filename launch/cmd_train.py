@@ -83,6 +83,10 @@ def add_parser(sub) -> None:
     p.add_argument("--hostfile", help="MPI hostfile (backend mpi)")
     p.add_argument("--address", help="Ray address (backend ray)")
     p.add_argument("--iface", help="network interface between hosts, e.g. eth1 (cluster.iface; docs/security.md)")
+    p.add_argument("--compress", choices=("fp16", "bf16", "powersgd"),
+                   help="gradient compression with error feedback (cluster.compress; docs/network.md)")
+    p.add_argument("--sync-every", type=int, metavar="H",
+                   help="DiLoCo: H local steps per rank between parameter all-reduces (cluster.sync_every)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="text (default) or json: one JSON object per event on stdout, for scripts and CI")
@@ -100,7 +104,9 @@ def resolve_config(args) -> Config:
     return training.resolve_config(config=args.config, task=args.task, model=args.model, run=run, keys=keys,
                                    cluster={"hostfile": getattr(args, "hostfile", None),
                                             "address": getattr(args, "address", None),
-                                            "iface": getattr(args, "iface", None)},
+                                            "iface": getattr(args, "iface", None),
+                                            "compress": getattr(args, "compress", None),
+                                            "sync_every": getattr(args, "sync_every", None)},
                                    overrides=args.overrides)
 
 

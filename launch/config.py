@@ -126,6 +126,15 @@ class ClusterConfig:
                                                       "(-1: $NDTRAIN_HEARTBEAT_TIMEOUT or 30)")
     stall_timeout: float = _f(-1.0, min=-1.0, doc="seconds peers may wait for a rank in a collective before it is "
                                                   "declared hung; 0 turns the rule off (-1: $NDTRAIN_STALL_TIMEOUT or 20)")
+    # Fewer bytes on a slow link (docs/network.md): opt-in, recorded in config.toml.
+    compress: str = _f("", choices=("", "fp16", "bf16", "powersgd"),
+                       doc="gradient compression with error feedback ('' = none; fp16, bf16: 2 bytes a value; "
+                           "powersgd: rank cluster.powersgd_rank factors of each 2-D gradient)")
+    powersgd_rank: int = _f(2, min=1, doc="PowerSGD's rank r (cluster.compress=powersgd)")
+    sync_every: int = _f(0, min=0, doc="DiLoCo / local SGD: H inner optimizer steps per rank between parameter "
+                                       "all-reduces (0: synchronous training, every step)")
+    outer_lr: float = _f(0.7, min=POSITIVE, doc="DiLoCo's outer Nesterov learning rate (cluster.sync_every > 0)")
+    outer_momentum: float = _f(0.9, min=0.0, max=0.999999, doc="DiLoCo's outer momentum (cluster.sync_every > 0)")
 
 
 @dataclass
@@ -321,6 +330,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model: expected a table")
     if cfg.run.deterministic:
         _check_deterministic(cfg.run)
+    c = cfg.cluster
+    if c.compress and cfg.run.deterministic:
+        raise ConfigError("cluster.compress: not available with run.deterministic (each rank rounds its own share "
+                          "of the gradient, so the result depends on the number of workers)")
+    if c.compress and c.sync_every:
+        raise ConfigError("cluster.compress: not available with cluster.sync_every (DiLoCo exchanges parameter "
+                          "deltas, not gradients)")
     if cfg.cluster.iface:
         try:
             interface_address(cfg.cluster.iface)

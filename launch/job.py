@@ -35,7 +35,9 @@ def loop_settings(cfg: Config) -> LoopSettings:
                         eval_every=run.eval_every, checkpoint_every=run.checkpoint_every,
                         keep_checkpoints=run.keep_checkpoints, max_nonfinite=run.max_nonfinite,
                         grad_clip=cfg.optim.grad_clip, seed=run.seed, deterministic=bool(run.deterministic),
-                        bucket_mb=cfg.cluster.bucket_mb, overlap=cfg.cluster.overlap)
+                        bucket_mb=cfg.cluster.bucket_mb, overlap=cfg.cluster.overlap, compress=cfg.cluster.compress,
+                        powersgd_rank=cfg.cluster.powersgd_rank, sync_every=cfg.cluster.sync_every,
+                        outer_lr=cfg.cluster.outer_lr, outer_momentum=cfg.cluster.outer_momentum)
 
 
 def task_info_record(info) -> dict:
@@ -88,7 +90,7 @@ def build_job(cfg: Config, rank: int, world: int, data=None) -> TrainJob:
                    meta={"config": cfg.to_dict(), "config_hash": digest, "data": fingerprints,
                          "task_info": task_info_record(info)},
                    summary={"task": run.task, "model": run.model, "global_batch_size": run.batch_size,
-                            "config_hash": digest})
+                            "config_hash": digest}, world_size=world)
     if run.resume:
         try:
             restore_job(job, str(resume_source(run.resume)), rank)

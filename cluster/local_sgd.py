@@ -1,0 +1,124 @@
+"""DiLoCo / local SGD in the training loop (cluster.sync_every = H; Douillard et al. 2023; cluster/diloco.py has the
+outer step).
+
+Each rank takes inner optimizer steps on its own share of successive global batches (the loader's order, fixed by
+(seed, epoch), is unchanged), with no gradient all-reduce: the gradient is that of the rank's LOCAL mean loss. After
+every H steps (and after the last step of the run) the ranks all-reduce the parameter delta anchor - theta_i and
+every rank applies the same outer Nesterov step: the parameters are bitwise equal on every rank again.
+
+    local = LocalSGD(job, comm)                          # after the start-up broadcast
+    finite = local.gradient(batch, buf)                  # buf = [local loss sum, local count, local stop vote]
+    ... optimizer.step(lr) ...
+    loss, count = local.after_step(step_done, buf, loss, count, log_now)
+
+What the loop reports on inner steps: `loss` is every rank's local loss summed over the window's targets, over the
+sum of targets (the token-weighted mean of the ranks' local losses, each on its own parameters); the token count
+(tokens_per_s) is the sum over ranks. Both are all-reduced only at log steps; stop votes (Ctrl-C) at log and sync
+steps, so communication happens only there.
+
+Checkpoints: the shared state (anchor, outer momentum) once; each rank's own parameters and inner optimizer state
+under rank/<r>/ (cluster/checkpoint_meta.py). A resume continues bitwise on the same world size; another world
+size is refused (each rank's inner trajectory belongs to its share of the batch).
+Evaluation uses the anchor (the last synchronised parameters), the same on every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+
+from ndtrain.cluster import interrupt
+from ndtrain.cluster.diloco import DiLoCo
+from ndtrain.cluster.nonfinite import WorkerError
+
+OPTIM = "optim/"
+
+
+class LocalSGD:
+    def __init__(self, job, comm):
+        s = job.settings
+        self.job, self.comm, self.store = job, comm, job.store
+        self.every, self.steps = int(s.sync_every), int(s.steps)
+        self.outer = DiLoCo(self.store.data, lr=s.outer_lr, momentum=s.outer_momentum)
+        self.sync_s = 0.0
+        if job.shared_state:
+            self.outer.load_state_dict(job.shared_state)
+        if job.rank_state_world and job.rank_state_world != comm.world_size:
+            raise WorkerError(f"rank {comm.rank}: a DiLoCo checkpoint (cluster.sync_every) resumes on the world "
+                              f"size it was written with ({job.rank_state_world} workers), not {comm.world_size}")
+        if job.rank_state:
+            self.load_rank_state(job.rank_state)
+
+    # -- one inner step ----------------------------------------------------------------------------------------------
+    def gradient(self, batch, buf: np.ndarray) -> bool:
+        """store.grad = the gradient of this rank's local mean loss; buf = [local loss sum, local count, vote]."""
+        model = self.job.model
+        self.store.zero_grad()
+        loss_sum, count, backward = model.loss(batch, train=True)
+        buf[0], buf[1], buf[2] = loss_sum, count, interrupt.vote()
+        if not math.isfinite(buf[0]):
+            return False
+        if count > 0:
+            backward(1.0 / count)
+        return True
+
+    def is_sync(self, step_done: int) -> bool:
+        return step_done % self.every == 0 or step_done == self.steps
+
+    def after_step(self, step_done: int, buf: np.ndarray, loss: float, count: float, log_now: bool):
+        """At a sync step: the outer step. At a sync or log step: buf[2] = the stop votes of every rank; at a log
+        step (loss, count) of the window summed over ranks. Elsewhere buf[2] = 0 (no communication)."""
+        sync = self.is_sync(step_done)
+        small = np.array([buf[2], loss, count], dtype=np.float64)
+        if sync or log_now:
+            self.comm.allreduce(small)
+            buf[2] = small[0]
+        else:
+            buf[2] = 0.0
+        if sync:
+            self.synchronise()
+        if log_now:
+            return float(small[1]), float(small[2])
+        return loss, count
+
+    def synchronise(self) -> None:
+        """The outer step: all-reduce anchor - theta_i, then Nesterov on the mean (every rank alike)."""
+        import time
+        t0 = time.perf_counter()
+        delta = self.outer.outer_gradient(self.store.data)
+        if self.comm.world_size > 1:
+            self.comm.allreduce(delta)
+        self.outer.outer_step(self.store.data, delta, self.comm.world_size)
+        self.sync_s += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def anchor_params(self):
+        """The anchor in store.data for the duration (evaluation between syncs), then the local parameters back."""
+        local = self.store.data.copy()
+        self.store.data[...] = self.outer.anchor
+        try:
+            yield
+        finally:
+            self.store.data[...] = local
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+    def shared_state(self) -> dict:
+        return self.outer.state_dict()
+
+    def rank_state(self) -> dict:
+        opt = self.job.optimizer
+        state = {"params": self.store.data}
+        if hasattr(opt, "state_dict"):
+            state.update({OPTIM + k: v for k, v in opt.state_dict().items() if isinstance(v, np.ndarray)
+                          and v.ndim == 1})
+        return state
+
+    def load_rank_state(self, state: dict) -> None:
+        self.store.data[...] = state["params"]
+        opt = self.job.optimizer
+        if hasattr(opt, "load_state_dict"):
+            mine = {k[len(OPTIM):]: v for k, v in state.items() if k.startswith(OPTIM)}
+            full = opt.state_dict()
+            full.update(mine)
+            opt.load_state_dict(full)
