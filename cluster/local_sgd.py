@@ -7,7 +7,7 @@ every H steps (and after the last step of the run) the ranks all-reduce the para
 every rank applies the same outer Nesterov step: the parameters are bitwise equal on every rank again.
 
     local = LocalSGD(job, comm)                          # after the start-up broadcast
-    finite = local.gradient(batch, buf)                  # buf = [local loss sum, local count, local stop vote]
+    finite = local.gradient(batch, buf, step)                # buf = [local loss sum, local count, local stop vote]
     ... optimizer.step(lr) ...
     loss, count = local.after_step(step_done, buf, loss, count, log_now)
 
@@ -29,8 +29,10 @@ import math
 import numpy as np
 
 from ndtrain.cluster import interrupt
+from ndtrain.cluster.deterministic import TreeSum
 from ndtrain.cluster.diloco import DiLoCo
 from ndtrain.cluster.nonfinite import WorkerError
+from ndtrain.engine.module import seed_rngs
 
 OPTIM = "optim/"
 
@@ -51,9 +53,11 @@ class LocalSGD:
             self.load_rank_state(job.rank_state)
 
     # -- one inner step ----------------------------------------------------------------------------------------------
-    def gradient(self, batch, buf: np.ndarray) -> bool:
+    def gradient(self, batch, buf: np.ndarray, step: int) -> bool:
         """store.grad = the gradient of this rank's local mean loss; buf = [local loss sum, local count, vote]."""
         model = self.job.model
+        if self.job.settings.deterministic:
+            return self._micro_gradient(batch, buf, step)
         self.store.zero_grad()
         loss_sum, count, backward = model.loss(batch, train=True)
         buf[0], buf[1], buf[2] = loss_sum, count, interrupt.vote()
@@ -61,6 +65,29 @@ class LocalSGD:
             return False
         if count > 0:
             backward(1.0 / count)
+        return True
+
+    def _micro_gradient(self, micro: list, buf: np.ndarray, step: int) -> bool:
+        """Deterministic mode: this rank's fixed micro-batches (cluster/deterministic.py), dropout seeded per
+        (seed, step, micro-batch), their gradients summed by the fixed tree, scaled by 1 / local count once."""
+        model, store, s = self.job.model, self.store, self.job.settings
+        backwards, loss, count = [], 0.0, 0.0
+        for i, mb in zip(self.job.loader.block, micro):
+            seed_rngs(model.module, int(np.random.SeedSequence([s.seed, step, i]).generate_state(1)[0]))
+            ls, c, backward = model.loss(mb, train=True)
+            loss, count = loss + ls, count + c
+            backwards.append(backward)
+        buf[0], buf[1], buf[2] = loss, count, interrupt.vote()
+        if not math.isfinite(loss):
+            return False
+        tree = TreeSum()
+        for backward in backwards:
+            store.zero_grad()
+            backward(1.0)
+            tree.push(store.grad)
+        store.grad[...] = tree.result()
+        if count > 0:
+            store.grad *= store.grad.dtype.type(1.0 / count)
         return True
 
     def is_sync(self, step_done: int) -> bool:

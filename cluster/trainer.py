@@ -172,7 +172,7 @@ class Trainer:
         """store.grad = gradient of the global mean loss; buf = [global loss sum, global count, stop votes]
         (cluster/interrupt.py). False (and no backward, on every rank alike) when the global loss is not finite."""
         if self.local is not None:
-            return self.local.gradient(batch, buf)
+            return self.local.gradient(batch, buf, step)
         if self.settings.deterministic:
             finite = deterministic_gradient(self.model, self.store, self.comm, batch, self.job.loader.block,
                                             self.settings.seed, step, buf, vote=interrupt.vote())
