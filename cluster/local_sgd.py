@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 
 import numpy as np
 
@@ -111,7 +112,6 @@ class LocalSGD:
 
     def synchronise(self) -> None:
         """The outer step: all-reduce anchor - theta_i, then Nesterov on the mean (every rank alike)."""
-        import time
         t0 = time.perf_counter()
         delta = self.outer.outer_gradient(self.store.data)
         if self.comm.world_size > 1:
