@@ -9,8 +9,12 @@ job has failed:
   - a rank reported an exception (rank, step, traceback);
   - a rank's connection closed before it said "done" (it crashed);
   - a rank was silent (no message, not even a heartbeat) for heartbeat_timeout seconds;
-  - a rank is hung: its peers have waited for it in a collective for stall_timeout seconds (heartbeats say whether a
-    rank is blocked in a collective, cluster.rank_entry.WatchedComm); the failure names the ranks NOT waiting;
+  - a rank is hung: its peers have waited for it in a collective for stall_timeout seconds WITHOUT PROGRESS
+    (heartbeats say whether a rank is blocked in a collective, cluster.rank_entry.WatchedComm, and how many bytes
+    its transport has moved): a wait counts only from the last time the waiting rank's byte counters moved, where
+    the transport counts bytes as they move (the TCP mesh's ring); where it counts them only when a call returns
+    (MPI, shared memory) the limit grows with the bytes in flight over the link bandwidth measured at start-up
+    (comm/progress.stall_timeout). The failure names the ranks NOT waiting (docs/network.md, "No false alarms");
   - not every rank connected within start_timeout.
 Its server answers every heartbeat with an ack (ranks that stop hearing from it stop themselves:
 cluster/metrics_channel.py) and, after `request_stop()` (the driver got Ctrl-C or SIGTERM), tells every rank to stop at a step boundary; ranks then
@@ -40,6 +44,7 @@ from pathlib import Path
 from ndtrain.data.atomic import atomic_write_text
 
 from .aggregate import StepAggregator, with_rank_timing
+from .comm.progress import stall_timeout
 from .coord_server import CoordServer, coord_key
 from .metrics_channel import ENV_ADDR, ENV_TOKEN
 
@@ -85,6 +90,7 @@ class Coordinator:
         self.last_seen: dict[int, float] = {}
         self.last_step: dict[int, int] = {}
         self.liveness: dict[int, tuple[float, float | None]] = {}  # rank -> (when heard, comm_wait_s then or None)
+        self.progress: dict[int, dict] = {}  # rank -> bytes moved, when they last changed, in flight, link bytes/s
         self.rank_timing: dict[int, dict] = {}  # rank -> {"step", "step_s", "comm_s"} (latest timing message)
         self.training: set[int] = set()  # ranks past set-up (their loop has started a step)
         self.done: set[int] = set()
@@ -159,6 +165,8 @@ class Coordinator:
                 self.last_step[rank] = int(msg["step"])
             if "comm_wait_s" in msg:
                 self.liveness[rank] = (now, msg["comm_wait_s"])
+            if "comm_bytes" in msg:
+                self._note_progress(rank, msg, now)
             if msg.get("training"):
                 self.training.add(rank)
         if kind == "timing":
@@ -233,6 +241,29 @@ class Coordinator:
         return {r: wait + (now - heard) for r, (heard, wait) in self.liveness.items()
                 if wait is not None and r not in self.done}
 
+    def _note_progress(self, rank: int, msg: dict, now: float) -> None:
+        """Remember when this rank's byte counters last moved (and what is in flight, at what link bandwidth)."""
+        moved = int(msg["comm_bytes"])
+        prev = self.progress.get(rank)
+        changed = now if prev is None or prev["bytes"] != moved else prev["changed"]
+        self.progress[rank] = {"bytes": moved, "changed": changed, "counted": bool(msg.get("comm_counted")),
+                               "inflight": int(msg.get("inflight_bytes") or 0), "bps": msg.get("link_bps")}
+
+    def stall_waits(self, now: float, limit: float) -> dict[int, tuple[float, float]]:
+        """rank -> (seconds blocked WITHOUT progress, its limit). Bytes counted as they move: the wait counts from
+        the last change of the rank's counters. Bytes counted only at the end of a call (MPI): the limit is
+        stall_timeout(bytes in flight, measured bandwidth) with the configured limit as its floor."""
+        out = {}
+        for r, wait in self.comm_waits(now).items():
+            p, lim = self.progress.get(r), limit
+            if p is not None:
+                if p["counted"]:
+                    wait = min(wait, now - p["changed"])
+                elif p["inflight"] and p["bps"]:
+                    lim = stall_timeout(p["inflight"], float(p["bps"]), floor_s=limit)
+            out[r] = (wait, lim)
+        return out
+
     def _check_stall(self, now: float) -> None:
         """A rank that never enters the collective its peers wait in is hung (its heartbeat thread may live on)."""
         if not self.stall_timeout:
@@ -240,10 +271,12 @@ class Coordinator:
         # set-up (loading data, building the model) may keep a rank from the first collective much longer
         limit = self.stall_timeout if len(self.training) == self.world_size else \
             max(self.stall_timeout, self.start_timeout)
-        waits = self.comm_waits(now)
-        if not waits or max(waits.values()) <= limit:
+        judged = self.stall_waits(now, limit)
+        if not any(w > lim for w, lim in judged.values()):
             return
-        waiting = sorted(r for r, w in waits.items() if w > limit)
+        waits = {r: w for r, (w, _) in judged.items()}
+        limit = max(lim for w, lim in judged.values() if w > lim)
+        waiting = sorted(r for r, (w, lim) in judged.items() if w > lim)
         longest = max(waits.values())
         stuck = sorted(set(range(self.world_size)) - set(waits) - self.done)
         if stuck:
@@ -299,6 +332,7 @@ class Coordinator:
         self.failure = None
         self.finished = False
         self.ranks, self.last_seen, self.last_step, self.liveness, self.rank_timing = {}, {}, {}, {}, {}
+        self.progress = {}
         self.training = set()
         self.done = set()
         self.interrupted_at = {}

@@ -123,6 +123,9 @@ class RankReporter:
         self._window_s, self._window_comm_s, self._window_n = 0.0, 0.0, 0
         self._last_timing = self._last_ping = 0.0
         self._comm_depth, self._comm_t0, self._comm_s = 0, 0.0, 0.0  # collective nesting; entry time; this step's
+        self._counters = None  # the communicator's CommCounters (watch_counters): bytes moved, for stall detection
+        self._inflight = 0  # bytes handed to the blocking collective this rank is in
+        self.link_bps: float | None = None  # the link's bandwidth measured at start-up (bytes/s; cluster/link_probe.py)
         self._hang_at, self._step_delay = _test_faults(rank, os.environ)
         self._training = False  # progress() called: set-up (data, model, first broadcast) is over
         self._thread = threading.Thread(target=self._run, name=f"ndtrain-reporter-{rank}", daemon=True)
@@ -175,10 +178,15 @@ class RankReporter:
             self._q.put({"type": "step", "rank": self.rank, **self.liveness()})
             self._last_ping = now
 
-    def enter_comm(self) -> None:
-        """The training thread is about to block in a collective (rank_entry.WatchedComm)."""
+    def watch_counters(self, counters) -> None:
+        """Heartbeats carry these counters' bytes moved: the coordinator's stall rule is time without progress."""
+        self._counters = counters
+
+    def enter_comm(self, nbytes: int = 0) -> None:
+        """The training thread is about to block in a collective of nbytes (rank_entry.WatchedComm)."""
         if self._comm_depth == 0:
             self._comm_t0 = time.monotonic()
+            self._inflight = int(nbytes)
         self._comm_depth += 1
 
     def leave_comm(self) -> None:
@@ -189,8 +197,17 @@ class RankReporter:
     def liveness(self) -> dict:
         """What a heartbeat says beyond "alive": the step, seconds on it, seconds waiting in a collective (or None)."""
         now = time.monotonic()
-        return {"step": self.step, "step_age_s": now - self._step_t0, "training": self._training,
-                "comm_wait_s": (now - self._comm_t0) if self._comm_depth > 0 else None}
+        out = {"step": self.step, "step_age_s": now - self._step_t0, "training": self._training,
+               "comm_wait_s": (now - self._comm_t0) if self._comm_depth > 0 else None}
+        c = self._counters
+        if c is not None:  # progress: bytes moved so far; counted as they move (the ring) or only when a call ends
+            out["comm_bytes"] = int(c.bytes_sent + c.bytes_received)
+            out["comm_counted"] = not getattr(c, "estimated", False)
+        if self._comm_depth > 0 and self._inflight:
+            out["inflight_bytes"] = self._inflight
+        if self.link_bps:
+            out["link_bps"] = float(self.link_bps)
+        return out
 
     def error(self, step: int | None, exc: BaseException | str) -> None:
         """Report a fatal error now (synchronously, after what is queued): the process is about to end."""

@@ -39,11 +39,11 @@ class RankContext:
 
 
 class _WatchedHandle:
-    def __init__(self, handle, reporter):
-        self._handle, self._reporter = handle, reporter
+    def __init__(self, handle, reporter, nbytes: int = 0):
+        self._handle, self._reporter, self._nbytes = handle, reporter, nbytes
 
     def wait(self) -> None:
-        self._reporter.enter_comm()
+        self._reporter.enter_comm(self._nbytes)
         try:
             self._handle.wait()
         finally:
@@ -58,22 +58,25 @@ class WatchedComm:
     def __init__(self, comm, reporter):
         self._comm, self._reporter = comm, reporter
         self.rank, self.world_size = comm.rank, comm.world_size
+        counters = getattr(comm, "counters", None)
+        if counters is not None and hasattr(reporter, "watch_counters"):
+            reporter.watch_counters(counters)  # heartbeats carry the bytes moved: stalls are judged by progress
 
-    def _blocking(self, fn, *args, **kwargs):
-        self._reporter.enter_comm()
+    def _blocking(self, fn, *args, nbytes: int = 0, **kwargs):
+        self._reporter.enter_comm(nbytes)
         try:
             return fn(*args, **kwargs)
         finally:
             self._reporter.leave_comm()
 
     def allreduce(self, buf) -> None:
-        return self._blocking(self._comm.allreduce, buf)
+        return self._blocking(self._comm.allreduce, buf, nbytes=buf.nbytes)
 
     def iallreduce(self, buf):
-        return _WatchedHandle(self._comm.iallreduce(buf), self._reporter)
+        return _WatchedHandle(self._comm.iallreduce(buf), self._reporter, buf.nbytes)
 
     def broadcast(self, buf, root: int = 0) -> None:
-        return self._blocking(self._comm.broadcast, buf, root)
+        return self._blocking(self._comm.broadcast, buf, root, nbytes=buf.nbytes)
 
     def barrier(self) -> None:
         return self._blocking(self._comm.barrier)

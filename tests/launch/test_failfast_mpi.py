@@ -255,3 +255,78 @@ def test_coordinator_adds_rank_step_s_and_comm_share_from_timing_messages():
     assert rec["rank_step_s"] == {"0": 0.4, "1": 0.5}
     assert rec["rank_comm_share"] == {"0": pytest.approx(0.5), "1": pytest.approx(0.2)}
     assert rec["comm_share"] == pytest.approx(0.35)
+
+
+# -- stalls judged by progress (issue 19: a slow link is not a hang) -------------------------------------------------
+def test_a_slow_but_moving_collective_is_no_stall_and_a_stuck_one_is():
+    """Bytes counted as they move (the ring): waiting 30 s with a 5 s stall timeout is fine while the counters
+    grow; once they stop, the alarm comes stall_timeout after the last movement."""
+    c = _coord(2, stall_timeout=5.0)
+    c.training.update({0, 1})
+    t0 = time.monotonic()
+    for i in range(7):  # 7 heartbeats, 1 s apart (in the coordinator's clock), each with more bytes moved
+        for r in range(2):
+            c._note_progress(r, {"comm_bytes": 1000 * (i + 1), "comm_counted": True}, t0 + i)
+    for r in range(2):
+        c.liveness[r] = (t0 + 6, 30.0)  # both blocked in the collective for 30 s already
+    c._check_stall(t0 + 6.5)
+    assert c.failure is None
+    c._check_stall(t0 + 10.9)  # 4.9 s without progress
+    assert c.failure is None
+    c._check_stall(t0 + 11.5)  # 5.5 s without progress: stuck
+    assert c.failure is not None and "every rank" in c.failure.reason
+
+
+def test_without_progress_counters_the_old_rule_holds():
+    """No byte counters in the heartbeat (an older rank): time inside the call, as before."""
+    c = _coord(2, stall_timeout=5.0)
+    t0 = time.monotonic()
+    c.liveness[0], c.liveness[1] = (t0, 6.0), (t0, None)
+    c.training.update({0, 1})
+    c._check_stall(t0)
+    assert c.failure is not None and c.failure.rank == 1
+
+
+def test_mpi_deadline_scales_with_the_bytes_in_flight_over_the_measured_bandwidth():
+    """Bytes counted only when a call returns (MPI): 100 MB in flight on a 1 MB/s link may take 20 + 4 x 100 s."""
+    c = _coord(2, stall_timeout=20.0)
+    c.training.update({0, 1})
+    t0 = time.monotonic()
+    for r in range(2):
+        c._note_progress(r, {"comm_bytes": 0, "comm_counted": False, "inflight_bytes": 100_000_000,
+                             "link_bps": 1e6}, t0)
+        c.liveness[r] = (t0, 300.0)  # 300 s in the call: far past 20 s, well within 420 s
+    c._check_stall(t0)
+    assert c.failure is None
+    for r in range(2):
+        c.liveness[r] = (t0, 421.0)
+    c._check_stall(t0)
+    assert c.failure is not None and "stall timeout 420 s" in c.failure.reason
+
+
+def test_heartbeats_carry_the_bytes_moved_and_in_flight():
+    """WatchedComm hands the transport's counters and each blocking call's bytes to the reporter; its liveness
+    (what every heartbeat carries) says them."""
+    import numpy as np
+    from ndtrain.cluster.comm.counters import CommCounters
+    from ndtrain.cluster.metrics_channel import RankReporter
+    from ndtrain.cluster.rank_entry import WatchedComm
+
+    rep = RankReporter.__new__(RankReporter)  # no coordinator link: only the liveness bookkeeping
+    rep.step, rep._step_t0, rep._training = 3, time.monotonic(), True
+    rep._comm_depth, rep._comm_t0, rep._comm_s, rep._counters, rep._inflight = 0, 0.0, 0.0, None, 0
+    rep.link_bps = 2.5e7
+    seen = {}
+
+    class Comm:
+        rank, world_size, counters = 0, 2, CommCounters(estimated=True)
+
+        def allreduce(self, buf):
+            self.counters.collective(buf.nbytes, buf.nbytes, buf.nbytes, 0.0)
+            seen.update(rep.liveness())
+
+    w = WatchedComm(Comm(), rep)
+    w.allreduce(np.zeros(1000, np.float32))
+    assert seen["inflight_bytes"] == 4000 and seen["comm_counted"] is False and seen["link_bps"] == 2.5e7
+    after = rep.liveness()
+    assert after["comm_bytes"] == 8000 and after["comm_wait_s"] is None and "inflight_bytes" not in after
