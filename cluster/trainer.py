@@ -29,6 +29,7 @@ from ndtrain.cluster.checkpoint_meta import save_checkpoint
 from ndtrain.cluster.comm.counters import CommWindow
 from ndtrain.cluster.deterministic import deterministic_gradient
 from ndtrain.cluster.job import TrainJob
+from ndtrain.cluster.link_probe import advice, probe_link
 from ndtrain.cluster.local_sgd import LocalSGD
 from ndtrain.cluster.nonfinite import WorkerError, check_finite_params, locate_nonfinite, nonfinite_error
 from ndtrain.cluster.reducer import GradReducer
@@ -48,6 +49,9 @@ class Trainer:
         self._check_same_everywhere({**job.fingerprints, "param_count": self.store.size})
         comm.broadcast(self.store.data, root=0)
         self._check_same_everywhere({"params": self.store.checksum()})
+        self.link = None  # the link between ranks, measured now (cluster/link_probe.py)
+        if self.world > 1 and self.settings.link_probe_mb > 0:
+            self.link = probe_link(comm, int(self.settings.link_probe_mb * (1 << 20)))
         self.reducer = self.local = None
         st = self.settings
         if st.sync_every:  # DiLoCo: local inner steps, a parameter all-reduce every H (cluster/local_sgd.py)
@@ -95,6 +99,9 @@ class Trainer:
         progress = getattr(self.sink, "progress", None)
         counters = getattr(self.comm, "counters", None)  # bytes and blocked time, counted by the transport
         window_comm = CommWindow(counters) if counters is not None else None
+        if self.link is not None and hasattr(self.sink, "watch_counters"):
+            self.sink.link_bps = self.link["bandwidth_Bps"]  # heartbeats: the stall limit of a call without progress
+        advised = self.link is None or bool(s.compress or s.sync_every)
         while self.step < s.steps:
             step = self.step  # the step being taken (0-based); after it, self.step counts steps done
             if progress is not None:
@@ -136,6 +143,11 @@ class Trainer:
                 if window_comm is not None:
                     last_record.update(window_comm.per_step(window_steps))
                     window_comm.reset()
+                if self.link is not None:
+                    last_record["link_bandwidth_Bps"] = self.link["bandwidth_Bps"]
+                if not advised:
+                    advised = True
+                    self._advise(last_record)
                 self._log(last_record)
                 window_loss, window_count, window_t, window_steps = 0.0, 0.0, now, 0
             t_aside = time.perf_counter()
@@ -159,6 +171,8 @@ class Trainer:
         wall = record["time"] = time.perf_counter() - t_start  # the last event's time: the whole loop
         self._log(record)
         self.save_checkpoint()
+        if self.link is not None:
+            self.job.summary["link"] = self.link
         summary = {"steps": self.step, "wall_s": wall, "final_loss": last_record.get("loss"), "eval": final_eval,
                    **self.job.summary, "world_size": self.world, "params": int(self.store.size),
                    "param_checksum": self.store.checksum(), "skipped_steps": self.skipped_steps,
@@ -193,6 +207,18 @@ class Trainer:
         if self.reducer is not None:
             self.reducer.finish()  # store.grad now holds the gradient of the global mean loss
         return True
+
+    def _advise(self, record: dict) -> None:
+        """Rank 0, after the first window: one line naming the fix when the gradient's all-reduce over the measured
+        link would take more than ~30% of a step (cluster/link_probe.py)."""
+        notice = getattr(self.sink, "notice", None)
+        if self.rank != 0 or notice is None:
+            return
+        compute = max(0.0, record.get("step_time", 0.0) - record.get("comm_blocked_s", 0.0))
+        buckets = len(self.reducer.buckets) if self.reducer is not None else 1
+        line = advice(self.link, int(self.store.grad.nbytes), compute, self.world, buckets)
+        if line:
+            notice(line)
 
     def _check_count(self, buf: np.ndarray, step: int) -> None:
         if buf[1] <= 0:

@@ -131,6 +131,9 @@ class ClusterConfig:
                        doc="gradient compression with error feedback ('' = none; fp16, bf16: 2 bytes a value; "
                            "powersgd: rank cluster.powersgd_rank factors of each 2-D gradient)")
     powersgd_rank: int = _f(2, min=1, doc="PowerSGD's rank r (cluster.compress=powersgd)")
+    link_probe_mb: float = _f(4.0, min=0.0, doc="MB all-reduced at start-up to measure the link between ranks "
+                                               "(bandwidth, latency: summary.json, progress lines, advice when "
+                                               "communication would exceed 30% of a step); 0: no probe")
     sync_every: int = _f(0, min=0, doc="DiLoCo / local SGD: H inner optimizer steps per rank between parameter "
                                        "all-reduces (0: synchronous training, every step)")
     outer_lr: float = _f(0.7, min=POSITIVE, doc="DiLoCo's outer Nesterov learning rate (cluster.sync_every > 0)")

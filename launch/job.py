@@ -37,7 +37,8 @@ def loop_settings(cfg: Config) -> LoopSettings:
                         grad_clip=cfg.optim.grad_clip, seed=run.seed, deterministic=bool(run.deterministic),
                         bucket_mb=cfg.cluster.bucket_mb, overlap=cfg.cluster.overlap, compress=cfg.cluster.compress,
                         powersgd_rank=cfg.cluster.powersgd_rank, sync_every=cfg.cluster.sync_every,
-                        outer_lr=cfg.cluster.outer_lr, outer_momentum=cfg.cluster.outer_momentum)
+                        outer_lr=cfg.cluster.outer_lr, outer_momentum=cfg.cluster.outer_momentum,
+                        link_probe_mb=cfg.cluster.link_probe_mb)
 
 
 def task_info_record(info) -> dict:

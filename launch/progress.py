@@ -143,7 +143,27 @@ def format_step_line(record: dict, total: int, eta_s: float | None, val_loss: fl
         parts.append(f"val {_fmt(val_loss, '.4f')}")
     parts += [f"lr {_fmt(record.get('lr'), '.3g')}", f"tok/s {_fmt(record.get('tokens_per_s'), '.0f')}",
               f"eta {format_eta(eta_s)}"]
+    comm = format_comm(record)
+    if comm:
+        parts.append(comm)
     return " ".join(parts)
+
+
+def format_comm(record: dict) -> str:
+    """What a step moved between ranks (W > 1): "comm 3.97 MB/step 0.031 s (64%) link 23.1 MB/s"."""
+    sent = record.get("comm_sent_bytes")
+    if not _num(sent) or sent <= 0:
+        return ""
+    text = f"comm {sent / 1e6:.3g} MB/step"
+    blocked, step = record.get("comm_blocked_s"), record.get("step_time")
+    if _num(blocked):
+        text += f" {blocked:.3g} s"
+        if _num(step) and step > 0:
+            text += f" ({min(blocked / step, 1.0):.0%})"
+    link = record.get("link_bandwidth_Bps")
+    if _num(link) and link > 0:
+        text += f" link {link / 1e6:.3g} MB/s"
+    return text
 
 
 def format_done(summary: dict, out) -> str:

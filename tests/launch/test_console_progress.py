@@ -14,7 +14,8 @@ from ndtrain.launch.job import build_job
 from ndtrain.launch.progress import Console, format_step_line
 from ndtrain.launch.training import resolve_config
 
-LINE = re.compile(r"step (\d+)/(\d+): loss \d+\.\d{4}( val \d+\.\d{4})? lr [\d.e-]+ tok/s \d+ eta \d+s")
+LINE = re.compile(r"step (\d+)/(\d+): loss \d+\.\d{4}( val \d+\.\d{4})? lr [\d.e-]+ tok/s \d+ eta \d+s"
+                  r"( comm [\d.e+-]+ MB/step [\d.e+-]+ s \(\d+%\)( link [\d.e+-]+ MB/s)?)?")
 EVAL_S = 0.4
 
 
