@@ -354,7 +354,7 @@ class Coordinator:
     def _agg_summary(self) -> dict:
         train = [r for r in self.records if "eval" not in r]
         out = {"world_size": self.world_size, "coordinator_wall_s": time.time() - self._t_wall0}
-        for key in ("tokens_per_s", "samples_per_s", "comm_share", "step_time"):
+        for key in ("tokens_per_s", "samples_per_s", "comm_share", "step_time", "comm_sent_bytes", "comm_blocked_s"):
             vals = [r[key] for r in train if isinstance(r.get(key), (int, float))]
             if vals:
                 out[f"mean_{key}"] = sum(vals) / len(vals)

@@ -9,7 +9,7 @@ Works on the flat parameter buffer (engine ParamStore.data, (P,)), in place. Eve
 step to the same all-reduced sum, so parameters stay bitwise identical across ranks when the sum is (the ring's
 deterministic schedule). The state, anchor theta and momentum m, is two plain arrays for checkpoints.
 
-Not yet wired into the training loop (`--sync-every H`): docs/network.md lists what remains.
+The training loop's use of it (`--sync-every H`) is cluster/local_sgd.py.
 """
 from __future__ import annotations
 

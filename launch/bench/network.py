@@ -20,7 +20,7 @@ Per (profile, option), from the run's metrics.jsonl and the veth's byte counters
                   evaluations included), i.e. what really crossed the link
   time_to_target_vs_one_worker   wall time until the validation loss first reaches the target (default: the
                   one-worker run's final validation loss) over the one worker's time to it
-Options that need training-loop support which has not landed are listed with "available": false.
+Options: plain, compress-fp16, compress-bf16, compress-powersgd (`--compress`), sync-every (`--sync-every 8`, DiLoCo).
 """
 from __future__ import annotations
 
@@ -47,11 +47,11 @@ TRAIN_ARGS = ("--task reverse --model transformer --batch-size 64 --seed 3 --thr
               "--set model.d_model=128 --set model.n_heads=4 --set model.d_ff=512 --set model.n_enc_layers=2 "
               "--set model.n_dec_layers=2 --set model.dropout=0.0 --set data.rows=20000 --set run.log_every=10")
 # option name -> extra `ndtrain train` flags, or None while the training loop lacks it (reason in NOT_YET)
-OPTIONS: dict[str, list[str] | None] = {"plain": [], "compress-fp16": None, "compress-powersgd": None,
-                                         "sync-every": None}
-NOT_YET = {"compress-fp16": "cluster/compress.py exists; the `--compress` training flag has not landed",
-           "compress-powersgd": "cluster/compress.py exists; the `--compress` training flag has not landed",
-           "sync-every": "DiLoCo `--sync-every H` has not landed"}
+OPTIONS: dict[str, list[str] | None] = {"plain": [], "compress-fp16": ["--compress", "fp16"],
+                                         "compress-bf16": ["--compress", "bf16"],
+                                         "compress-powersgd": ["--compress", "powersgd"],
+                                         "sync-every": ["--sync-every", "8"]}  # DiLoCo, H = 8
+NOT_YET: dict[str, str] = {}  # option -> why it cannot run yet (every option runs today)
 
 
 def add_arguments(p) -> None:
@@ -254,7 +254,7 @@ def two_hosts(args, net: TwoHosts, work: Path, env: dict, profile: str, option: 
 
 
 def not_available(profile: str, option: str) -> dict:
-    return {"profile": profile, "option": option, "available": False, "reason": NOT_YET[option],
+    return {"profile": profile, "option": option, "available": False, "reason": NOT_YET.get(option, "not available"),
             "step_s": None, "comm_share": None, "bytes_per_step": None, "time_to_target_vs_one_worker": None}
 
 

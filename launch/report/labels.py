@@ -47,6 +47,12 @@ SUMMARY = {
     "mean_samples_per_s": ("Throughput", lambda v: f"{float(v):,.0f} samples/s (mean over logged steps)"),
     "mean_comm_share": ("Time waiting on communication",
                         lambda v: f"{100 * float(v):.1f}% of the step (mean over logged steps)"),
+    "mean_comm_sent_bytes": ("Bytes sent per step", lambda v: f"{float(v) / 1e6:,.2f} MB per rank (mean over logged "
+                                                               f"steps)"),
+    "mean_comm_blocked_s": ("Time blocked in communication",
+                            lambda v: f"{1000 * float(v):,.1f} ms per step, as the transport measured it (mean)"),
+    "link": ("Link between ranks", lambda v: f"{float(v['bandwidth_Bps']) / 1e6:,.1f} MB/s, "
+                                            f"{1000 * float(v['latency_s']):.2f} ms (all-reduce measured at start-up)"),
     "mean_step_time": ("Time per step", lambda v: f"{1000 * float(v):,.1f} ms (mean over logged steps)"),
     "param_checksum": ("Parameter checksum", str),
     "config_hash": ("Config hash", str),

@@ -160,8 +160,9 @@ class _Rec:
     def __init__(self):
         self.events = []
 
-    def enter_comm(self):
+    def enter_comm(self, nbytes=0):
         self.events.append("enter")
+        self.nbytes = nbytes
 
     def leave_comm(self):
         self.events.append("leave")
@@ -199,6 +200,7 @@ def test_watched_comm_marks_every_blocking_call_and_forwards_the_rest():
     comm = WatchedComm(_FakeComm(), rep)
     buf = np.ones(3)
     comm.allreduce(buf)
+    assert rep.nbytes == buf.nbytes  # what is in flight: the MPI stall limit scales with it
     h = comm.iallreduce(buf)
     assert rep.events == ["enter", "leave"]  # starting a non-blocking reduce does not block
     h.wait()

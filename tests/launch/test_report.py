@@ -229,3 +229,12 @@ def test_a_single_record_is_drawn_and_steps_are_integers():
             assert line.get_marker() not in (None, "None", "", " "), spec["name"]  # visible without a segment
             ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
             assert all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_summary_shows_the_link_and_the_bytes_per_step_in_words():
+    from ndtrain.launch.report import labels as L
+    assert L.label("link") == "Link between ranks"
+    assert L.value_text("link", {"bandwidth_Bps": 23.1e6, "latency_s": 0.0069, "probe_bytes": 4 << 20}) == \
+        "23.1 MB/s, 6.90 ms (all-reduce measured at start-up)"
+    assert L.value_text("mean_comm_sent_bytes", 3.97e6).startswith("3.97 MB per rank")
+    assert L.value_text("mean_comm_blocked_s", 0.064).startswith("64.0 ms per step")
