@@ -39,3 +39,19 @@ def test_two_mpi_workers_record_the_gradient_bytes_per_step(tmp_path, mpi_ok):
         assert grad_bytes <= r["comm_sent_bytes"] < grad_bytes + 4096  # + the [loss, count, stop] all-reduce
         assert r["comm_recv_bytes"] == r["comm_sent_bytes"]
         assert r["comm_blocked_s"] > 0
+
+
+@pytest.mark.parametrize("flags, share", [(["--compress", "fp16"], 0.5), (["--sync-every", "4"], 0.25)])
+def test_fewer_bytes_with_compression_or_sync_every_under_mpi(tmp_path, mpi_ok, flags, share):
+    """Real MPI ranks: fp16 payloads all-gathered (2 bytes a value, W = 2: N/2 each way) and DiLoCo's one
+    parameter all-reduce every 4 steps move the share of the float32 gradient's bytes they promise; both end with
+    one checksum on every rank."""
+    out = train(tmp_path / "c", "--task", "spirals", "--model", "mlp", "--steps", "8", "--backend", "mpi",
+                "--workers", "2", "--set", "run.log_every=4", *flags)
+    recs = [r for r in read_metrics(out) if "step_time" in r]
+    summary = read_summary(out)
+    grad_bytes = 4 * summary["params"]
+    assert len(recs) == 2
+    for r in recs:
+        assert share * grad_bytes <= r["comm_sent_bytes"] < share * grad_bytes + 4096
+    assert summary["link"]["bandwidth_Bps"] > 0

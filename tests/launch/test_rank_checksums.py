@@ -109,12 +109,12 @@ def base_config(tmp_path) -> list[str]:
     return ["--config", str(tmp_path / "base.toml")]
 
 
-def check_checksums(tmp_path, hooks, backend: str) -> None:
+def check_checksums(tmp_path, hooks, backend: str, extra: tuple = ()) -> None:
     sums_dir = tmp_path / "sums"
     sums_dir.mkdir()
     hooks({"checksums_dir": str(sums_dir)})
     argv = ["train", *base_config(tmp_path), *TRANSFORMER, "--steps", str(STEPS), "--backend", backend,
-            "--workers", "2", "--out", str(tmp_path / "run")]
+            "--workers", "2", "--out", str(tmp_path / "run"), *extra]
     assert cli.main(argv) == 0
     got = [json.loads((sums_dir / f"rank{r}.json").read_text()) for r in range(2)]
     assert [g["world"] for g in got] == [2, 2]
@@ -144,8 +144,10 @@ def check_failure(tmp_path, hooks, capfd, backend: str) -> None:
 
 # -- MPI -----------------------------------------------------------------------------------------------------------
 @pytest.mark.timeout(90)
-def test_mpi_ranks_hold_identical_parameters_after_every_step(mpi_ok, hooks, tmp_path):
-    check_checksums(tmp_path, hooks, "mpi")
+@pytest.mark.parametrize("extra", [(), ("--compress", "fp16"), ("--compress", "powersgd")])
+def test_mpi_ranks_hold_identical_parameters_after_every_step(mpi_ok, hooks, tmp_path, extra):
+    """Compressed payloads too (issue 19): each rank rounds its own gradient, the exchange makes them agree."""
+    check_checksums(tmp_path, hooks, "mpi", extra)
 
 
 @pytest.mark.timeout(90)
@@ -165,8 +167,9 @@ def ray_session(hooks):
 
 
 @pytest.mark.timeout(90)
-def test_ray_ranks_hold_identical_parameters_after_every_step(ray_session, hooks, tmp_path):
-    check_checksums(tmp_path, hooks, "ray")
+@pytest.mark.parametrize("extra", [(), ("--compress", "bf16")])
+def test_ray_ranks_hold_identical_parameters_after_every_step(ray_session, hooks, tmp_path, extra):
+    check_checksums(tmp_path, hooks, "ray", extra)
 
 
 @pytest.mark.timeout(90)
