@@ -194,7 +194,10 @@ class PowerSGD:
         is the next step's warm start (the same on every rank)."""
         key = str(key)
         p_hat = self._p_hat.pop(key)
-        self.q_warm[key] = np.array(q_sum, dtype=np.float32)
+        if np.isfinite(q_sum).all():
+            self.q_warm[key] = np.array(q_sum, dtype=np.float32)
+        else:  # a non-finite step (skipped by the loop) must not poison every later warm start: draw Q afresh
+            self.q_warm.pop(key, None)
         return p_hat @ q_sum.T
 
     def roundtrip(self, key, g: np.ndarray) -> np.ndarray:

@@ -54,7 +54,10 @@ class CompressedExchange:
 
     def _half(self, i: int, b) -> None:
         g = self.store.grad[b.lo:b.hi]
-        payload = self.compressor.compress(i, g)  # (N,) 2 bytes a value
+        if np.isfinite(g).all():
+            payload = self.compressor.compress(i, g)  # (N,) 2 bytes a value
+        else:  # saturating would hide it: send NaN, so every rank sees a non-finite sum and skips the step alike
+            payload = self.compressor.encode(np.full(g.shape, np.nan, dtype=np.float32))
         wire = payload.view(np.uint16)
         parts = allgather_array(self.comm, wire)  # (W, N)
         dtype = payload.dtype

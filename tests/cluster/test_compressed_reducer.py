@@ -84,3 +84,31 @@ def test_compression_with_deterministic_mode_is_refused(tmp_path):
         make_cfg(tmp_path, "cluster.compress=\"fp16\"", "run.deterministic=true")
     with pytest.raises(ConfigError, match="cluster.compress"):
         make_cfg(tmp_path, "cluster.compress=\"zip\"")
+
+
+@pytest.mark.parametrize("scheme", ["fp16", "bf16", "powersgd"])
+def test_a_non_finite_gradient_stays_non_finite_on_every_rank(scheme):
+    """fp16 saturates +-inf to 65504: without care one rank's overflow would be applied as a finite step. The
+    exchange keeps it non-finite, so the loop skips the step on every rank alike; the residuals stay finite."""
+    import threading
+    from ndtrain.cluster.compressed import CompressedExchange
+    from ndtrain.cluster.reducer import make_buckets
+    from ndtrain.engine.params import Param, ParamStore
+
+    g = ThreadGroup(2)
+    out = [None, None]
+
+    def go(r):
+        store = ParamStore([("w", Param((8, 6))), ("b", Param((6,)))], seed=0)
+        store.grad[...] = np.arange(store.size, dtype=np.float32) / 10
+        if r == 1:
+            store.grad[3] = np.inf
+        ex = CompressedExchange(ThreadComm(g, r), store, make_buckets(store, 1 << 20), scheme, powersgd_rank=1)
+        ex.reduce()
+        out[r] = (store.grad.copy(), ex.state_dict())
+    ts = [threading.Thread(target=go, args=(r,)) for r in range(2)]
+    [t.start() for t in ts]
+    [t.join(10) for t in ts]
+    for grad, state in out:
+        assert not np.isfinite(grad).all()
+        assert all(np.isfinite(v).all() for v in state.values())
