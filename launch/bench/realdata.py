@@ -9,6 +9,8 @@ Multi30k preset: length-bucketed batches) plus --set overrides. Timed modes, int
 drift hits every mode alike), each a full training step (forward, loss, backward, AdamW):
   real       the config's batches of the training split (bucketed per the preset)
   plain      the same rows in random batches padded to their longest (no bucketing): what bucketing saves
+  before     the plain batches through the output path before issue 14: the logits of every position, pads included
+             (module forward, then cross_entropy_fused over all rows): what gathering the real rows saves
   synthetic  random ids, no padding, batch_size rows of the training split's mean source / target length
 Target tokens/s counts real (non-PAD) target tokens. pad_fraction: PAD share of the positions computed (source +
 decoder input). Eval: the forward-only teacher-forced loss (module.loss, train=False: output layer on the real rows
@@ -30,7 +32,7 @@ import numpy as np
 
 RAW_FILES = ("train.en.gz", "train.de.gz", "val.en.gz", "val.de.gz")
 TARGET_RATIO = 0.75
-MODES = ("real", "plain", "synthetic")
+MODES = ("real", "plain", "before", "synthetic")
 
 
 def add_arguments(p) -> None:
@@ -102,11 +104,19 @@ def _synthetic_batches(B: int, src_len: int, tgt_len: int, vocab: tuple[int, int
                "tgt_out": rng.integers(4, vocab[1], (B, tgt_len)).astype(np.int32)}
 
 
-def _train_step(model, store, opt, batch) -> tuple[float, int]:
+def _train_step(model, store, opt, batch, full_logits: bool = False) -> tuple[float, int]:
+    from ndtrain.data.info import PAD
+    from ndtrain.engine.losses import cross_entropy_fused
     t0 = time.perf_counter()
     store.zero_grad()
-    _, count, backward = model.loss(batch, train=True)
-    backward(1.0 / max(count, 1))
+    if full_logits:  # every position's logits, then the loss: the training path before the gathered output layer
+        logits, module_backward = model.module(batch["src"], batch["tgt_in"], train=True)  # (B, T, V)
+        _, count, grad_fn = cross_entropy_fused(logits, batch["tgt_out"], ignore_index=PAD,
+                                                label_smoothing=model.label_smoothing, inplace=True)
+        module_backward(grad_fn(1.0 / max(count, 1)))
+    else:
+        _, count, backward = model.loss(batch, train=True)
+        backward(1.0 / max(count, 1))
     opt.step(opt.lr)
     return time.perf_counter() - t0, count
 
@@ -153,6 +163,7 @@ def run(args) -> dict:
         B = cfg.run.batch_size
         sources = {"real": iter(make_loader(train, cfg, 0, 1)),
                    "plain": iter(Loader(train, B, 0, 1, cfg.run.seed)),
+                   "before": iter(Loader(train, B, 0, 1, cfg.run.seed)),
                    "synthetic": _synthetic_batches(B, src_len, tgt_len, (info.src_vocab_size, info.tgt_vocab_size),
                                                    cfg.run.seed)}
         times = {m: [] for m in MODES}
@@ -161,7 +172,7 @@ def run(args) -> dict:
         for i in range(args.warmup + args.steps):
             for mode in (MODES if i % 2 == 0 else MODES[::-1]):  # alternate which mode goes first
                 batch = next(sources[mode])
-                dt, count = _train_step(model, store, opt, batch)
+                dt, count = _train_step(model, store, opt, batch, full_logits=mode == "before")
                 model.pad_stats()  # the model's own counter, reset: counted here per mode instead
                 if i >= args.warmup:
                     times[mode].append(dt)
