@@ -6,8 +6,9 @@
 #     WORK_DIR  where the data (WORK_DIR/data/{train,val}) and the run (WORK_DIR/run) go (default runs/multi30k-work)
 #   e.g. bench/run_multi30k.sh ../shared/data/multi30k /tmp/m30k --steps 20    # a quick smoke run
 #
-# Batches are length-bucketed (the preset's data.bucket = true: ~9% padding instead of ~57%, the same global batches
-# on any number of workers); `ndtrain bench realdata WORK_DIR/data` times real vs synthetic batches.
+# Length-bucketed batches: add `--set data.bucket=true` (~9% padding instead of ~57%, the same global batches on any
+# number of workers; slower learning per step in short runs, see docs/real-runs.md); `ndtrain bench realdata
+# WORK_DIR/data` times bucketed, random and synthetic batches side by side.
 # Environment: NDTRAIN (default: .venv/bin/ndtrain, else ndtrain on PATH), VOCAB (BPE ids, default 4000).
 set -euo pipefail
 SRC=${1:?usage: bench/run_multi30k.sh SRC_DIR [WORK_DIR] [train args...]}

@@ -4,10 +4,11 @@
 
 DATA is an imported directory (holding train/ and val/, as bench/run_multi30k.sh writes), or a raw Multi30k
 directory (train.en.gz, train.de.gz, val.en.gz, val.de.gz), which is imported first into a temporary directory
-(BPE, --vocab-size ids, as run_multi30k.sh does). The model, optimizer and batching come from --config (default the
-Multi30k preset: length-bucketed batches) plus --set overrides. Timed modes, interleaved step by step (the machine's
+(BPE, --vocab-size ids, as run_multi30k.sh does). The model and optimizer come from --config (default the
+Multi30k preset) plus --set overrides. Timed modes, interleaved step by step (the machine's
 drift hits every mode alike), each a full training step (forward, loss, backward, AdamW):
-  real       the config's batches of the training split (bucketed per the preset)
+  real       length-bucketed batches of the training split (data.bucket = true whatever the config says, or its
+             data.max_tokens budget; --set data.bucket=false measures the config's random batches instead)
   plain      the same rows in random batches padded to their longest (no bucketing): what bucketing saves
   before     the plain batches through the output path before issue 14: the logits of every position, pads included
              (module forward, then cross_entropy_fused over all rows): what gathering the real rows saves
@@ -84,6 +85,7 @@ def _setup(args, data_dir: Path):
     from ndtrain.launch.config import apply_overrides, load_config, validate
     from ndtrain.launch.models import build_model
     cfg = load_config(args.config or _default_config())
+    cfg.data.bucket = True  # "real" = length-bucketed batches (unless --set says otherwise or max_tokens is set)
     apply_overrides(cfg, [*args.set, f'data.dir="{data_dir}"', 'run.backend="local"', "run.workers=1"])
     validate(cfg)
     info, train, val = load_task_data(cfg)
