@@ -1,7 +1,7 @@
 """Two "hosts" on one machine: network namespaces joined by a veth pair stand in for two laptops on a LAN. A Ray
 cluster (head in one, worker node in the other) and an MPI job with a two-host hostfile each train the same tiny
 float64 transformer with one worker per host, and must end with the parameters of a 1-worker run (within 1e-6
-relative, the equivalence result of tests/cluster/test_equivalence.py). Sets up, runs and ALWAYS tears down (the
+relative, the equivalence result of tests/launch/test_equivalence.py). Sets up, runs and ALWAYS tears down (the
 namespaces, and every process inside them, by pid), even on failure or Ctrl-C. Needs root and iproute2.
 
     sudo .venv/bin/python bench/netns_cluster.py [--only ray|mpi] [--json out.json] [--keep-dirs]
@@ -51,14 +51,14 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from ndtrain.launch.netns.hosts import RAY_ENV, TwoHosts, mpi_setup, ray_cluster, ray_temp_dirs
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -75,61 +75,30 @@ MODEL = ["--task", "reverse", "--model", "transformer", "--batch-size", "16", "-
 TOL = 1e-6
 
 
+NET = TwoHosts(TAG, SUBNET, PREFIX)  # set-up/teardown shared with `ndtrain bench network` (launch/netns/hosts.py)
+
+
 def ns(host: str) -> str:
-    return f"{TAG}{host}"
+    return NET.ns(host)
 
 
-def sh(*cmd, check=True, timeout=60, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], check=check, timeout=timeout, capture_output=True, text=True, **kw)
-
-
-# -- set up / tear down ------------------------------------------------------------------------------------------
 def setup_network() -> None:
-    """Two namespaces, one veth pair; each side has lo, its address, and a default route over the pair (so a
-    process asking "which address do others see me by" gets 10.213.7.x, as on a real LAN)."""
-    va, vb = f"{TAG}va", f"{TAG}vb"
-    for h in HOSTS:
-        sh("ip", "netns", "add", ns(h))
-    sh("ip", "link", "add", va, "type", "veth", "peer", "name", vb)
-    for h, link in (("a", va), ("b", vb)):
-        sh("ip", "link", "set", link, "netns", ns(h))
-        sh("ip", "-n", ns(h), "addr", "add", f"{HOSTS[h]}/{PREFIX}", "dev", link)
-        sh("ip", "-n", ns(h), "link", "set", "lo", "up")
-        sh("ip", "-n", ns(h), "link", "set", link, "up")
-        sh("ip", "-n", ns(h), "route", "add", "default", "dev", link)
+    NET.setup()
 
 
 def teardown() -> None:
-    """Kill every process inside our namespaces (they are all ours), then delete the namespaces (the veth pair
-    goes with them). Safe to call more than once."""
-    present = sh("ip", "netns", "list", check=False).stdout
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = False
-        for h in HOSTS:
-            if ns(h) not in present:
-                continue
-            for pid in sh("ip", "netns", "pids", ns(h), check=False).stdout.split():
-                try:
-                    os.kill(int(pid), sig)
-                    alive = True
-                except (ProcessLookupError, ValueError):
-                    pass
-        if alive and sig == signal.SIGTERM:
-            time.sleep(3)
-    for h in HOSTS:
-        if ns(h) in present:
-            sh("ip", "netns", "del", ns(h), check=False)
+    """Every process inside our namespaces, then the namespaces (the veth pair goes with them). Idempotent."""
+    NET.teardown()
 
 
 def in_ns(host: str, *cmd) -> list[str]:
     """cmd inside host's network namespace, with its own hostname (a UTS namespace): ranks.json then shows which
     "machine" each rank ran on, and MPI does not take the two for one node."""
-    return ["ip", "netns", "exec", ns(host), "unshare", "--uts", "/bin/sh", "-c", 'hostname "$0"; exec "$@"',
-            hostname(host), *map(str, cmd)]
+    return NET.in_ns(host, *cmd)
 
 
 def hostname(host: str) -> str:
-    return f"{TAG}-{host}"
+    return NET.hostname(host)
 
 
 def run_logged(cmd: list[str], log: Path, env: dict, timeout: float) -> int:
@@ -157,58 +126,17 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 # -- the two jobs ------------------------------------------------------------------------------------------------------
 def ray_job(work: Path, env: dict, reference: dict) -> dict:
-    head = f"{HOSTS['a']}:6379"
-    common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
     logs = work / "logs"
-    procs = []
-    for h, extra in (("a", ["--head", "--port", "6379", "--include-dashboard", "false"]), ("b", ["--address", head])):
-        cmd = in_ns(h, BIN / "ray", "start", *extra, "--node-ip-address", HOSTS[h], "--temp-dir",
-                    f"/tmp/ray-{ns(h)}", *common)
-        procs.append(subprocess.Popen(cmd, stdout=open(logs / f"ray-{h}.log", "w"), stderr=subprocess.STDOUT,
-                                      env=env, cwd=REPO, start_new_session=True))
-        _wait_for_nodes(env, head, 1 if h == "a" else 2, timeout=120)
+    head = ray_cluster(NET, env, logs, BIN, PY)
     out = work / "ray"
     rc = run_logged(in_ns("a", BIN / "ndtrain", "train", *MODEL, "--backend", "ray", "--workers", "2",
                           "--address", head, "--out", out), logs / "ray-train.log", env, timeout=300)
     return _result("ray", rc, out, reference, logs / "ray-train.log")
 
 
-def _wait_for_nodes(env: dict, head: str, n: int, timeout: float) -> None:
-    """Until the cluster at `head` has n alive nodes (queried from inside host a)."""
-    probe = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
-             "print(sum(1 for x in ray.nodes() if x['Alive']))")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = subprocess.run(in_ns("a", PY, "-c", probe, head), capture_output=True, text=True, env=env, timeout=90)
-        if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
-            return
-        time.sleep(2)
-    raise RuntimeError(f"Ray cluster at {head} did not reach {n} alive node(s) within {timeout:.0f} s")
-
-
-AGENT = """#!/bin/sh
-# Open MPI launch agent standing in for ssh: `agent [ssh options] HOST COMMAND...` runs COMMAND in HOST's namespace.
-while [ "${1#-}" != "$1" ]; do shift; done
-host="$1"; shift
-case "$host" in
-%s
-  *) echo "netns agent: unknown host $host" >&2; exit 255;;
-esac
-exec ip netns exec "$ns" unshare --uts /bin/sh -c "hostname $name; $*"
-"""
-
-
 def mpi_job(work: Path, env: dict, reference: dict) -> dict:
-    agent = work / "netns_agent.sh"
-    cases = "\n".join(f"  {ip}) ns={ns(h)}; name={hostname(h)};;" for h, ip in HOSTS.items())
-    agent.write_text(AGENT % cases)
-    agent.chmod(0o755)
-    hostfile = work / "hosts"
-    hostfile.write_text("".join(f"{ip} slots=1\n" for ip in HOSTS.values()))
-    net = f"{SUBNET}.0/{PREFIX}"
-    env = {**env, "PRTE_MCA_plm_ssh_agent": str(agent), "PRTE_MCA_plm_rsh_agent": str(agent),
-           "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": net, "OMPI_MCA_pml": "ob1",
-           "PRTE_MCA_oob_tcp_if_include": net, "OMPI_MCA_oob_tcp_if_include": net}
+    extra, hostfile = mpi_setup(NET, work)
+    env = {**env, **extra}
     out = work / "mpi"
     log = work / "logs" / "mpi-train.log"
     rc = run_logged(in_ns("a", BIN / "ndtrain", "train", *MODEL, "--backend", "mpi", "--workers", "2",
@@ -245,10 +173,8 @@ def main(argv=None) -> int:
         return 77
     work = Path(tempfile.mkdtemp(prefix="ndtrain-netns-"))
     (work / "logs").mkdir()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-           # `ray start --head` turns on token authentication (Ray >= 2.5x) and the drivers here run without the
-           # token; the namespaces are private to this machine, so it is switched off (see the recipe above)
-           "RAY_AUTH_MODE": "disabled",
+    # RAY_ENV: no usage stats, and no token authentication inside the private namespaces (see the recipe above)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **RAY_ENV,
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     results = []
     # an empty --config: the built-in defaults plus the flags in MODEL, whatever the task's preset
@@ -272,8 +198,8 @@ def main(argv=None) -> int:
                 print(json.dumps(results[-1]), flush=True)
     finally:
         teardown()
-        for h in HOSTS:
-            shutil.rmtree(f"/tmp/ray-{ns(h)}", ignore_errors=True)
+        for d in ray_temp_dirs(NET).values():
+            shutil.rmtree(d, ignore_errors=True)
     ok = bool(results) and all(r["ok"] for r in results)
     if a.json:
         Path(a.json).write_text(json.dumps({"ok": ok, "results": results, "work": str(work)}, indent=2))

@@ -16,7 +16,7 @@ RUN=$WORK/run
 mkdir -p "$WORK"
 t() { local s=$SECONDS; "$@"; echo "[wall] $(( SECONDS - s )) s: ${*:1:4} ..." >&2; }
 
-t "$ND" train --task dates --out "$RUN" "$@"
+t "$ND" train --task dates --out "$RUN" --overwrite "$@"  # a re-run replaces WORK/run
 t "$ND" eval --run "$RUN" --json | tee "$WORK/eval.json"
 t "$ND" report --run "$RUN"
 echo "--- report: $RUN/report.html; plots:"

@@ -39,7 +39,7 @@ PY
         --out "$DATA/$split"
   done
 fi
-t "$ND" train --config "$HERE/configs/shakespeare.toml" --set data.dir="$DATA" --out "$RUN" "$@"
+t "$ND" train --config "$HERE/configs/shakespeare.toml" --set data.dir="$DATA" --out "$RUN" --overwrite "$@"  # a re-run replaces WORK/run
 t "$ND" eval --run "$RUN" --json | tee "$WORK/eval.json"
 echo "--- sample (temperature 0.8, top-k 40, 300 characters, seed 1):"
 t "$ND" generate --run "$RUN" --temperature 0.8 --top-k 40 --max-len 300 --seed 1 --raw "ROMEO:" | tee "$WORK/sample.txt"

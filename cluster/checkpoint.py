@@ -82,11 +82,13 @@ def _split_optim(state: dict) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 
 def save(ckpt_dir: str | os.PathLike, step: int, store, *, buffers: dict[str, np.ndarray] | None = None,
-         optim_state: dict | None = None, meta: dict | None = None, keep: int | None = None) -> Path:
-    """Write checkpoint `step` into ckpt_dir; returns the JSON's path. `keep`: prune all but the newest `keep`."""
+         optim_state: dict | None = None, meta: dict | None = None, keep: int | None = None,
+         name: str | None = None) -> Path:
+    """Write checkpoint `step` into ckpt_dir; returns the JSON's path. `keep`: prune all but the newest `keep`.
+    name: the files' stem instead of ckpt-<step> (e.g. "avg": not listed, pruned or resumed from automatically)."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"ckpt-{int(step):08d}"
+    stem = name or f"ckpt-{int(step):08d}"
     npz, js = ckpt_dir / f"{stem}.npz", ckpt_dir / f"{stem}.json"
     optim_arrays, optim_scalars = _split_optim(optim_state)
     arrays: dict[str, np.ndarray] = {}
@@ -123,7 +125,7 @@ def save(ckpt_dir: str | os.PathLike, step: int, store, *, buffers: dict[str, np
 
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_NPZ_NAME = re.compile(r"^ckpt-\d+\.npz$")
+_NPZ_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.npz$")  # ckpt-<step>.npz, or save(name=...)'s (e.g. avg.npz)
 
 
 def _is_int(v) -> bool:
@@ -147,7 +149,7 @@ def _is_loader_state(v) -> bool:
 _REQUIRED = {
     "step": (_is_uint, "an integer >= 0"),
     "npz": (lambda v: isinstance(v, str) and bool(_NPZ_NAME.match(v)),
-            "the plain file name ckpt-<step>.npz beside the JSON (no directory part)"),
+            "a plain file name NAME.npz beside the JSON (no directory part)"),
     "sha256": (_is_hex64, "a sha256 digest (64 lowercase hex digits)"),
     "record_sha256": (_is_hex64, "a sha256 digest (64 lowercase hex digits); every checkpoint records the hash of "
                                  "its own content"),
@@ -256,19 +258,11 @@ def load(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(step=int(meta["step"]), params=params, buffers=buffers, optim=optim, meta=meta, path=path)
 
 
-def checkpoint_dir_of(path: str | os.PathLike) -> Path:
-    """A run directory (holding checkpoints/) -> its checkpoints directory; anything else unchanged."""
-    path = Path(path)
-    if path.is_dir() and (path / "checkpoints").is_dir() and not list_checkpoints(path):
-        return path / "checkpoints"
-    return path
-
-
 def load_valid(path: str | os.PathLike) -> Checkpoint:
-    """Load for resuming. A checkpoint file: that one (an error if it does not verify). A checkpoints or run
-    directory: the newest checkpoint that verifies; each newer corrupt one is skipped with a CheckpointWarning
+    """Load for resuming. A checkpoint file: that one (an error if it does not verify). A checkpoints directory:
+    the newest checkpoint that verifies; each newer corrupt one is skipped with a CheckpointWarning
     naming it and why. CheckpointError when there is none."""
-    path = checkpoint_dir_of(path)
+    path = Path(path)
     if not path.is_dir():
         return load(path)
     found = list_checkpoints(path)

@@ -8,6 +8,10 @@ few bytes each, never threads. A connection goes through:
      before the proof checks out. At most `max_pending` connections are in this state: a new one evicts the oldest.
   2. hello: one JSON line of at most `hello_bytes`, within `handshake_s`.
   3. messages: JSON lines of at most `line_bytes` each; a connection silent for `idle_s` is closed.
+Replies (the only bytes it sends after the handshake, each a JSON line): {"type": "ack"} to every heartbeat, and
+{"type": "stop"} to every rank once `stop` is set (the driver got Ctrl-C or SIGTERM: cluster/interrupt.py), ranks
+that say hello later included. They are queued per connection and sent by the loop, so a rank that does not read
+never blocks it.
 Anything else (a wrong proof, bad framing, an overlong line, JSON that is not an object, a deadline passed) closes
 the connection quietly and counts it in `stats` (no traceback on the terminal). Each message delivered carries the
 authenticated rank (a connection cannot speak for another rank) and the generation its handshake used; a closed
@@ -31,6 +35,7 @@ from typing import Callable
 from .comm.auth import RESPONSE_BYTES, AuthError, challenge, check_response, client_handshake, derive_key
 
 PURPOSE = b"coord"
+REPLY_ACK, REPLY_STOP = b'{"type":"ack"}\n', b'{"type":"stop"}\n'
 HELLO_BYTES = 4096
 LINE_BYTES = 4 << 20  # a rank's error message carries its traceback; summaries are a few KB
 
@@ -61,13 +66,15 @@ def dial(host: str, port: int, token: str, rank: int, timeout: float = 30.0) -> 
 
 
 class _Conn:
-    __slots__ = ("sock", "fd", "state", "deadline", "buf", "scan", "nonce", "key", "gen", "rank", "t_open")
+    __slots__ = ("sock", "fd", "state", "deadline", "buf", "scan", "nonce", "key", "gen", "rank", "t_open", "out",
+                 "told_stop")
 
     def __init__(self, sock, nonce, key, gen, deadline):
         self.sock, self.fd, self.nonce, self.key, self.gen = sock, sock.fileno(), nonce, key, gen
         self.state, self.deadline, self.rank = "auth", deadline, None
         self.buf, self.scan = bytearray(), 0
         self.t_open = time.monotonic()
+        self.out, self.told_stop = bytearray(), False  # replies not sent yet; "stop" queued
 
 
 class CoordServer:
@@ -90,6 +97,7 @@ class CoordServer:
         self._srv: socket.socket | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
+        self.stop = False  # set by the coordinator: every rank is told to stop (the loop sends it)
 
     def start(self) -> int:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -124,6 +132,7 @@ class CoordServer:
                     elif key.data.state != "closed":  # (dropped earlier in this batch: its fd may be reused)
                         self._readable(key.data)
                 self._sweep()
+                self._replies()
         finally:
             for c in list(self._conns.values()):
                 self._drop(c, None)
@@ -220,7 +229,28 @@ class CoordServer:
             if c.state == "hello":
                 c.state, c.deadline = "messages", time.monotonic() + self.idle_s
             msg["rank"], msg["_gen"] = c.rank, c.gen
+            if msg.get("type") == "hb":
+                c.out += REPLY_ACK
             self.deliver(msg)
+
+    def _replies(self) -> None:
+        """Queue "stop" for every rank once asked, and send what is queued as far as each socket takes it."""
+        for c in list(self._conns.values()):
+            if c.state != "messages":
+                continue
+            if self.stop and not c.told_stop:
+                c.out += REPLY_STOP
+                c.told_stop = True
+            if c.out:
+                try:
+                    del c.out[:c.sock.send(c.out)]
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    self._drop(c, None)
+                    continue
+                if len(c.out) > 1 << 16:  # a rank that reads nothing: it stays silent until the idle deadline
+                    c.out.clear()
 
     def _sweep(self) -> None:
         now = time.monotonic()

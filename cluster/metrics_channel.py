@@ -23,6 +23,12 @@ each heartbeat also carries the rank's step, how long it has spent on it, and wh
 have waited for it in a collective too long. Non-reporting ranks send their timing (`step_s`, and `step_time` /
 `comm_time` if the loop logs them) as small "timing" messages, for the per-rank step times of the aggregated record.
 
+The other direction (the coordinator's replies, read by a second thread): an "ack" for every heartbeat, and "stop"
+when the driver got Ctrl-C or SIGTERM (the rank's loop then stops at a step boundary: cluster/interrupt.py). A rank
+whose coordinator connection closes, or that has no ack for ack_timeout_s, has lost its coordinator (the driver
+died, or its host): on_lost(reason) is called once; from_env makes that interrupt.coordinator_lost, which stops the
+loop with a checkpoint and ends the process within a bounded time (so no rank trains on headless).
+
 Test-only fault injection (read once, at construction): NDTRAIN_TEST_HANG="rank:step" makes that rank sleep forever
 when it reaches that step; NDTRAIN_TEST_STEP_DELAY=seconds slows every step (so a test can kill a rank mid-run).
 """
@@ -37,11 +43,14 @@ import threading
 import time
 import traceback as tb_mod
 
+from . import interrupt
 from .coord_server import dial
 
 ENV_ADDR = "NDTRAIN_COORD_ADDR"
 ENV_TOKEN = "NDTRAIN_COORD_TOKEN"
 HEARTBEAT_S = 2.0
+ACK_TIMEOUT_S = 15.0  # no reply to heartbeats for this long: the coordinator is gone (a dead host sends no FIN)
+MAX_REPLY_BYTES = 4096  # the coordinator's replies are tiny; anything longer is dropped unread
 TIMING_EVERY_S = 1.0  # a rank sends its step time at most this often
 STEP_PING_S = 0.1  # ... and its step at most this often (so a failure names the step it died at)
 ENV_TEST_HANG = "NDTRAIN_TEST_HANG"
@@ -90,8 +99,13 @@ class RankReporter:
     for a record from every reporting rank before it writes the aggregated line)."""
 
     def __init__(self, addr: str, token: str, rank: int, world_size: int, reports: bool = True,
-                 heartbeat_s: float = HEARTBEAT_S, connect_timeout: float = 30.0):
+                 heartbeat_s: float = HEARTBEAT_S, connect_timeout: float = 30.0, on_stop=None, on_lost=None,
+                 ack_timeout_s: float = ACK_TIMEOUT_S):
+        """on_stop(): the coordinator asked this rank to stop; on_lost(reason): the coordinator is gone (once)."""
         self.rank, self.world_size, self.reports = rank, world_size, reports
+        self._on_stop, self._on_lost, self._ack_timeout_s = on_stop, on_lost, float(ack_timeout_s)
+        self.lost_reason = ""  # why the coordinator counts as lost ("" while it answers)
+        self.stop_requested = False
         self.step = 0
         self._q: queue.Queue = queue.Queue()
         self._closed = False
@@ -103,6 +117,7 @@ class RankReporter:
                         "host": socket.gethostname(), "pid": os.getpid(), "reports": bool(reports)})
         self._heartbeat_s = heartbeat_s
         self._lost = False
+        self._last_ack = time.monotonic()
         # liveness and timing (written by the training thread, read by the sender thread's heartbeats)
         self._step_t0 = time.monotonic()  # when the current step began (the last progress() call)
         self._window_s, self._window_comm_s, self._window_n = 0.0, 0.0, 0
@@ -112,6 +127,7 @@ class RankReporter:
         self._training = False  # progress() called: set-up (data, model, first broadcast) is over
         self._thread = threading.Thread(target=self._run, name=f"ndtrain-reporter-{rank}", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._listen, name=f"ndtrain-reporter-{rank}-replies", daemon=True).start()
 
     @classmethod
     def from_env(cls, rank: int, world_size: int, reports: bool = True, env=None) -> "RankReporter | None":
@@ -119,7 +135,9 @@ class RankReporter:
         addr = env.get(ENV_ADDR)
         if not addr:
             return None
-        return cls(addr, env.get(ENV_TOKEN, ""), rank, world_size, reports=reports)
+        return cls(addr, env.get(ENV_TOKEN, ""), rank, world_size, reports=reports,
+                   on_stop=lambda: interrupt.STOP.request("stop from the coordinator"),
+                   on_lost=interrupt.coordinator_lost)
 
     # -- the sink interface ----------------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -182,6 +200,15 @@ class RankReporter:
         self._q.put(msg)
         self.close(done=False)
 
+    def interrupted(self, step: int) -> None:
+        """The loop stopped on request after `step` steps, with a checkpoint (cluster/interrupt.py); then close."""
+        self._q.put({"type": "interrupted", "rank": self.rank, "step": int(step)})
+        self.close(done=False)
+
+    @property
+    def lost(self) -> bool:
+        return bool(self.lost_reason)
+
     def close(self, done: bool = True) -> None:
         if self._closed:
             return
@@ -191,9 +218,51 @@ class RankReporter:
         self._q.put(_STOP)
         self._thread.join(timeout=10.0)
         try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reply thread
+        except OSError:
+            pass
+        try:
             self._sock.close()
         except OSError:
             pass
+
+    # -- the coordinator's replies -----------------------------------------------------------------------------------
+    def _lose(self, reason: str) -> None:
+        if self._closed or self.lost_reason:
+            return
+        self.lost_reason = reason
+        self._lost = True
+        if self._on_lost is not None:
+            self._on_lost(reason)
+
+    def _listen(self) -> None:
+        buf = b""
+        while not self._closed:
+            try:
+                chunk = self._sock.recv(MAX_REPLY_BYTES)
+            except TimeoutError:
+                continue  # the socket's timeout (set for sends); the ack deadline is checked by the sender
+            except OSError as e:
+                self._lose(f"its connection failed ({e})")
+                return
+            if not chunk:
+                self._lose("it closed the connection")
+                return
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                try:
+                    kind = json.loads(line).get("type")
+                except (ValueError, AttributeError):
+                    continue
+                if kind == "ack":
+                    self._last_ack = time.monotonic()
+                elif kind == "stop" and not self.stop_requested:
+                    self.stop_requested = True
+                    if self._on_stop is not None:
+                        self._on_stop()
+            if len(buf) > MAX_REPLY_BYTES:
+                buf = b""  # not a reply of ours
 
     # -- sender thread ---------------------------------------------------------------------------------------------
     def _send_now(self, msg: dict) -> None:
@@ -210,6 +279,8 @@ class RankReporter:
                 msg = None
             if msg is _STOP:
                 return
+            if not self._lost and time.monotonic() - self._last_ack > self._ack_timeout_s:
+                self._lose(f"no reply to heartbeats for {time.monotonic() - self._last_ack:.0f} s")
             if self._lost:
                 continue
             try:
@@ -218,5 +289,6 @@ class RankReporter:
                 if time.monotonic() - last_hb >= self._heartbeat_s:
                     self._send_now({"type": "hb", "rank": self.rank, **self.liveness()})
                     last_hb = time.monotonic()
-            except OSError:
-                self._lost = True  # coordinator gone: it ends the job; training must not block on it
+            except OSError as e:
+                self._lose(f"cannot send to it ({e})")
+                self._lost = True  # training must not block on a coordinator that is gone

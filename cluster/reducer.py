@@ -40,7 +40,7 @@ class GradReducer:
     def __init__(self, comm, store, model, bucket_mb: float = 1.0, overlap: bool = True):
         self.comm, self.store, self.model = comm, store, model
         # Overlap only where the transport really runs in the background: on a blocking one (Ray's shared-memory
-        # and TCP groups, MPICH) launching bucket by bucket during backward only adds synchronisation points.
+        # group, MPICH) launching bucket by bucket during backward only adds synchronisation points.
         self.overlap = bool(overlap) and bool(getattr(comm, "overlaps_compute", False))
         self.buckets = make_buckets(store, int(bucket_mb * (1 << 20)))
         self._bucket_of = {n: i for i, b in enumerate(self.buckets) for n in b.names}

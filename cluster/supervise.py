@@ -1,14 +1,14 @@
 """What the MPI and Ray launchers share: the resolved topology (printed at start and stored in the run directory),
-the supervision loop around the coordinator, the recovery settings and the final `done:` line."""
+the supervision loop around the coordinator (which passes a Ctrl-C / SIGTERM of the driver on to the ranks:
+cluster/interrupt.py), and the job's exit status."""
 from __future__ import annotations
 
-import json
-import os
 import socket
 import sys
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+
+from . import interrupt
 
 
 @dataclass
@@ -45,9 +45,12 @@ def local_host() -> str:
 def supervise(coord, is_running, grace_s: float = 3.0, poll_s: float = 0.2):
     """Pump the coordinator until every rank is done or something failed.
     is_running(): None while the ranks' processes run, else (ok: bool, description: str) once they have ended.
-    Returns None on success, else the coordinator's Failure."""
+    Returns None on success (every rank finished, or stopped on request: coord.interrupted_step), else the
+    coordinator's Failure. A stop requested in this process (interrupt.handle_signals) is passed to the ranks."""
     ended_at = None
     while True:
+        if interrupt.requested() and not coord.stop_requested:
+            coord.request_stop()
         coord.poll(poll_s)
         if coord.failure is not None:
             return coord.failure
@@ -74,59 +77,15 @@ def report_failure(failure) -> None:
     print(failure.message(), file=sys.stderr, flush=True)
 
 
-# recovery settings: the config field when set (>= 0), else these environment variables, else the default
-RECOVERY = {  # name: (config section, environment variable, default)
-    "max_restarts": ("cluster", "NDTRAIN_MAX_RESTARTS", 3),
-    "heartbeat_timeout": ("cluster", "NDTRAIN_HEARTBEAT_TIMEOUT", 30.0),
-    "stall_timeout": ("cluster", "NDTRAIN_STALL_TIMEOUT", 20.0),
-}
-
-
-def recovery_settings(cfg, env=None) -> dict:
-    """{"max_restarts": int (Ray: group restarts allowed), "heartbeat_timeout": s (a rank silent that long has
-    failed), "stall_timeout": s (peers waiting that long in a collective: the rank they wait for is hung)}."""
-    env = os.environ if env is None else env
-    out = {}
-    for name, (section, var, default) in RECOVERY.items():
-        value = getattr(getattr(cfg, section, None), name, None)
-        if value is not None and value < 0:  # the config's "automatic": environment, else default
-            value = None
-        if value is None and env.get(var, "") != "":
-            try:
-                value = type(default)(float(env[var]))
-            except ValueError:
-                raise ValueError(f"{var}={env[var]!r}: expected a number ({name})") from None
-        value = default if value is None else value
-        if value < 0:
-            raise ValueError(f"{name} ({section}.{name} or {var}): must be >= 0, got {value}")
-        out[name] = value
-    return out
-
-
-def done_line(out: str | os.PathLike) -> str:
-    """The final line of a distributed `ndtrain train`, as the local backend prints it, from DIR/summary.json."""
-    summary = json.loads((Path(out) / "summary.json").read_text())
-    ev = " ".join(f"{k} {v:.4f}" for k, v in (summary.get("eval") or {}).items() if isinstance(v, (int, float)))
-    loss = summary.get("final_loss")
-    loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else str(loss)
-    restarts = summary.get("restarts")
-    again = f" ({restarts} restart{'s' if restarts != 1 else ''})" if restarts else ""
-    return (f"done: {summary.get('steps')} steps in {summary.get('wall_s', 0.0):.1f}s{again}; final loss {loss_s}; "
-            f"eval {ev}; run directory {out}")
-
-
-def cli_quiet(quiet: bool | None) -> bool:
-    """`--quiet` for launch(cfg): the caller's value, else whether the command line asked for it (cmd_train does
-    not pass it to launchers yet)."""
-    if quiet is not None:
-        return bool(quiet)
-    return any(a in ("-q", "--quiet") for a in sys.argv[1:])
-
-
-def cli_json(log_format: str | None) -> bool:
-    """`--log-format json` for launch(cfg) (stdout must then carry JSON only: no `done:` line, no progress bar):
-    the caller's value, else the command line's."""
-    if log_format is not None:
-        return log_format == "json"
-    argv = sys.argv[1:]
-    return "--log-format=json" in argv or any(a == "--log-format" and b == "json" for a, b in zip(argv, argv[1:]))
+def job_status(coord, failure, run_dir=None) -> int:
+    """The launcher's exit status once supervise returned: 0 (done), 1 (failed; the failure is printed), or
+    128 + signal when the ranks stopped on request (the `interrupted at step N; resume with ...` line is printed,
+    naming run_dir)."""
+    if failure is not None:
+        report_failure(failure)
+        return 1
+    step = coord.interrupted_step
+    if step is not None:
+        print(interrupt.interrupted_line(step, run_dir), file=sys.stderr, flush=True)
+        return interrupt.exit_code()
+    return 0

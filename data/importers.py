@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .info import TaskInfo
-from .shards import DataError, check_output_dir, write_dataset
+from .shards import DataError, StagedWrite, check_output_dir, write_dataset
 from .tokenizer import KINDS, Tokenizer, check_vocab_size, load_tokenizer, train_tokenizer
 
 
@@ -89,8 +89,9 @@ def _encode_all(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
 
 def import_text(path, out_dir, tokenizer: str = "char", vocab_size: int | None = None, *, block_size: int = 64,
                 shard_rows: int = 65536, tokenizer_file=None, name: str | None = None, lines: list[str] | None = None,
-                tok: Tokenizer | None = None) -> Path:
-    """LM shards of a text file (`lines`/`tok`: already read lines and a trained tokenizer, for split_text)."""
+                tok: Tokenizer | None = None, writer: StagedWrite | None = None) -> Path:
+    """LM shards of a text file (`lines`/`tok`: already read lines and a trained tokenizer, for split_text;
+    `writer`: a StagedWrite that swaps this data set in together with others)."""
     loaded = check_import_args(out_dir, tokenizer=tokenizer, vocab_size=vocab_size, shard_rows=shard_rows,
                                block_size=block_size, tokenizer_file=tokenizer_file)
     lines = read_lines(path, keepends=True) if lines is None else lines
@@ -102,7 +103,8 @@ def import_text(path, out_dir, tokenizer: str = "char", vocab_size: int | None =
     info = TaskInfo(name or Path(path).name.split(".")[0], "lm", tgt_vocab_size=tok.vocab_size,
                     max_tgt_len=block_size, extra={"tokenizer": tok.kind})
     source = {"import": "text", "file": str(path), "tokenizer": tok.kind, "vocab_size": vocab_size}
-    return write_dataset(out_dir, info, {"tokens": docs}, shard_rows=shard_rows, tokenizer=tok, source=source)
+    write = writer.write if writer is not None else write_dataset
+    return write(out_dir, info, {"tokens": docs}, shard_rows=shard_rows, tokenizer=tok, source=source)
 
 
 def import_text_split(path, out_dir, val_fraction: float, tokenizer: str = "char", vocab_size: int | None = None,
@@ -124,8 +126,9 @@ def import_text_split(path, out_dir, val_fraction: float, tokenizer: str = "char
     cut = int(np.searchsorted(lengths, (1.0 - val_fraction) * lengths[-1])) + 1
     cut = min(max(cut, 1), len(lines) - 1)  # both splits non-empty
     tok = _tokenizer(tokenizer, lines, vocab_size, loaded)
-    train = import_text(path, out / "train", tokenizer, vocab_size, lines=lines[:cut], tok=tok, **kw)
-    val = import_text(path, out / "val", tokenizer, vocab_size, lines=lines[cut:], tok=tok, **kw)
+    with StagedWrite() as w:  # both splits or neither: an earlier import at out_dir stays whole if this one fails
+        train = import_text(path, out / "train", tokenizer, vocab_size, lines=lines[:cut], tok=tok, writer=w, **kw)
+        val = import_text(path, out / "val", tokenizer, vocab_size, lines=lines[cut:], tok=tok, writer=w, **kw)
     return train, val
 
 

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from .reader import open_dataset, read_manifest
-from .shards import MANIFEST, SCHEMA_VERSION, DataError, write_dataset
+from .shards import MANIFEST, SCHEMA_VERSION, DataError, StagedWrite
 from .tasks import DEFAULT_ROWS, generate, task_kind, task_tokenizer
 
 TRAIN_DIR, VAL_DIR = "train", "val"
@@ -34,11 +34,13 @@ def prepare(task: str, out_dir: str | Path, rows: int | None = None, shard_rows:
     out = Path(out_dir)
     if val_rows == -1:
         val_rows = default_val_rows(task, rows)
-    # val first: the train manifest (written last of all) marks the whole directory complete
-    for split, n, where in (("val", val_rows, out / VAL_DIR), ("train", rows, out / TRAIN_DIR)):
-        info, columns = generate(task, n, seed, split)
-        source = {"task": task, "split": split, "rows": n, "seed": seed, "schema_version": SCHEMA_VERSION}
-        write_dataset(where, info, columns, shard_rows=shard_rows, tokenizer=tokenizer, source=source)
+    # both splits are written beside their destinations and swapped in together (an earlier prepare there stays
+    # whole if this one fails); val first: the train manifest marks the whole directory complete
+    with StagedWrite() as w:
+        for split, n, where in (("val", val_rows, out / VAL_DIR), ("train", rows, out / TRAIN_DIR)):
+            info, columns = generate(task, n, seed, split)
+            source = {"task": task, "split": split, "rows": n, "seed": seed, "schema_version": SCHEMA_VERSION}
+            w.write(where, info, columns, shard_rows=shard_rows, tokenizer=tokenizer, source=source)
     return out
 
 

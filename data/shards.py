@@ -59,20 +59,84 @@ def check_output_dir(out_dir: str | Path) -> None:
                         f"empty directory (an earlier data set there is replaced whole)")
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Move the complete directory tmp to out; an existing out is moved aside first and deleted last (restored if
-    the second rename fails)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.replace(out, old)
+def _swap_in_all(pairs: list[tuple[Path, Path]]) -> None:
+    """Move each complete directory tmp to its out, all or none: an existing out is moved aside first; if a rename
+    fails, the ones already done are undone; the old directories are deleted only after every rename succeeded."""
+    done: list[tuple[Path, Path | None]] = []
     try:
-        os.replace(tmp, out)
+        for tmp, out in pairs:
+            old = None
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, out)
+                raise
+            done.append((out, old))
     except BaseException:
-        os.replace(old, out)
+        for out, old in reversed(done):
+            trash = out.with_name(f".{out.name}.undo-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            os.replace(out, trash)
+            if old is not None:
+                os.replace(old, out)
+            shutil.rmtree(trash, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    for _, old in done:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class StagedWrite:
+    """Several data sets that replace their destinations together (the train/ and val/ splits of one import):
+    each is written complete beside its destination, and all are swapped in when the block ends without an error;
+    otherwise none is, and every destination keeps its old content.
+
+        with StagedWrite() as w:
+            w.write(out / "train", info, train_columns, tokenizer=tok)
+            w.write(out / "val", info, val_columns, tokenizer=tok)
+    """
+
+    def __init__(self):
+        self.pairs: list[tuple[Path, Path]] = []
+
+    def __enter__(self) -> "StagedWrite":
+        return self
+
+    def write(self, out_dir: str | Path, info: TaskInfo, columns: dict, *, shard_rows: int = 65536, tokenizer=None,
+              source: dict | None = None) -> Path:
+        out = Path(out_dir)
+        # everything is checked before anything is touched
+        if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
+            raise DataError(f"shard_rows: must be an integer >= 1, got {shard_rows!r}")
+        n = len(columns["x"] if "x" in columns else columns[schema_for(info).names[0]])
+        if n == 0:
+            raise DataError(f"{out}: no rows to write")
+        check_output_dir(out)
+        if any(o.resolve() == out.resolve() for _, o in self.pairs):
+            raise DataError(f"{out}: written twice in one import")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            tmp.mkdir()
+        except OSError as e:
+            raise DataError(f"{out}: cannot create the data directory ({e.strerror or e})") from None
+        self.pairs.append((tmp, out))
+        try:
+            _write_into(tmp, info, columns, n, shard_rows, tokenizer, source)
+        except DiskFullError as e:  # name the destination, not the temporary directory
+            raise DiskFullError(out / e.path.name, e.needed) from None
+        return out
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                _swap_in_all(self.pairs)
+        finally:
+            for tmp, _ in self.pairs:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def schema_for(info: TaskInfo) -> pa.Schema:
@@ -137,28 +201,8 @@ def write_dataset(out_dir: str | Path, info: TaskInfo, columns: dict, *, shard_r
                   tokenizer=None, source: dict | None = None) -> Path:
     """Write columns as shards + tokenizer + manifest (last) into out_dir. Returns the directory.
     `source` records how the data was made (task, rows, seed, ...), for ensure_prepared's cache check."""
-    out = Path(out_dir)
-    # everything is checked before anything is touched
-    if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
-        raise DataError(f"shard_rows: must be an integer >= 1, got {shard_rows!r}")
-    n = len(columns["x"] if "x" in columns else columns[schema_for(info).names[0]])
-    if n == 0:
-        raise DataError(f"{out}: no rows to write")
-    check_output_dir(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir()
-    except OSError as e:
-        raise DataError(f"{out}: cannot create the data directory ({e.strerror or e})") from None
-    try:
-        _write_into(tmp, info, columns, n, shard_rows, tokenizer, source)
-        _swap_in(tmp, out)
-    except DiskFullError as e:  # name the destination, not the temporary directory
-        raise DiskFullError(out / e.path.name, e.needed) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    with StagedWrite() as w:
+        return w.write(out_dir, info, columns, shard_rows=shard_rows, tokenizer=tokenizer, source=source)
 
 
 def _write_into(out: Path, info: TaskInfo, columns: dict, n: int, shard_rows: int, tokenizer, source) -> None:

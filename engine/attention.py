@@ -139,12 +139,14 @@ def _exp_scores(qs, k, mask: AttentionMask | None, q0: int, q1: int, k1: int, ro
 
 def scaled_dot_product_attention(q, k, v, mask: AttentionMask | None = None, dropout_p: float = 0.0,
                                  rng: np.random.Generator | None = None, out: np.ndarray | None = None,
-                                 need_weights: bool = True):
+                                 need_weights: bool = True, need_backward: bool = True):
     """softmax(q k^T / sqrt(dh) + mask) v.
 
     q: (B, H, Tq, dh), k, v: (B, H, Tk, dh) (strided views are fine); out: optional (B, H, Tq, dh) destination.
     Returns (ctx (B, H, Tq, dh), weights (B, H, Tq, Tk) before dropout or None if not need_weights, backward) where
     backward(dctx, dq=None, dk=None, dv=None) -> (dq, dk, dv), writing into the given destinations if any.
+    need_backward=False (inference): backward is None and no block's weights outlive its product with v (unless
+    need_weights asks for them).
     """
     Tq, Tk = q.shape[-2], k.shape[-2]
     scale = np.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
@@ -161,7 +163,15 @@ def scaled_dot_product_attention(q, k, v, mask: AttentionMask | None = None, dro
         keep = dropout_mask(rng, p.shape, dropout_p, p.dtype) if dropout_p > 0.0 else None
         pd = p * keep if keep is not None else p
         np.matmul(pd, v[..., :k1, :], out=out[..., q0:q1, :])
-        saved.append((q0, q1, k1, p, pd, keep))
+        if need_backward or need_weights:
+            saved.append((q0, q1, k1, p, None if not need_backward else pd, keep))
+    if not need_backward:
+        weights = None
+        if need_weights:
+            weights = np.zeros(q.shape[:-1] + (Tk,), dtype=q.dtype)
+            for q0, q1, k1, p, _, _ in saved:
+                weights[..., q0:q1, :k1] = p
+        return out, weights, None
     if len(blocks) == 1:
         weights = saved[0][3]
     elif need_weights:
@@ -264,6 +274,7 @@ class MultiHeadAttention(Module):
 
     # -- training forward ---------------------------------------------------------------------------------------------
     def forward(self, x, memory=None, *, mask: AttentionMask | None = None, record: dict | None = None, train: bool):
+        """train=False: forward only, returns (y, None)."""
         B, Tq, D = x.shape
         H, dh = self.n_heads, self.d_head
         x2 = x.reshape(B * Tq, D)
@@ -282,11 +293,14 @@ class MultiHeadAttention(Module):
         drop = self.dropout if train else 0.0
         _, weights, attn_backward = scaled_dot_product_attention(q, k, v, mask, drop, self.rng,
                                                                  out=ctx_bthd.transpose(0, 2, 1, 3),
-                                                                 need_weights=record is not None)
+                                                                 need_weights=record is not None,
+                                                                 need_backward=train)
         if record is not None:
             record[self.path] = weights
         ctx2 = ctx_bthd.reshape(B * Tq, D)
         y = self._project(ctx2, self.w_o, self.b_o).reshape(B, Tq, D)
+        if not train:
+            return y, None  # inference: nothing is kept for a backward
 
         def backward(dy):
             dctx2 = self._project_backward(dy.reshape(B * Tq, D), ctx2, self.w_o, self.b_o)  # (B*Tq, D)
@@ -322,6 +336,7 @@ class MultiHeadAttention(Module):
                 v = np.concatenate([cache["v"], v], axis=2)
             new_cache = {"k": k, "v": v}
         ctx_bthd = np.empty((B, t, self.n_heads, self.d_head), dtype=x.dtype)
-        scaled_dot_product_attention(q, k, v, mask, out=ctx_bthd.transpose(0, 2, 1, 3), need_weights=False)
+        scaled_dot_product_attention(q, k, v, mask, out=ctx_bthd.transpose(0, 2, 1, 3), need_weights=False,
+                                     need_backward=False)
         y = self._project(ctx_bthd.reshape(B * t, D), self.w_o, self.b_o).reshape(B, t, D)
         return y, new_cache

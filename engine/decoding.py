@@ -6,7 +6,7 @@ with EOS (then PAD up to L) unless it reached max_len first. Decoding stops as s
 
     tokens = greedy(model, src, max_len=20)                       # seq2seq: prefix defaults to a BOS column
     tokens = sample(lm, prefix=prompt, max_len=200, top_p=0.9, rng=0, window=64)   # LM: give a prompt
-    tokens, scores = beam_search(model, src, beam_size=4, max_len=20, alpha=0.6)
+    tokens, scores = beam_search(model, src, beam_size=4, max_len=20, alpha=0.6)   # batched across sentences
 """
 from __future__ import annotations
 
@@ -193,10 +193,15 @@ def length_penalty(length: int, alpha: float, kind: str = "gnmt") -> float:
     raise ValueError(f"length_penalty: kind must be 'gnmt' or 'fairseq', got {kind!r}")
 
 
+# Candidate scores a group of sentences may hold at once: (rows * K, V) float64 log-probabilities and the (rows,
+# K * V) candidate matrix; 2^22 elements = 32 MB each. Larger batches are searched group by group.
+BEAM_GROUP_ELEMS = 1 << 22
+
+
 def beam_search(model: IncrementalDecoder, src: np.ndarray | None = None, *, beam_size: int = 4, max_len: int,
                 alpha: float = 0.6, penalty: str = "gnmt", n_best: int = 1, prefix: np.ndarray | None = None,
-                batch_size: int | None = None, bos: int = BOS, eos: int = EOS):
-    """Beam search as in fairseq's SequenceGenerator.
+                batch_size: int | None = None, bos: int = BOS, eos: int = EOS, group: int | None = None):
+    """Beam search as in fairseq's SequenceGenerator, batched across sentences.
 
     Each step scores every (beam, next id) extension by its summed log-probability and takes the best 2K (K =
     beam_size). An extension ending in EOS that ranks among the best K is *finished*: it leaves the beam with score
@@ -204,70 +209,30 @@ def beam_search(model: IncrementalDecoder, src: np.ndarray | None = None, *, bea
     the beam stays full. A row stops once it holds K finished hypotheses; at max_len the live hypotheses are
     finished as they are (without EOS). The answer is the finished hypothesis with the best normalized score.
 
+    All rows advance together: one model.step over the (rows * K) live hypotheses per step, the selection done with
+    array operations for all rows at once; a row that is done leaves the batch (its cache rows are dropped), so the
+    step shrinks as sentences finish. `group` sentences at most are searched at once (default: as many as keep the
+    candidate arrays under BEAM_GROUP_ELEMS). The result equals searching each sentence alone.
+
     Returns (tokens, scores): tokens (B, L) int32 and scores (B,) float64 for n_best = 1, else (B, n_best, L) and
     (B, n_best).
     """
     K = int(beam_size)
+    if K < 1:
+        raise ValueError(f"beam_search: beam_size must be >= 1, got {K}")
     if not 1 <= n_best <= K:
         raise ValueError(f"beam_search: need 1 <= n_best <= beam_size, got n_best={n_best}, beam_size={K}")
     prefix = _prefix(src, prefix, batch_size, bos)
     B = prefix.shape[0]
-    state = model.start(src, batch_size=B)
-    logits, state = model.step(prefix, state)  # (B, V): encode and read the prefix once per row, then expand
-    rows = np.repeat(np.arange(B), K)  # (B*K,)
-    state = model.reorder(state, rows)
-    logp = log_softmax64(logits)[rows]  # (B*K, V)
-    V = logp.shape[1]
-    scores = np.full((B, K), -np.inf)
-    scores[:, 0] = 0.0  # only the first copy of each row is live at the start
-    hist = np.zeros((B * K, 0), dtype=np.int64)  # generated tokens of each live hypothesis
-    finished: list[list[tuple[float, float, list[int]]]] = [[] for _ in range(B)]  # (norm score, logprob, tokens)
-    done = np.zeros(B, dtype=bool)
-    n_cand = min(2 * K, K * V)
-
-    for t in range(1, max_len + 1):
-        cand = (scores[:, :, None] + logp.reshape(B, K, V)).reshape(B, K * V)  # (B, K*V)
-        top = np.argsort(-cand, axis=-1, kind="stable")[:, :n_cand]  # (B, 2K) best first, ties to lower index
-        new_scores = np.full((B, K), -np.inf)
-        new_src = np.repeat(np.arange(B)[:, None] * K, K, axis=1)  # (B, K) global row each new beam extends
-        new_tok = np.full((B, K), PAD, dtype=np.int64)
-        for b in range(B):
-            if done[b]:
-                continue
-            n_alive = 0
-            for j, flat in enumerate(top[b]):
-                s = cand[b, flat]
-                if s == -np.inf:
-                    break
-                beam, tok = divmod(int(flat), V)
-                if tok == eos:
-                    if j < K and len(finished[b]) < K:
-                        toks = hist[b * K + beam].tolist() + [eos]
-                        finished[b].append((s / length_penalty(t, alpha, penalty), s, toks))
-                    continue
-                if n_alive < K:
-                    new_scores[b, n_alive], new_src[b, n_alive], new_tok[b, n_alive] = s, b * K + beam, tok
-                    n_alive += 1
-            if len(finished[b]) >= K:
-                done[b] = True
-            elif t == max_len:  # out of length: the live hypotheses end here, without EOS
-                for k in range(n_alive):
-                    toks = hist[new_src[b, k]].tolist() + [int(new_tok[b, k])]
-                    finished[b].append((new_scores[b, k] / length_penalty(t, alpha, penalty), new_scores[b, k], toks))
-                done[b] = True
-        if done.all():
-            break
-        src_rows = new_src.reshape(-1)
-        hist = np.concatenate([hist[src_rows], new_tok.reshape(-1, 1)], axis=1)
-        scores = new_scores
-        state = model.reorder(state, src_rows)
-        logits, state = model.step(new_tok.reshape(-1, 1).astype(np.int32), state)
-        logp = log_softmax64(logits)
-
-    best = []
-    for b in range(B):
-        hyps = sorted(finished[b], key=lambda h: -h[0])  # stable: earlier-finished first on ties
-        best.append(hyps[:n_best])
+    if group is None:
+        V = getattr(getattr(model, "cfg", None), "tgt_vocab", None) or getattr(getattr(model, "cfg", None),
+                                                                              "vocab_size", None) or 1024
+        group = max(1, BEAM_GROUP_ELEMS // (K * V))
+    best: list[list[tuple[float, float, list[int]]]] = []
+    for g0 in range(0, B, group):
+        g1 = min(B, g0 + group)
+        g_src = None if src is None else np.asarray(src)[g0:g1]
+        best += _beam_group(model, g_src, prefix[g0:g1], K, max_len, alpha, penalty, n_best, eos)
     L = max((len(h[2]) for hyps in best for h in hyps), default=0)
     tokens = np.full((B, n_best, L), PAD, dtype=np.int32)
     out_scores = np.full((B, n_best), -np.inf)
@@ -278,6 +243,87 @@ def beam_search(model: IncrementalDecoder, src: np.ndarray | None = None, *, bea
     if n_best == 1:
         return tokens[:, 0], out_scores[:, 0]
     return tokens, out_scores
+
+
+def _top_candidates(cand: np.ndarray, n: int) -> np.ndarray:
+    """(A, N) scores -> (A, n) column indices of the n best per row, best first, ties to the lower index (as a
+    stable argsort of -cand). Rows longer than 4n are partitioned first (O(N) instead of a full sort)."""
+    A, N = cand.shape
+    if N <= 4 * n:
+        return np.argsort(-cand, axis=-1, kind="stable")[:, :n]
+    part = np.argpartition(-cand, n - 1, axis=-1)[:, :n]  # the n best, unordered
+    vals = np.take_along_axis(cand, part, axis=-1)
+    order = np.lexsort((part, -vals), axis=-1)  # by score, then by index
+    return np.take_along_axis(part, order, axis=-1)
+
+
+def _beam_group(model, src, prefix, K, max_len, alpha, penalty, n_best, eos):
+    """Beam search over the rows of one group; returns per row its n_best (norm score, logprob, tokens), best
+    first."""
+    B = prefix.shape[0]
+    state = model.start(src, batch_size=B)
+    logits, state = model.step(prefix, state)  # (B, V): encode and read the prefix once per row, then expand
+    rows = np.repeat(np.arange(B), K)  # (B*K,)
+    state = model.reorder(state, rows)
+    logp = log_softmax64(logits)[rows]  # (B*K, V)
+    V = logp.shape[1]
+    active = np.arange(B)  # the group's rows still searching, (A,)
+    scores = np.full((B, K), -np.inf)
+    scores[:, 0] = 0.0  # only the first copy of each row is live at the start
+    hist = np.zeros((B * K, 0), dtype=np.int64)  # generated tokens of each live hypothesis, (A*K, t-1)
+    finished: list[list[tuple[float, float, list[int]]]] = [[] for _ in range(B)]  # (norm score, logprob, tokens)
+    n_fin = np.zeros(B, dtype=np.int64)
+    n_cand = min(2 * K, K * V)
+    rank = np.arange(n_cand)
+
+    for t in range(1, max_len + 1):
+        A = active.size
+        lp = length_penalty(t, alpha, penalty)
+        cand = (scores[:, :, None] + logp.reshape(A, K, V)).reshape(A, K * V)  # (A, K*V)
+        top = _top_candidates(cand, n_cand)  # (A, 2K)
+        cs = np.take_along_axis(cand, top, axis=-1)  # (A, 2K) their scores
+        beam, tok = np.divmod(top, V)
+        valid = cs > -np.inf
+        # finished: EOS extensions among the best K, in rank order, while the row holds fewer than K
+        eos_top = valid & (tok == eos) & (rank < K)
+        fin = eos_top & (np.cumsum(eos_top, axis=1) <= (K - n_fin[active])[:, None])
+        for a, j in zip(*np.nonzero(fin)):
+            s = float(cs[a, j])
+            finished[active[a]].append((s / lp, s, hist[a * K + beam[a, j]].tolist() + [eos]))
+        n_fin[active] += fin.sum(axis=1)
+        # the next beam: the best K extensions not ending in EOS
+        alive = valid & (tok != eos)
+        alive_rank = np.cumsum(alive, axis=1)
+        take = alive & (alive_rank <= K)
+        new_scores = np.full((A, K), -np.inf)
+        new_src = np.repeat(np.arange(A)[:, None] * K, K, axis=1)  # (A, K) the live row each new beam extends
+        new_tok = np.full((A, K), PAD, dtype=np.int64)
+        ai, ji = np.nonzero(take)
+        slot = alive_rank[ai, ji] - 1
+        new_scores[ai, slot] = cs[ai, ji]
+        new_src[ai, slot] = ai * K + beam[ai, ji]
+        new_tok[ai, slot] = tok[ai, ji]
+        searching = n_fin[active] < K
+        if t == max_len:  # out of length: the live hypotheses end here, without EOS
+            n_alive = take.sum(axis=1)
+            for a in np.flatnonzero(searching):
+                for k in range(n_alive[a]):
+                    toks = hist[new_src[a, k]].tolist() + [int(new_tok[a, k])]
+                    finished[active[a]].append((new_scores[a, k] / lp, new_scores[a, k], toks))
+            break
+        keep = np.flatnonzero(searching)
+        if keep.size == 0:
+            break
+        active = active[keep]
+        src_rows = new_src[keep].reshape(-1)  # (A'*K,) rows of the current hypotheses to continue
+        feed = new_tok[keep].reshape(-1, 1)
+        hist = np.concatenate([hist[src_rows], feed], axis=1)
+        scores = new_scores[keep]
+        state = model.reorder(state, src_rows)
+        logits, state = model.step(feed.astype(np.int32), state)
+        logp = log_softmax64(logits)
+
+    return [sorted(hyps, key=lambda h: -h[0])[:n_best] for hyps in finished]  # stable: earlier-finished first
 
 
 __all__ = ["IncrementalDecoder", "greedy", "sample", "sampling_distribution", "beam_search", "length_penalty",

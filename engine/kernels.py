@@ -208,6 +208,28 @@ def gelu_tanh(x: np.ndarray):
     return np.multiply(x, s), s
 
 
+def gelu_tanh_inplace(x: np.ndarray) -> np.ndarray:
+    """Inference GELU (tanh approximation) overwriting x (C-contiguous float (..., F)), chunk by chunk in cache with
+    one (R, F) scratch: y = x * sigmoid(2u), the same arithmetic as gelu_tanh, no derivative. Returns x."""
+    F = x.shape[-1] if x.ndim else 1
+    x2 = x.reshape(-1, F)
+    N = x2.shape[0]
+    R = max(1, min(N, GELU_CHUNK_ELEMS // max(F, 1)))
+    t_buf = np.empty((R, F), dtype=x.dtype)
+    k = _SQRT_2_OVER_PI
+    with np.errstate(over="ignore"):
+        for r0 in range(0, N, R):
+            xb, t = x2[r0:r0 + R], t_buf[:min(R, N - r0)]
+            np.multiply(xb, xb, out=t)
+            t *= -2.0 * 0.044715 * k
+            t -= 2.0 * k
+            t *= xb  # -2u
+            np.exp(t, out=t)
+            t += 1.0
+            np.divide(xb, t, out=xb)  # x / (1 + exp(-2u)) = x sigmoid(2u)
+    return x
+
+
 def gelu_tanh_backward(dy: np.ndarray, x: np.ndarray, s: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """dy/dx = s + x * 2 u' s (1 - s),  u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2), s = sigmoid(2u) from gelu_tanh.
 

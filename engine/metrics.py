@@ -130,6 +130,14 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]] |
     plain list of strings is taken as one stream). None entries mean "no k-th reference for this segment".
     Smoothing 'exp' (NIST): the n-th order with no match gets precision 100 / (2^k * total), k counting such orders.
     """
+    return _bleu_from_stats(*bleu_stats(hypotheses, references, lowercase, max_order), max_order)
+
+
+def bleu_stats(hypotheses: Sequence[str], references: Sequence[Sequence[str]] | Sequence[str],
+               lowercase: bool = False, max_order: int = 4) -> tuple[list[int], list[int], int, int]:
+    """corpus_bleu's sufficient statistics (matched n-grams per order, hypothesis n-grams per order, hypothesis
+    length, closest reference length): sums over segments, so ranks' shares of a corpus add up exactly and
+    bleu_from_sums gives the corpus BLEU of their union."""
     if len(references) and isinstance(references[0], str):
         references = [references]
     correct, total = [0] * max_order, [0] * max_order
@@ -156,7 +164,24 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]] |
             total[len(g) - 1] += n
             if ref_counts is not None and g in ref_counts:
                 correct[len(g) - 1] += min(n, ref_counts[g])
-    return _bleu_from_stats(correct, total, sys_len, ref_len, max_order)
+    return correct, total, sys_len, ref_len
+
+
+
+def bleu_sums(hypotheses: Sequence[str], references: Sequence[str], max_order: int = 4) -> dict[str, float]:
+    """bleu_stats as a flat dict of floats for metric sums: bleu_correct_n, bleu_total_n, bleu_sys_len, bleu_ref_len."""
+    correct, total, sys_len, ref_len = bleu_stats(hypotheses, references, max_order=max_order)
+    out = {f"bleu_correct_{n + 1}": float(c) for n, c in enumerate(correct)}
+    out.update({f"bleu_total_{n + 1}": float(t) for n, t in enumerate(total)})
+    out.update({"bleu_sys_len": float(sys_len), "bleu_ref_len": float(ref_len)})
+    return out
+
+
+def bleu_from_sums(sums: dict, max_order: int = 4) -> BLEUScore:
+    """The corpus BLEU of summed bleu_sums records (equal to corpus_bleu over all their segments together)."""
+    correct = [int(sums[f"bleu_correct_{n}"]) for n in range(1, max_order + 1)]
+    total = [int(sums[f"bleu_total_{n}"]) for n in range(1, max_order + 1)]
+    return _bleu_from_stats(correct, total, int(sums["bleu_sys_len"]), int(sums["bleu_ref_len"]), max_order)
 
 
 def _bleu_from_stats(correct, total, sys_len, ref_len, max_order) -> BLEUScore:
@@ -193,4 +218,5 @@ def ids_to_text(ids: np.ndarray, itos: Sequence[str] | dict, sep: str = " ", pad
 
 
 __all__ = ["token_accuracy_sums", "sequence_exact_match", "perplexity", "tokenize_13a", "corpus_bleu", "BLEUScore",
+           "bleu_stats", "bleu_sums", "bleu_from_sums",
            "ids_to_text"]

@@ -113,6 +113,27 @@ class inverse_sqrt_warmup:
 
 
 @dataclass(frozen=True)
+class inverse_sqrt:
+    """fairseq's inverse_sqrt (the translation recipes' schedule): linear warmup from warmup_init_lr to the peak lr
+    over warmup_steps updates, then lr * sqrt(warmup_steps / n), with n = step + 1 updates done."""
+    lr: float
+    warmup_steps: int = 4000
+    warmup_init_lr: float = 0.0
+
+    def __post_init__(self):
+        _require(self.lr > 0, "inverse_sqrt", "lr", f"must be > 0, got {self.lr}")
+        _require(self.warmup_steps >= 1, "inverse_sqrt", "warmup_steps", f"must be >= 1, got {self.warmup_steps}")
+        _require(0 <= self.warmup_init_lr <= self.lr, "inverse_sqrt", "warmup_init_lr",
+                 f"must be in [0, lr={self.lr}], got {self.warmup_init_lr}")
+
+    def __call__(self, step: int) -> float:
+        n = step + 1
+        if n < self.warmup_steps:
+            return self.warmup_init_lr + n * (self.lr - self.warmup_init_lr) / self.warmup_steps
+        return self.lr * math.sqrt(self.warmup_steps / n)
+
+
+@dataclass(frozen=True)
 class one_cycle:
     """Smith & Topin's 1cycle, torch OneCycleLR values (cosine annealing, two phases by default): from
     max_lr/div_factor up to max_lr over pct_start of total_steps, then down to max_lr/div_factor/final_div_factor.
@@ -157,7 +178,8 @@ class one_cycle:
 
 
 SCHEDULES: dict[str, type] = {c.__name__: c for c in
-                              (constant, step_decay, cosine, warmup_cosine, inverse_sqrt_warmup, one_cycle)}
+                              (constant, step_decay, cosine, warmup_cosine, inverse_sqrt_warmup, inverse_sqrt,
+                               one_cycle)}
 
 
 def make_schedule(name: str, **kwargs) -> Callable[[int], float]:
@@ -268,5 +290,5 @@ class EarlyStopping:
         self.tracker.best, self.tracker.num_bad = float(state["best"]), int(state["num_bad"])
 
 
-__all__ = ["constant", "step_decay", "cosine", "warmup_cosine", "inverse_sqrt_warmup", "one_cycle",
+__all__ = ["constant", "step_decay", "cosine", "warmup_cosine", "inverse_sqrt_warmup", "inverse_sqrt", "one_cycle",
            "make_schedule", "SCHEDULES", "ReduceLROnPlateau", "EarlyStopping"]

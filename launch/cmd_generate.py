@@ -5,10 +5,11 @@
     echo "ROMEO:" | ndtrain generate --run runs/shakespeare --temperature 0.8 --top-k 40 --max-len 300 --seed 1
 
 Without TEXT and --input, lines are read from stdin. Decoding goes through engine.decoding: greedy by default,
---beam K for beam search (GNMT length penalty, the model's length_penalty), --temperature / --top-k / --top-p for
+--beam K for beam search (batched over the input lines; length penalty --lenpen A / --lenpen-kind, default the
+model's length_penalty / length_penalty_kind), --temperature / --top-k / --top-p for
 sampling (seeded by --seed: the same seed gives the same text). A language model's output is the prompt followed by
 its continuation; a newline inside it is written as the two characters \\n (so output lines match input lines)
-unless --raw is given.
+unless --raw is given. --checkpoint avg uses `ndtrain average`'s checkpoint; BLAS threads are pinned (--threads).
 """
 from __future__ import annotations
 
@@ -17,7 +18,12 @@ import sys
 
 import numpy as np
 
-from ndtrain.launch.cli import UsageError
+from ndtrain.launch.errors import UsageError
+from ndtrain.launch.cmd_eval import add_decoding_args
+from ndtrain.engine import decoding
+from ndtrain.data.info import BOS, UNK
+from ndtrain.launch.cmd_eval import apply_decoding_args
+from ndtrain.launch.restore import load_run, pinned_threads
 
 DEFAULT_LM_TOKENS = 200
 SEQ2SEQ_CHUNK = 64  # sources decoded together (padded to the longest)
@@ -38,6 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--raw", action="store_true", help="write generated newlines as they are")
     p.add_argument("--data", metavar="DIR", help="prepared data directory (for its tokenizer), if not the run's")
+    add_decoding_args(p)
     p.set_defaults(func=main)
 
 
@@ -88,7 +95,6 @@ def _pad(rows: list[np.ndarray]) -> np.ndarray:
 
 def translate(run, lines: list[str], opts: dict, max_len: int | None = None, seed: int = 0) -> list[str]:
     """seq2seq: each line -> the decoded target text (sources longer than the task's max_src_len are cut)."""
-    from ndtrain.engine import decoding
     model, tok = run.model, run.tokenizer
     max_len = max_len or run.info.max_tgt_len or getattr(model, "max_decode_len", None) or 64
     max_src = run.info.max_src_len or None
@@ -98,7 +104,8 @@ def translate(run, lines: list[str], opts: dict, max_len: int | None = None, see
         src = _pad([tok.encode(s)[:max_src] for s in lines[lo:lo + SEQ2SEQ_CHUNK]])  # (B, S)
         if opts["mode"] == "beam":
             ids = decoding.beam_search(model.module, src, beam_size=opts["beam_size"], max_len=max_len,
-                                       alpha=getattr(model, "length_penalty", 0.6))[0]
+                                       alpha=getattr(model, "length_penalty", 0.6),
+                                       penalty=getattr(model, "length_penalty_kind", "gnmt"))[0]
         elif opts["mode"] == "sample":
             ids = decoding.sample(model.module, src, max_len=max_len, temperature=opts["temperature"],
                                   top_k=opts["top_k"], top_p=opts["top_p"], rng=rng)
@@ -110,8 +117,6 @@ def translate(run, lines: list[str], opts: dict, max_len: int | None = None, see
 
 def continue_text(run, lines: list[str], opts: dict, max_len: int | None = None, seed: int = 0) -> list[str]:
     """lm: each line is a prompt; returns prompt + continuation (max_len new tokens; a char LM never stops early)."""
-    from ndtrain.data.info import BOS, UNK
-    from ndtrain.engine import decoding
     model, tok = run.model, run.tokenizer
     n_new = max_len or DEFAULT_LM_TOKENS
     window = getattr(model, "block_size", None) or run.info.max_tgt_len or None
@@ -151,16 +156,18 @@ def generate(run, lines: list[str], opts: dict, max_len: int | None = None, seed
 
 
 def main(args, stdin=None) -> int:
-    from ndtrain.launch.restore import load_run
     opts = decoding_options(args)
     if args.max_len is not None and args.max_len < 1:
         raise UsageError(f"--max-len: must be >= 1, got {args.max_len}")
-    run = load_run(args.run, data_dir=args.data)
-    if run.kind not in ("seq2seq", "lm"):
-        raise UsageError(f"{run.run_dir}: generate needs a seq2seq or lm model; task {run.info.name!r} is {run.kind}")
-    lines = read_inputs(args, stdin)
-    for text in generate(run, lines, opts, args.max_len, args.seed):
-        print(text if args.raw else text.replace("\n", "\\n"), flush=True)
+    with pinned_threads(args.threads):
+        run = load_run(args.run, data_dir=args.data, checkpoint=args.checkpoint)
+        if run.kind not in ("seq2seq", "lm"):
+            raise UsageError(f"{run.run_dir}: generate needs a seq2seq or lm model; task {run.info.name!r} is "
+                             f"{run.kind}")
+        apply_decoding_args(run.model, args, None)
+        lines = read_inputs(args, stdin)
+        for text in generate(run, lines, opts, args.max_len, args.seed):
+            print(text if args.raw else text.replace("\n", "\\n"), flush=True)
     return 0
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .base import Communicator
+from .counters import CommCounters
 from .mpi import _flat_view
 
 
@@ -25,10 +26,23 @@ class RayCommunicator(Communicator):
 
     def __init__(self, rank: int, world_size: int, group):
         self.rank, self.world_size, self.group = rank, world_size, group
+        # the transport's (shm.ShmGroup, tcp.TcpGroup): bytes on the wire and time blocked (counters.CommCounters)
+        self.counters = getattr(group, "counters", None) or CommCounters()
+
+    @property
+    def overlaps_compute(self) -> bool:
+        """True on a transport whose iallreduce progresses in the background (the TCP mesh's ring); the
+        shared-memory group reduces inside the call."""
+        return bool(getattr(self.group, "overlaps_compute", False))
 
     def allreduce(self, buf: np.ndarray) -> None:
         if self.world_size > 1:
             self.group.allreduce(_flat_view(buf, f"RayCommunicator.allreduce on rank {self.rank}"))
+
+    def iallreduce(self, buf: np.ndarray):
+        if self.world_size > 1 and hasattr(self.group, "iallreduce"):
+            return self.group.iallreduce(_flat_view(buf, f"RayCommunicator.iallreduce on rank {self.rank}"))
+        return super().iallreduce(buf)
 
     def broadcast(self, buf: np.ndarray, root: int = 0) -> None:
         if self.world_size > 1:
@@ -62,7 +76,7 @@ def form_group(actors: list, token: str, slot_bytes: int = 4 << 20, timeout: flo
     all ranks share a node, else tcp), "shm" or "tcp". The TCP mesh listens on loopback when every rank shares a
     node, else on `iface`'s address (or Ray's node address); it authenticates every connection with a key derived
     from the run's secret the actors hold. Returns each rank's {"rank", "host", "ip", "pid", "node"}."""
-    import ray
+    import ray  # ray: optional, seconds to import; only Ray ranks need it
 
     nodes = ray.get([a.node_info.remote() for a in actors], timeout=timeout)
     same_node = len({n["node"] for n in nodes}) == 1

@@ -17,6 +17,10 @@ Barriers are per-rank counters (one writer each, so no atomics are needed; x86 k
 written before a counter is visible once the counter is). Waiting spins, then yields, then sleeps, and gives up
 after `timeout` seconds naming the rank it waited for. A rank that fails sets the abort word, so the others stop at
 their next wait instead of timing out.
+
+`counters` (counters.CommCounters) counts, exactly, the bytes other ranks read from this rank's slots (sent) and this
+rank read from theirs (received): for a piece of n elements and this rank's share of m, n + (W-2) m elements each
+way (2 (W-1)/W x N in all for equal shares), and the time spent inside the collectives.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import os
 import time
 
 import numpy as np
+
+from .counters import CommCounters
 
 LINE = 16  # int64 words per control line (128 bytes: no false sharing between ranks' counters)
 DEFAULT_SLOT_BYTES = 4 << 20
@@ -69,6 +75,7 @@ class ShmGroup:
         self._data = np.frombuffer(self._mm, dtype=np.uint8, offset=self._ctrl_bytes)
         self._gen = 0
         self._bank = 0
+        self.counters = CommCounters()
 
     # -- synchronisation -------------------------------------------------------------------------------------------
     def _abort_word(self) -> int:
@@ -110,8 +117,11 @@ class ShmGroup:
     def allreduce(self, flat: np.ndarray) -> None:
         """Sum the (N,) contiguous array over ranks, in place."""
         if self.world_size == 1 or flat.size == 0:
+            self.counters.collective(0, 0, flat.nbytes, 0.0)
             return
+        t0 = time.perf_counter()
         W, dtype = self.world_size, flat.dtype
+        moved = 0
         per_piece = self.slot_bytes // dtype.itemsize
         for start in range(0, flat.size, per_piece):
             piece = flat[start:start + per_piece]
@@ -123,6 +133,7 @@ class ShmGroup:
             self.barrier()
             bounds = [n * r // W for r in range(W + 1)]
             lo, hi = bounds[self.rank], bounds[self.rank + 1]
+            moved += n + (W - 2) * (hi - lo)  # others read my piece but my share, then my share W-1 times
             if hi > lo:
                 mine = slots[self.rank][lo:hi]
                 if self.rank < 2:  # writing into slot 0 or 1 while summing 0 + 1 first is safe elementwise
@@ -139,10 +150,13 @@ class ShmGroup:
                 a, b = bounds[r], bounds[r + 1]
                 if b > a:
                     np.copyto(piece[a:b], slots[r][a:b])
+        moved *= dtype.itemsize
+        self.counters.collective(moved, moved, flat.nbytes, time.perf_counter() - t0)
 
     def broadcast(self, flat: np.ndarray, root: int = 0) -> None:
         if self.world_size == 1 or flat.size == 0:
             return
+        t0 = time.perf_counter()
         per_piece = self.slot_bytes // flat.itemsize
         for start in range(0, flat.size, per_piece):
             piece = flat[start:start + per_piece]
@@ -155,6 +169,8 @@ class ShmGroup:
             if self.rank != root:
                 np.copyto(piece, slot)
         self.barrier()  # nobody reuses root's slots before everyone has read them
+        sent, received = ((self.world_size - 1) * flat.nbytes, 0) if self.rank == root else (0, flat.nbytes)
+        self.counters.collective(sent, received, flat.nbytes, time.perf_counter() - t0)
 
     def allgather_bytes(self, data: bytes) -> list[bytes]:
         """Every rank's bytes (each at most slot_bytes - 8): for small records such as pickled dicts."""

@@ -11,7 +11,8 @@ from ..params import Param
 
 class LayerNorm(Module):
     """Ba et al. (2016): (x - mean) / sqrt(var + eps) * gamma + beta, statistics over the last axis (biased var,
-    as PyTorch). x: (..., d) -> (..., d). gamma = 1, beta = 0 at init; decay=False for both (as nanoGPT / GPT-2)."""
+    as PyTorch). x: (..., d) -> (..., d). gamma = 1, beta = 0 at init; decay=False for both (as nanoGPT / GPT-2).
+    train=False: forward only, backward is None (nothing kept)."""
 
     def __init__(self, d: int, eps: float = 1e-5, bias: bool = True):
         super().__init__()
@@ -24,6 +25,8 @@ class LayerNorm(Module):
         if x.shape[-1] != self.d:
             raise ValueError(f"LayerNorm {self.path or ''}: input last axis is {x.shape[-1]}, expected {self.d}")
         y, (xhat, rstd) = kernels.layer_norm(x, gamma.data, None if beta is None else beta.data, self.eps)
+        if not train:
+            return y, None  # inference: xhat and rstd are freed here
 
         def backward(dy):
             dx, dgamma, dbeta = kernels.layer_norm_backward(dy, xhat, rstd, gamma.data)
@@ -49,6 +52,8 @@ class RMSNorm(Module):
         if x.shape[-1] != self.d:
             raise ValueError(f"RMSNorm {self.path or ''}: input last axis is {x.shape[-1]}, expected {self.d}")
         y, (xhat, rstd) = kernels.rms_norm(x, gamma.data, self.eps)
+        if not train:
+            return y, None
 
         def backward(dy):
             dx, dgamma = kernels.rms_norm_backward(dy, xhat, rstd, gamma.data)

@@ -19,8 +19,10 @@ from .norm import make_norm
 
 def residual(block: Module, x, sublayer, norm: Module, train: bool):
     """One residual sub-layer. sublayer(h) -> (s, backward) where backward(ds) returns dh or (dh, dextra).
-    Returns (y, backward(dy) -> (dx, dextra or None))."""
-    p = block.dropout if train else 0.0
+    Returns (y, backward(dy) -> (dx, dextra or None)); train=False: (y, None), no dropout, nothing kept."""
+    if not train:
+        return block._infer(x, lambda h: sublayer(h)[0], norm), None
+    p = block.dropout
     if block.pre_norm:
         h, norm_backward = norm(x, train=train)
         s, sub_backward = sublayer(h)
@@ -70,7 +72,7 @@ class _Block(Module):
         self.rng = np.random.default_rng(0)
 
     def _infer(self, x, sublayer, norm):
-        """Inference-only residual sub-layer (no dropout, no backward)."""
+        """Inference-only residual sub-layer (no dropout, no backward): sublayer(h) -> s."""
         if self.pre_norm:
             return x + sublayer(norm(x, train=False)[0])
         return norm(x + sublayer(x), train=False)[0]
@@ -90,6 +92,8 @@ class EncoderBlock(_Block):
         h, b1 = residual(self, x, lambda a: self.self_attn(a, mask=mask, record=record, train=train), self.norm1,
                          train)
         y, b2 = residual(self, h, lambda a: self.ffn(a, train=train), self.norm2, train)
+        if not train:
+            return y, None
 
         def backward(dy):
             return b1(b2(dy)[0])[0]
@@ -124,6 +128,8 @@ class DecoderBlock(_Block):
             h, b2 = residual(self, h, lambda a: self.cross_attn(a, memory, mask=cross_mask, record=record,
                                                                 train=train), self.norm2, train)
         y, b3 = residual(self, h, lambda a: self.ffn(a, train=train), self.norm3, train)
+        if not train:
+            return y, None
 
         def backward(dy):
             dh = b3(dy)[0]

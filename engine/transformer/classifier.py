@@ -36,6 +36,8 @@ class EncoderClassifier(Module):
         z, pool_backward = self.pooler(pooled, train=train)
         t = np.tanh(z)
         logits, cls_backward = self.classifier(t, train=train)
+        if not train:
+            return logits, None
 
         def backward(dlogits):
             dt = cls_backward(dlogits)

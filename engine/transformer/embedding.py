@@ -32,6 +32,8 @@ class TokenEmbedding(Module):
         y = W.data[ids]  # (B, T, D) gather = copy
         if self.scale != 1.0:
             y *= np.asarray(self.scale, y.dtype)
+        if not train:
+            return y, None
 
         def backward(dy):
             # sorted ids and a sparse product (kernels.embedding_backward), the sqrt(D) scale folded into it

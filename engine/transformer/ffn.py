@@ -36,6 +36,8 @@ class PositionWiseFFN(Module):
         # and keeps dgelu (N, F) instead of h and sigmoid(2u)
         if self.activation == "gelu" and train:
             return self._forward_gelu_train(x, x2)
+        if not train:
+            return self._infer(x, x2), None
         h = x2 @ self.w1.data  # (N, F) or (N, 2F)
         if self.b1 is not None:
             kernels.add_row_(h, self.b1.data)
@@ -75,6 +77,25 @@ class PositionWiseFFN(Module):
             return (dh @ self.w1.data.T).reshape(x.shape)
 
         return y.reshape(x.shape), backward
+
+    def _infer(self, x, x2):
+        """Forward only: the hidden activation is computed in place in the (N, F) pre-activation buffer, with no
+        derivative (no s, no dgelu) and nothing kept; returns y (..., D)."""
+        F = self.d_ff
+        h = x2 @ self.w1.data  # (N, F) or (N, 2F)
+        if self.b1 is not None:
+            kernels.add_row_(h, self.b1.data)
+        if self.activation == "gelu":
+            a = kernels.gelu_tanh_inplace(h)
+        elif self.activation == "relu":
+            a = np.maximum(h, 0, out=h)
+        else:
+            a = kernels.silu(h[:, :F])[0]
+            a *= h[:, F:]
+        y = a @ self.w2.data
+        if self.b2 is not None:
+            kernels.add_row_(y, self.b2.data)
+        return y.reshape(x.shape)
 
     def _output_backward(self, dy, a):
         """The output projection's parameter gradients from dy (..., D) and the hidden activation a (N, F);

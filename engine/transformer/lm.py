@@ -37,17 +37,24 @@ class DecoderLM(Module):
 
         return (h2 @ self.w_out.data).reshape(B, T, -1), backward
 
+    def _logits(self, h):
+        """Inference head: h (..., D) -> logits (..., V), nothing kept."""
+        W = self.embed.tokens.weight.data.T if self.cfg.tie_embeddings else self.w_out.data
+        return (h.reshape(-1, h.shape[-1]) @ W).reshape(*h.shape[:-1], -1)  # one 2-D GEMM
+
     def _head_params(self):
         """The output layer as linear_cross_entropy takes it: weight (V, D) and its grad."""
         w = self.embed.tokens.weight if self.cfg.tie_embeddings else None
         return (w.data, w.grad) if w is not None else (self.w_out.data.T, self.w_out.grad.T)
 
     def hidden(self, x, *, record: dict | None = None, train: bool):
-        """x (B, T) -> the last hidden states h (B, T, D) and backward(dh) -> None."""
+        """x (B, T) -> the last hidden states h (B, T, D) and backward(dh) -> None (None for train=False)."""
         T = x.shape[1]
         mask = make_attention_mask(padding_mask(x, self.cfg.pad_id), causal=True, tq=T, tk=T, dtype=self.dtype)
         h, emb_backward = self.embed(x, train=train)
         h, dec_backward = self.decoder(h, self_mask=mask, record=record, train=train)
+        if not train:
+            return h, None  # forward only: nothing kept
 
         def backward(dh):
             emb_backward(dec_backward(dh)[0])
@@ -56,7 +63,10 @@ class DecoderLM(Module):
         return h, backward
 
     def forward(self, x, *, record: dict | None = None, train: bool):
+        """train=False: forward only, returns (logits, None)."""
         h, hidden_backward = self.hidden(x, record=record, train=train)
+        if not train:
+            return self._logits(h), None
         logits, head_backward = self._head(h)
 
         def backward(dlogits):
@@ -96,8 +106,8 @@ class DecoderLM(Module):
                                    q_offset=offset, dtype=self.dtype)
         x, _ = self.embed(tokens, offset, train=False)
         h, caches = self.decoder.step(x, state["caches"], mask)
-        logits, _ = self._head(h[:, -1:])
-        return logits[:, 0], {"caches": caches, "self_pad": self_pad, "pos": offset + t}
+        logits = self._logits(h[:, -1])  # (B, V)
+        return logits, {"caches": caches, "self_pad": self_pad, "pos": offset + t}
 
     def reorder(self, state: dict, idx) -> dict:
         return reorder_state(state, np.asarray(idx))

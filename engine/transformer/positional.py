@@ -27,6 +27,8 @@ class LearnedPositionalEmbedding(Module):
     def forward(self, T: int, offset: int = 0, *, dtype=None, train: bool):
         _check(self.path, offset, T, self.max_len)
         W = self.weight
+        if not train:
+            return W.data[offset:offset + T], None
 
         def backward(dpos):
             """dpos: (T, D), already summed over the batch."""
@@ -55,7 +57,7 @@ class SinusoidalPositionalEncoding(Module):
         dtype = np.dtype(dtype)
         if dtype not in self._cast:
             self._cast[dtype] = self.table.astype(dtype)
-        return self._cast[dtype][offset:offset + T], (lambda dpos: None)
+        return self._cast[dtype][offset:offset + T], ((lambda dpos: None) if train else None)
 
 
 def make_positional(kind: str, max_len: int, d_model: int) -> Module:

@@ -38,6 +38,8 @@ class Seq2SeqTransformer(Module):
         mask = make_attention_mask(src_pad, dtype=self.dtype) if src_pad is not None else None
         x, emb_backward = self.src_embed(src, train=train)
         memory, enc_backward = self.encoder(x, mask=mask, record=record, train=train)
+        if not train:
+            return memory, mask, None
 
         def backward(dmemory):
             emb_backward(enc_backward(dmemory))
@@ -61,6 +63,15 @@ class Seq2SeqTransformer(Module):
 
         return y.reshape(B, T, -1), backward
 
+    def _logits(self, h):
+        """Inference head: h (B, T, D) -> logits (B, T, V), nothing kept."""
+        h2 = h.reshape(-1, h.shape[-1])  # one 2-D GEMM
+        if self.cfg.tie_output:
+            return (h2 @ self.tgt_embed.tokens.weight.data.T).reshape(*h.shape[:-1], -1)
+        y = h2 @ self.w_out.data
+        add_row_(y, self.b_out.data)
+        return y.reshape(*h.shape[:-1], -1)
+
     def _head_params(self):
         """The output layer as linear_cross_entropy takes it: weight (V, D), its grad, bias and its grad (or None)."""
         if self.cfg.tie_output:
@@ -70,7 +81,8 @@ class Seq2SeqTransformer(Module):
 
     # -- training ---------------------------------------------------------------------------------------------------------
     def hidden(self, src, tgt_in, *, record: dict | None = None, train: bool):
-        """src (B, S), tgt_in (B, T) -> the decoder's last hidden states h (B, T, D) and backward(dh) -> None."""
+        """src (B, S), tgt_in (B, T) -> the decoder's last hidden states h (B, T, D) and backward(dh) -> None
+        (None for train=False)."""
         memory, cross_mask, enc_backward = self.encode(src, record=record, train=train)
         T = tgt_in.shape[1]
         self_mask = make_attention_mask(padding_mask(tgt_in, self.cfg.pad_id), causal=True, tq=T, tk=T,
@@ -78,6 +90,8 @@ class Seq2SeqTransformer(Module):
         x, emb_backward = self.tgt_embed(tgt_in, train=train)
         h, dec_backward = self.decoder(x, memory, self_mask=self_mask, cross_mask=cross_mask, record=record,
                                        train=train)
+        if not train:
+            return h, None  # forward only: nothing kept
 
         def backward(dh):
             dx, dmemory = dec_backward(dh)
@@ -88,7 +102,10 @@ class Seq2SeqTransformer(Module):
         return h, backward
 
     def forward(self, src, tgt_in, *, record: dict | None = None, train: bool):
+        """train=False: forward only, returns (logits, None); no layer keeps anything for a backward."""
         h, hidden_backward = self.hidden(src, tgt_in, record=record, train=train)
+        if not train:
+            return self._logits(h), None
         logits, head_backward = self._head(h)
 
         def backward(dlogits):
@@ -130,8 +147,8 @@ class Seq2SeqTransformer(Module):
                                         q_offset=offset, dtype=self.dtype)
         x, _ = self.tgt_embed(tokens, offset, train=False)
         h, caches = self.decoder.step(x, state["caches"], self_mask, state["cross_mask"])
-        logits, _ = self._head(h[:, -1:])
-        return logits[:, 0], {"caches": caches, "cross_mask": state["cross_mask"], "self_pad": self_pad,
+        logits = self._logits(h[:, -1])  # (B, V)
+        return logits, {"caches": caches, "cross_mask": state["cross_mask"], "self_pad": self_pad,
                               "pos": offset + t}
 
     def reorder(self, state: dict, idx) -> dict:

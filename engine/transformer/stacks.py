@@ -33,6 +33,8 @@ class InputEmbedding(Module):
         x, tok_backward = self.tokens(ids, train=train)
         p, pos_backward = self.pos(ids.shape[1], offset, dtype=x.dtype, train=train)
         x += p
+        if not train:
+            return x, None
         keep = dropout_mask(self.rng, x.shape, self.dropout, x.dtype) if train and self.dropout > 0 else None
         if keep is not None:
             x *= keep
@@ -66,6 +68,8 @@ class Encoder(Module):
         if self.final_norm is not None:
             x, b = self.final_norm(x, train=train)
             backwards.append(b)
+        if not train:
+            return x, None
 
         def backward(dy):
             for b in reversed(backwards):
@@ -95,6 +99,8 @@ class Decoder(Module):
         norm_backward = None
         if self.final_norm is not None:
             x, norm_backward = self.final_norm(x, train=train)
+        if not train:
+            return x, None
 
         def backward(dy):
             if norm_backward is not None:

@@ -16,37 +16,43 @@ style) and "classifier" (encoder with a pooled head).
     share_embeddings = false       # one embedding for source and target (same vocabulary)
     tie_output = true              # output projection = target embedding^T
     label_smoothing = 0.0
-    eval_beam_size = 1             # exact match decodes greedily (1) or with beam search
-    length_penalty = 0.6           # GNMT alpha of that beam search
+    eval_beam_size = 1             # eval decodes (exact match, BLEU) greedily (1) or with beam search
+    length_penalty = 0.6           # alpha of that beam search's length penalty (engine.decoding.length_penalty)
+    length_penalty_kind = "gnmt"   # gnmt ((5 + len) / 6) ** alpha | fairseq len ** alpha (its --lenpen)
+    eval_bleu = true               # BLEU in every eval when the tokenizer is word or BPE level
 
 The keys are the fields of the engine's config dataclasses (engine/transformer/config.py) plus the adapter's own
-(label_smoothing, eval_beam_size, length_penalty, block_size); vocabulary sizes and max_len come from TaskInfo.
+(label_smoothing, eval_beam_size, length_penalty, length_penalty_kind, eval_bleu, block_size); vocabulary sizes
+and max_len come from TaskInfo.
 
-Batches (launch/models/base.py): seq2seq src/tgt_in/tgt_out, lm x/y, classification x/y. PAD (0) targets are
+Batches (cluster/job.py): seq2seq src/tgt_in/tgt_out, lm x/y, classification x/y. PAD (0) targets are
 ignored by the loss and every metric. The engine module maps ids to logits:
   seq2seq     module(src, tgt_in) -> (logits (B, T, V), backward); also an IncrementalDecoder (start/step/reorder)
   lm          module(x) -> (logits (B, T, V), backward); an IncrementalDecoder too (src = None)
   classifier  module(x) -> (logits (B, C), backward); x (B, T) token ids (EncoderClassifier) or (B, F) float
-              features (FeatureTokenClassifier, below)
+              features (engine.transformer.FeatureTokenClassifier)
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
 from ndtrain.data.info import PAD, TaskInfo
 from ndtrain.engine import decoding, losses, metrics
-from ndtrain.engine.module import Module
-from ndtrain.engine.params import Param
+from ndtrain.cluster.job import TaskModel
+from ndtrain.engine.transformer import (DecoderLM, DecoderLMConfig, EncoderClassifier, EncoderClassifierConfig,
+                                        FeatureTokenClassifier, Seq2SeqConfig, Seq2SeqTransformer)
+from ndtrain.launch.config import ConfigError, model_options
 from ndtrain.launch.models import register_model
-from ndtrain.launch.models.base import TaskModel
 
 _COMMON = {"d_model": 128, "n_heads": 4, "d_ff": 512, "dropout": 0.1, "attn_dropout": None, "activation": "gelu",
            "norm": "layer", "norm_placement": "pre", "scale_embedding": False, "label_smoothing": 0.0}
 DEFAULTS = {
     "transformer": {**_COMMON, "positional": "sinusoidal", "n_enc_layers": 2, "n_dec_layers": 2,
-                    "share_embeddings": False, "tie_output": True, "eval_beam_size": 1, "length_penalty": 0.6},
+                    "share_embeddings": False, "tie_output": True, "eval_beam_size": 1, "length_penalty": 0.6,
+                    "length_penalty_kind": "gnmt", "eval_bleu": True},
     # nanoGPT's small CPU configuration for shakespeare_char (no dropout)
     "lm": {**_COMMON, "dropout": 0.0, "positional": "learned", "n_layers": 4, "tie_embeddings": True,
            "block_size": 0},  # block_size 0: the task's context length (TaskInfo.max_tgt_len)
@@ -63,15 +69,7 @@ def _model_table(cfg) -> dict:
 
 
 def _options(cfg, family: str) -> dict:
-    table = _model_table(cfg)
-    try:
-        from ndtrain.launch.config import model_options
-    except ImportError:  # the trainer's config module is optional here
-        unknown = sorted(set(table) - set(DEFAULTS[family]))
-        if unknown:
-            raise KeyError(f"model.{unknown[0]}: unknown key for model {family!r}")
-        return {**DEFAULTS[family], **table}
-    return model_options(table, DEFAULTS[family], family)
+    return model_options(_model_table(cfg), DEFAULTS[family], family)
 
 
 def _ids(a) -> np.ndarray:
@@ -95,16 +93,28 @@ def _finalize_tokens(sums: dict) -> dict:
 # -- seq2seq ----------------------------------------------------------------------------------------------------------
 class Seq2SeqModel(TaskModel):
     """Teacher-forced cross-entropy summed over the real (non-PAD) target tokens; eval adds the exact match of
-    greedy (or beam) decodes made through the IncrementalDecoder protocol."""
+    greedy (or beam) decodes made through the IncrementalDecoder protocol and, with a word or BPE tokenizer
+    (set_tokenizer), the corpus BLEU of the same decodes: one decode per batch serves every metric."""
     reports_padding = True  # pad_fraction of the source + decoder-input positions
 
     def __init__(self, module, label_smoothing: float = 0.0, eval_beam_size: int = 1, length_penalty: float = 0.6,
-                 max_decode_len: int | None = None):
+                 max_decode_len: int | None = None, length_penalty_kind: str = "gnmt", eval_bleu: bool = True):
         self.module = module
         self.label_smoothing = float(label_smoothing)
         self.eval_beam_size = int(eval_beam_size)
         self.length_penalty = float(length_penalty)
+        self.length_penalty_kind = length_penalty_kind
         self.max_decode_len = max_decode_len
+        self.eval_bleu = bool(eval_bleu)
+        self.detokenize = None  # ids (L,) -> text, set by set_tokenizer when BLEU is computed
+
+    def set_tokenizer(self, tokenizer, bleu: bool | None = None) -> None:
+        """BLEU (sacreBLEU's corpus BLEU of the detokenized decodes against the detokenized targets) when bleu is
+        True, or when bleu is None, model.eval_bleu is set and the tokenizer is word or BPE level (a char task's
+        BLEU would count whole outputs as single words: exact match measures it better)."""
+        if bleu is None:
+            bleu = self.eval_bleu and getattr(tokenizer, "kind", "") in ("word", "bpe")
+        self.detokenize = tokenizer.decode if bleu and tokenizer is not None else None
 
     def loss(self, batch, *, train):
         src, tgt_in, tgt_out = _ids(batch["src"]), _ids(batch["tgt_in"]), _ids(batch["tgt_out"])
@@ -126,23 +136,62 @@ class Seq2SeqModel(TaskModel):
         beam = self.eval_beam_size if beam_size is None else beam_size
         if beam > 1:
             return decoding.beam_search(self.module, _ids(src), beam_size=beam, max_len=max_len,
-                                        alpha=self.length_penalty)[0]
+                                        alpha=self.length_penalty, penalty=self.length_penalty_kind)[0]
         return decoding.greedy(self.module, _ids(src), max_len=max_len)
 
+    # Rows per eval chunk: a batch is sorted by length and cut into chunks, each trimmed to its own longest row, so
+    # the forward and the decode compute (almost) nothing on padding; the sums do not depend on the order.
+    EVAL_CHUNK_ROWS = 128
+
     def metric_sums(self, batch):
-        tgt_out = _ids(batch["tgt_out"])
-        logits, _ = self.module(_ids(batch["src"]), _ids(batch["tgt_in"]), train=False)
-        correct, count = metrics.token_accuracy_sums(logits, tgt_out)
-        loss_sum, _, _ = losses.cross_entropy_fused(logits, tgt_out, ignore_index=PAD, inplace=True)
-        # A correct output ends with EOS within the batch's target width, so decoding further is never needed.
-        pred = self.decode(batch["src"], max_len=tgt_out.shape[1])
+        """Forward only (train=False: no layer keeps backward state), then ONE decode for exact match and (with a
+        detokenizer) the BLEU statistics; by length-sorted chunks of EVAL_CHUNK_ROWS rows, trimmed of padding."""
+        src, tgt_in, tgt_out = _ids(batch["src"]), _ids(batch["tgt_in"]), _ids(batch["tgt_out"])
+        src_len, tgt_len = (src != PAD).sum(axis=1), (tgt_out != PAD).sum(axis=1)
+        order = np.lexsort((tgt_len, src_len))  # by source length (what the decode sees), then target length
+        out: dict[str, float] = {}
+        for c0 in range(0, len(order), self.EVAL_CHUNK_ROWS):
+            rows = order[c0:c0 + self.EVAL_CHUNK_ROWS]
+            S, T = max(1, int(src_len[rows].max())), max(1, int(tgt_len[rows].max()))
+            for k, v in self._chunk_sums(src[rows, :S], tgt_in[rows, :T], tgt_out[rows, :T]).items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def _logits_real(self, src, tgt_in, tgt_out):
+        """Logits (N, V) of the N real (non-PAD) target positions only, and their targets (N,): the output layer
+        never runs on padding (a model without hidden() falls back to its full forward)."""
+        real = tgt_out != PAD
+        if hasattr(self.module, "hidden") and hasattr(self.module, "_logits"):
+            h, _ = self.module.hidden(src, tgt_in, train=False)  # (B, T, D)
+            return self.module._logits(h[real]), tgt_out[real]
+        logits, _ = self.module(src, tgt_in, train=False)  # (B, T, V)
+        return logits[real], tgt_out[real]
+
+    def _chunk_sums(self, src, tgt_in, tgt_out) -> dict[str, float]:
+        logits, targets = self._logits_real(src, tgt_in, tgt_out)  # (N, V), (N,)
+        correct = int(np.count_nonzero(logits.argmax(axis=-1) == targets))
+        loss_sum, count, _ = losses.cross_entropy_fused(logits, targets, ignore_index=PAD, inplace=True)
+        del logits
+        # A correct output ends with EOS within the chunk's target width, so exact match never needs a longer
+        # decode; BLEU scores the whole translation, so then decoding runs up to the task's longest target.
+        max_len = tgt_out.shape[1]
+        if self.detokenize is not None:
+            max_len = max(max_len, self.max_decode_len or 0)
+        pred = self.decode(src, max_len=max_len)
         exact = metrics.sequence_exact_match(pred, tgt_out)
-        return {"loss_sum": loss_sum, "count": float(count), "correct": float(correct),
-                "exact": float(exact.sum()), "n_seq": float(tgt_out.shape[0])}
+        out = {"loss_sum": float(loss_sum), "count": float(count), "correct": float(correct),
+               "exact": float(exact.sum()), "n_seq": float(tgt_out.shape[0])}
+        if self.detokenize is not None:
+            hyps = [self.detokenize(row) for row in pred]
+            refs = [self.detokenize(row) for row in tgt_out]
+            out.update(metrics.bleu_sums(hyps, refs))
+        return out
 
     def finalize(self, sums):
         out = _finalize_tokens(sums)
         out["exact_match"] = sums["exact"] / max(sums.get("n_seq", 0.0), 1.0)
+        if "bleu_sys_len" in sums:
+            out["bleu"] = metrics.bleu_from_sums(sums).score
         return out
 
 
@@ -212,83 +261,53 @@ class ClassifierModel(TaskModel):
         return {"loss": sums["loss_sum"] / n, "accuracy": sums["correct"] / n}
 
 
-class FeatureTokenClassifier(Module):
-    """Vector classification with a Transformer encoder: each of the F features becomes a token
-    e_j = x_j w_j + b_j (the "feature tokenizer" of Gorishniy et al., 2021, FT-Transformer), the tokens pass the
-    engine's Encoder (no mask, no positions: the per-feature embeddings already tell the features apart), their mean
-    goes through a Linear head. forward(x (B, F) float) -> (logits (B, C), backward(dlogits) -> dx (B, F))."""
-
-    def __init__(self, cfg, n_features: int, n_classes: int):
-        from ndtrain.engine import init as initializers
-        from ndtrain.engine.layers import Linear
-        from ndtrain.engine.transformer.stacks import Encoder
-        super().__init__()
-        self.cfg = cfg.validate()
-        D = cfg.d_model
-        self.w_feat = Param((n_features, D), initializers.torch_linear_default(D), decay=True)
-        self.b_feat = Param((n_features, D), initializers.torch_linear_default(D), decay=False)
-        self.encoder = Encoder(cfg, cfg.n_layers)
-        self.head = Linear(D, n_classes)
-
-    def forward(self, x, *, train: bool):
-        w, b = self.w_feat, self.b_feat
-        tokens = x[:, :, None] * w.data + b.data  # (B, F, D)
-        h, enc_backward = self.encoder(tokens, train=train)  # (B, F, D)
-        F = h.shape[1]
-        logits, head_backward = self.head(h.mean(axis=1), train=train)  # (B, C)
-
-        def backward(dlogits):
-            dpooled = head_backward(dlogits)  # (B, D)
-            dh = np.broadcast_to(dpooled[:, None, :] / F, h.shape).copy()  # the mean spreads evenly
-            dtokens = enc_backward(dh)  # (B, F, D)
-            w.grad += np.einsum("bf,bfd->fd", x, dtokens)
-            b.grad += dtokens.sum(axis=0)
-            return (dtokens * w.data).sum(axis=-1)  # (B, F)
-
-        return logits, backward
-
-
 # -- builders ---------------------------------------------------------------------------------------------------------
 def _config(cls, values: dict):
-    """An engine config dataclass from our option names; keys the class does not have are dropped (so the [model]
-    table may carry adapter-only keys such as eval_beam_size)."""
+    """An engine config dataclass from our option names, validated; keys the class does not have are dropped (so the
+    [model] table may carry adapter-only keys such as eval_beam_size). Its errors name the model.* field."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+    try:
+        return cls(**{k: v for k, v in values.items() if k in names}).validate()
+    except ValueError as e:
+        raise ConfigError(re.sub(r"^\w+Config\.", "model.", str(e))) from None
 
 
 def _check_kind(info: TaskInfo, family: str, kinds: tuple) -> None:
     if info.kind not in kinds:
-        raise ValueError(f"run.model: {family!r} needs a {' or '.join(kinds)} task; task {info.name!r} is "
+        raise ConfigError(f"run.model: {family!r} needs a {' or '.join(kinds)} task; task {info.name!r} is "
                          f"{info.kind}")
 
 
 def _engine_options(opts: dict) -> dict:
     out = dict(opts)
     if out["d_model"] % out["n_heads"]:
-        raise ValueError(f"model.n_heads: must divide model.d_model={out['d_model']}, got {out['n_heads']}")
+        raise ConfigError(f"model.n_heads: must divide model.d_model={out['d_model']}, got {out['n_heads']}")
     return out
 
 
 @register_model("transformer")
 def build_transformer(task_info: TaskInfo, cfg) -> Seq2SeqModel:
-    from ndtrain.engine.transformer import Seq2SeqConfig, Seq2SeqTransformer
     _check_kind(task_info, "transformer", ("seq2seq",))
     opts = _engine_options(_options(cfg, "transformer"))
     mc = _config(Seq2SeqConfig, {**opts, "src_vocab": task_info.src_vocab_size, "tgt_vocab": task_info.tgt_vocab_size,
                                  "max_len": max(task_info.max_src_len, task_info.max_tgt_len)})
+    if opts["length_penalty_kind"] not in ("gnmt", "fairseq"):
+        raise ValueError(f"model.length_penalty_kind: must be 'gnmt' or 'fairseq', got {opts['length_penalty_kind']!r}")
+    if opts["eval_beam_size"] < 1:
+        raise ValueError(f"model.eval_beam_size: must be >= 1, got {opts['eval_beam_size']}")
     return Seq2SeqModel(Seq2SeqTransformer(mc), opts["label_smoothing"], opts["eval_beam_size"],
-                        opts["length_penalty"], max_decode_len=task_info.max_tgt_len)
+                        opts["length_penalty"], max_decode_len=task_info.max_tgt_len,
+                        length_penalty_kind=opts["length_penalty_kind"], eval_bleu=opts["eval_bleu"])
 
 
 @register_model("lm")
 def build_lm(task_info: TaskInfo, cfg) -> LMModel:
-    from ndtrain.engine.transformer import DecoderLM, DecoderLMConfig
     _check_kind(task_info, "lm", ("lm",))
     opts = _engine_options(_options(cfg, "lm"))
     block = opts["block_size"] or task_info.max_tgt_len
     if task_info.max_tgt_len and block < task_info.max_tgt_len:
         # The loader serves the data's fixed blocks; a shorter context would see positions it has no embedding for.
-        raise ValueError(f"model.block_size: {block} is shorter than the data's blocks of {task_info.max_tgt_len} "
+        raise ConfigError(f"model.block_size: {block} is shorter than the data's blocks of {task_info.max_tgt_len} "
                          f"tokens (set at `ndtrain data import --block-size`); use >= {task_info.max_tgt_len} or 0")
     mc = _config(DecoderLMConfig, {**opts, "vocab_size": task_info.vocab_size, "max_len": block})
     return LMModel(DecoderLM(mc), block, opts["label_smoothing"])
@@ -296,7 +315,6 @@ def build_lm(task_info: TaskInfo, cfg) -> LMModel:
 
 @register_model("classifier")
 def build_classifier(task_info: TaskInfo, cfg) -> ClassifierModel:
-    from ndtrain.engine.transformer import EncoderClassifier, EncoderClassifierConfig
     _check_kind(task_info, "classifier", ("classification",))
     opts = _engine_options(_options(cfg, "classifier"))
     vocab = task_info.src_vocab_size or task_info.tgt_vocab_size
@@ -305,7 +323,7 @@ def build_classifier(task_info: TaskInfo, cfg) -> ClassifierModel:
         module = FeatureTokenClassifier(mc, task_info.n_features, task_info.n_outputs)
         return ClassifierModel(module, opts["label_smoothing"])
     if not vocab or not task_info.max_src_len:
-        raise ValueError(f"run.model: 'classifier' needs token ids (TaskInfo.src_vocab_size and max_src_len) or "
+        raise ConfigError(f"run.model: 'classifier' needs token ids (TaskInfo.src_vocab_size and max_src_len) or "
                          f"float features (n_features); task {task_info.name!r} gives neither")
     mc = _config(EncoderClassifierConfig, {**opts, "vocab_size": vocab, "n_classes": task_info.n_outputs,
                                            "max_len": task_info.max_src_len})

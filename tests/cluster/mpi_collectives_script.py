@@ -54,4 +54,14 @@ np.testing.assert_array_equal(store.grad, both[0] + both[1])
 checks = comm.allgather_obj(store.grad.tobytes().hex()[:64])
 assert checks[0] == checks[1]
 comm.barrier()
+
+# counters: a bandwidth-optimal all-reduce's bytes (estimated: MPI hides its algorithm), the time blocked measured
+before = comm.counters.snapshot()
+z = np.ones(1000, np.float32)
+comm.allreduce(z)
+comm.iallreduce(z).wait()
+d = comm.counters.delta(comm.counters.snapshot(), before)
+assert d["estimated"] is True and d["collectives"] == 2 and d["payload_bytes"] == 8000, d
+assert d["bytes_sent"] == d["bytes_received"] == 2 * 4000, d  # 2 (W-1)/W x N per all-reduce, W = 2
+assert d["blocked_s"] > 0, d
 print(f"OK rank {r}", flush=True)

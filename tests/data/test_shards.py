@@ -1,5 +1,7 @@
 """Arrow shards: write/read round trip, every bad-input check, rank coverage over shards, the prepare cache."""
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -249,3 +251,42 @@ def test_manifest_structure_is_checked(shards, edit, field):
     (d / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(DataError, match=field):
         open_dataset(d)
+
+
+def test_prepare_swaps_both_splits_or_neither(tmp_path, monkeypatch):
+    from ndtrain.data import shards
+    d = prepare("xor", tmp_path / "p", rows=40, shard_rows=10)
+    before = {s: _tree(d / s) for s in ("train", "val")}
+    real, calls = shards._write_into, []
+
+    def fail_on_train(out, *a, **k):  # val (written first) succeeds; train fails
+        calls.append(out)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real(out, *a, **k)
+    monkeypatch.setattr(shards, "_write_into", fail_on_train)
+    with pytest.raises(OSError):
+        prepare("xor", d, rows=40, shard_rows=20, seed=3)
+    assert {s: _tree(d / s) for s in ("train", "val")} == before  # val was NOT swapped in alone
+    assert sorted(p.name for p in d.iterdir()) == ["train", "val"]
+
+
+def test_a_failed_rename_undoes_the_renames_already_done(tmp_path, monkeypatch):
+    from ndtrain.data import shards
+    info, cols = generate("xor", 20, seed=0)
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_dataset(a, info, cols)
+    write_dataset(b, info, cols)
+    before = (_tree(a), _tree(b))
+    real = os.replace
+
+    def replace(src, dst):  # the staged copy of b cannot be moved into place
+        if Path(dst) == b and ".tmp-" in Path(src).name:
+            raise OSError(18, "Invalid cross-device link")
+        return real(src, dst)
+    monkeypatch.setattr(shards.os, "replace", replace)
+    with pytest.raises(OSError), shards.StagedWrite() as w:
+        w.write(a, info, generate("xor", 20, seed=5)[1])
+        w.write(b, info, generate("xor", 20, seed=5)[1])
+    assert (_tree(a), _tree(b)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]

@@ -50,6 +50,24 @@ def test_inverse_sqrt_warmup_peak_and_decay():
     assert max(f(i) for i in range(0, 8000, 7)) <= peak * (1 + 1e-12)
 
 
+def test_inverse_sqrt_is_fairseqs():
+    f = S.inverse_sqrt(lr=5e-4, warmup_steps=4000, warmup_init_lr=1e-7)
+    # fairseq: lr = warmup_init_lr + num_updates * lr_step during warmup, then decay_factor * num_updates ** -0.5
+    lr_step = (5e-4 - 1e-7) / 4000
+    assert f(0) == pytest.approx(1e-7 + lr_step)
+    assert f(1999) == pytest.approx(1e-7 + 2000 * lr_step)
+    assert f(3999) == pytest.approx(5e-4)  # the peak after warmup_steps updates
+    assert f(15999) == pytest.approx(5e-4 * math.sqrt(4000) / math.sqrt(16000))  # 4x the updates: half the lr
+    assert max(f(i) for i in range(0, 9000, 3)) <= 5e-4 * (1 + 1e-12)
+    with pytest.raises(ValueError, match="warmup_init_lr"):
+        S.inverse_sqrt(lr=1e-3, warmup_init_lr=1.0)
+    # through the trainer's config: optim.lr is the peak
+    from ndtrain.launch.optimizer_setup import make_schedule_fn
+    from ndtrain.launch.config import OptimConfig
+    g = make_schedule_fn(OptimConfig(lr=2e-3, schedule="inverse_sqrt", schedule_kwargs={"warmup_steps": 10}), 100)
+    assert g(9) == pytest.approx(2e-3) and g(39) == pytest.approx(1e-3)
+
+
 def test_one_cycle_values():
     f = S.one_cycle(max_lr=1.0, total_steps=100, pct_start=0.25, div_factor=10, final_div_factor=100)
     assert f(0) == pytest.approx(0.1)

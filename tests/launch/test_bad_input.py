@@ -286,6 +286,16 @@ CASES = {
     "import tsv with a bad line": lambda w: Case(
         ["data", "import", "--tsv", str(w.file("p.tsv", "a\tb\nc\n")), "--out", str(w.data() / "train")],
         ["p.tsv", "line 2"], keep=w.data()),
+    "import --val-fraction 1.5": lambda w: Case(
+        ["data", "import", "--text", str(w.text), "--out", str(w.data()), "--val-fraction", "1.5"],
+        ["--val-fraction"], keep=w.data()),
+    "import --val-fraction, val holds a user's file": lambda w: (
+        (w.data() / "val" / "notes.txt").write_text("mine"),
+        Case(["data", "import", "--text", str(w.text), "--out", str(w.data()), "--val-fraction", "0.2"],
+             [str(w.data() / "val"), "notes.txt"], keep=w.data()))[1],
+    "import --val-fraction with a bad --tokenizer-file": lambda w: Case(
+        ["data", "import", "--text", str(w.text), "--out", str(w.data()), "--val-fraction", "0.2",
+         "--tokenizer-file", str(w.file("tok.json", '{"model": {}}'))], ["tok.json"], keep=w.data()),
     "prepare --shard-rows 0": lambda w: Case(
         ["data", "prepare", "--task", "xor", "--out", str(w.tmp / "p"), "--shard-rows", "0"], ["--shard-rows"]),
 
@@ -528,3 +538,16 @@ def test_console_script_real_full_disk_during_import(tiny_tmpfs, tmp_path):
     c = Case([], [str(out), "no space left", "free"])
     check_one_line(c, r.returncode, r.stderr)
     assert list(tiny_tmpfs.iterdir()) == []  # the temporary directory is gone, nothing half-written remains
+
+
+def test_disk_full_on_the_val_split_keeps_both_old_splits(workspace, capsys, monkeypatch):
+    """--val-fraction writes train/ and val/ together: the disk filling on val/ must not leave a new train/ beside
+    the old val/ (two tokenizers' ids mixed)."""
+    keep = workspace.data()
+    before = tree_digest(keep)
+    _enospc_on_fsync(monkeypatch, lambda name: "/.val.tmp-" in name and "shard-" in name)
+    c = Case(["data", "import", "--text", str(workspace.text), "--out", str(keep), "--val-fraction", "0.2",
+              "--tokenizer", "word"], [str(keep / "val"), "no space left"])
+    rc, err = run_cli(c.argv, capsys)
+    check_one_line(c, rc, err)
+    assert tree_digest(keep) == before
