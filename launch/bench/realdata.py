@@ -56,7 +56,8 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per mode (default 20)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (default 2)")
     p.add_argument("--eval-rows", type=int, default=256, help="validation rows for the trainer's evaluation timing")
-    p.add_argument("--vocab-size", type=int, default=4000, help="BPE ids when DATA is a raw corpus (default 4000)")
+    p.add_argument("--vocab-size", type=int, default=8000,
+                   help="joint BPE ids when DATA is a raw corpus (default 8000, the recipe's)")
     p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
