@@ -30,19 +30,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ndtrain.launch.cli import main as cli
-from ndtrain.launch.errors import UsageError
-from ndtrain.launch.optimizer_setup import make_optimizer
-from ndtrain.launch.task_data import load_task_data
-from ndtrain.engine import ParamStore
-from ndtrain.launch.config import apply_overrides, load_config, validate
-from ndtrain.launch.models import build_model
-from ndtrain.data.info import PAD
-from ndtrain.data.shards import TOKENIZER_FILE
-from ndtrain.launch.task_data import make_loader
-from ndtrain.data.loader import Loader
-from ndtrain.engine.memory import retain_freed_memory
 from threadpoolctl import threadpool_limits
+
+from ndtrain.data.info import PAD
+from ndtrain.data.loader import Loader
+from ndtrain.data.shards import TOKENIZER_FILE
+from ndtrain.engine import ParamStore
+from ndtrain.engine.losses import cross_entropy_fused
+from ndtrain.engine.memory import retain_freed_memory
+from ndtrain.launch.cli import main as cli
+from ndtrain.launch.config import apply_overrides, load_config, validate
+from ndtrain.launch.errors import UsageError
+from ndtrain.launch.models import build_model
+from ndtrain.launch.optimizer_setup import make_optimizer
+from ndtrain.launch.task_data import load_task_data, make_loader
 
 RAW_FILES = ("train.en.gz", "train.de.gz", "val.en.gz", "val.de.gz")
 TARGET_RATIO = 0.75
@@ -113,8 +114,6 @@ def _synthetic_batches(B: int, src_len: int, tgt_len: int, vocab: tuple[int, int
 
 
 def _train_step(model, store, opt, batch, full_logits: bool = False) -> tuple[float, int]:
-    from ndtrain.data.info import PAD
-    from ndtrain.engine.losses import cross_entropy_fused
     t0 = time.perf_counter()
     store.zero_grad()
     if full_logits:  # every position's logits, then the loss: the training path before the gathered output layer
