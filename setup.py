@@ -7,7 +7,8 @@ from setuptools import find_packages, setup
 
 ROOTS = ("engine", "data", "cluster", "launch")
 
-packages, package_dir = [], {}
+# ndtrain/ itself: the top package (the Python API, __version__, `python -m ndtrain`)
+packages, package_dir = ["ndtrain"], {"ndtrain": "ndtrain"}
 for root in ROOTS:
     packages.append(f"ndtrain.{root}")
     package_dir[f"ndtrain.{root}"] = root

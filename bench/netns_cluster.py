@@ -1,7 +1,7 @@
 """Two "hosts" on one machine: network namespaces joined by a veth pair stand in for two laptops on a LAN. A Ray
 cluster (head in one, worker node in the other) and an MPI job with a two-host hostfile each train the same tiny
 float64 transformer with one worker per host, and must end with the parameters of a 1-worker run (within 1e-6
-relative, the equivalence result of tests/cluster/test_equivalence.py). Sets up, runs and ALWAYS tears down (the
+relative, the equivalence result of tests/launch/test_equivalence.py). Sets up, runs and ALWAYS tears down (the
 namespaces, and every process inside them, by pid), even on failure or Ctrl-C. Needs root and iproute2.
 
     sudo .venv/bin/python bench/netns_cluster.py [--only ray|mpi] [--json out.json] [--keep-dirs]

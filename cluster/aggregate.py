@@ -7,6 +7,7 @@ one record:
                                      {"0": s0, "1": s1, ...}
   comm_time                          mean over ranks; comm_share = mean over ranks of comm_time / step_time
   tokens_per_s, samples_per_s        sum over ranks of tokens / step_time (the job's throughput)
+  reporting_ranks                    how many ranks' records were aggregated (1 when only rank 0 reports)
   anything else                      the lowest rank's value (lr, grad_norm, eval dicts, time)
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ def aggregate(by_rank: dict[int, dict]) -> dict:
                  if _num(rec.get(key)) and _num(rec.get("step_time")) and rec["step_time"] > 0]
         if rates:
             out[per] = sum(rates)
-    out["ranks"] = len(recs)
+    out["reporting_ranks"] = len(recs)  # whose records were aggregated (rank 0 only, when only it reports)
     return out
 
 

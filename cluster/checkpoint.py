@@ -258,19 +258,11 @@ def load(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(step=int(meta["step"]), params=params, buffers=buffers, optim=optim, meta=meta, path=path)
 
 
-def checkpoint_dir_of(path: str | os.PathLike) -> Path:
-    """A run directory (holding checkpoints/) -> its checkpoints directory; anything else unchanged."""
-    path = Path(path)
-    if path.is_dir() and (path / "checkpoints").is_dir() and not list_checkpoints(path):
-        return path / "checkpoints"
-    return path
-
-
 def load_valid(path: str | os.PathLike) -> Checkpoint:
-    """Load for resuming. A checkpoint file: that one (an error if it does not verify). A checkpoints or run
-    directory: the newest checkpoint that verifies; each newer corrupt one is skipped with a CheckpointWarning
+    """Load for resuming. A checkpoint file: that one (an error if it does not verify). A checkpoints directory:
+    the newest checkpoint that verifies; each newer corrupt one is skipped with a CheckpointWarning
     naming it and why. CheckpointError when there is none."""
-    path = checkpoint_dir_of(path)
+    path = Path(path)
     if not path.is_dir():
         return load(path)
     found = list_checkpoints(path)

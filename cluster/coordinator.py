@@ -2,9 +2,10 @@
 
 It listens on 127.0.0.1 (or a given host) for the ranks' RankReporter connections through cluster.coord_server
 (each one proves the per-run token by an HMAC challenge-response before anything it sends is parsed; sizes,
-connection count and idle time are bounded there). It aggregates each step over ranks (cluster.aggregate), draws a progress bar with ETA, writes the run
-directory through a sink (launch.rundir.RunWriter: metrics.jsonl, summary.json), TensorBoard events (DIR/tb) and
-ranks.json (each rank's host and pid), and decides when the job has failed:
+connection count and idle time are bounded there). It aggregates each step over ranks (cluster.aggregate) and
+hands the records to the sink the launcher gave it (launch: the run directory's metrics.jsonl and summary.json,
+TensorBoard events, the console's progress), writes `ranks_file` (each rank's host and pid), and decides when the
+job has failed:
   - a rank reported an exception (rank, step, traceback);
   - a rank's connection closed before it said "done" (it crashed);
   - a rank was silent (no message, not even a heartbeat) for heartbeat_timeout seconds;
@@ -21,7 +22,7 @@ steps already written (the steps a restarted group replays from its checkpoint) 
 Each aggregated train record also gets `rank_step_s` {"0": s, "1": s, ...} (each rank's latest measured step time)
 and `rank_comm_share` (its share of that time blocked in collectives), from the ranks' timing messages.
 
-    coord = Coordinator(world_size=2, writer=RunWriter(out), total_steps=100); coord.start()
+    coord = Coordinator(world_size=2, writer=sinks, ranks_file=out / "ranks.json"); coord.start()
     env = coord.env()                        # NDTRAIN_COORD_ADDR / NDTRAIN_COORD_TOKEN for the ranks
     while not (coord.finished or coord.failure): coord.poll(0.2)
     coord.close()
@@ -32,7 +33,6 @@ import json
 import os
 import queue
 import secrets
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,15 +61,15 @@ class Failure:
 
 
 class Coordinator:
-    def __init__(self, world_size: int, writer=None, run_dir: str | os.PathLike | None = None,
-                 total_steps: int | None = None, quiet: bool = False, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, world_size: int, writer=None, ranks_file: str | os.PathLike | None = None,
+                 host: str = "127.0.0.1", port: int = 0,
                  token: str | None = None, heartbeat_timeout: float = 30.0, start_timeout: float = 120.0,
-                 tensorboard: bool = True, extra_summary: dict | None = None, stall_timeout: float = 20.0):
+                 extra_summary: dict | None = None, stall_timeout: float = 20.0):
+        """writer: the sink of the aggregated records and the summary (a cluster.sink.MetricsSink; it may have
+        notice(message)); ranks_file: where to write each rank's host and pid once all have connected."""
         self.world_size = int(world_size)
         self.writer = writer
-        self.run_dir = Path(run_dir) if run_dir is not None else (Path(writer.dir) if hasattr(writer, "dir")
-                                                                   else None)
-        self.total_steps, self.quiet = total_steps, quiet
+        self.ranks_file = Path(ranks_file) if ranks_file is not None else None
         self.host, self.port = host, port
         self.token = token or secrets.token_hex(16)
         self._key = coord_key(self.token)
@@ -78,7 +78,6 @@ class Coordinator:
         self.generation = 0
         self._written: dict[str, int] = {}  # kind ("train"/"eval") -> highest step written to the files
         self.replayed = 0  # records of a restarted group not written again
-        self.tensorboard = tensorboard
         self.extra_summary = dict(extra_summary or {})
         self.failure: Failure | None = None
         self.finished = False
@@ -96,8 +95,6 @@ class Coordinator:
         self._inbox: queue.Queue = queue.Queue()
         self._t0 = time.monotonic()
         self._t_wall0 = time.time()
-        self._bar = None
-        self._tb = None
         self._server: CoordServer | None = None
         self.stop_requested = False
         self.interrupted_at: dict[int, int] = {}  # rank -> the step it stopped at on request
@@ -266,24 +263,18 @@ class Coordinator:
     def _fail(self, rank, step, reason, traceback="") -> None:
         if self.failure is None:
             self.failure = Failure(rank, step, reason, traceback)
-            self._close_bar()
 
     # -- outputs -----------------------------------------------------------------------------------------------------
     def _all_connected(self) -> None:
         reporting = sorted(r for r, info in self.ranks.items() if info["reports"])
         self._agg = StepAggregator(reporting or [0])
-        if self.run_dir is not None:
-            self.write_json("ranks.json", [{k: v for k, v in self.ranks[r].items() if k != "reports"}
-                                           for r in sorted(self.ranks)])
+        if self.ranks_file is not None:
+            self.ranks_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.ranks_file, json.dumps([{k: v for k, v in self.ranks[r].items() if k != "reports"}
+                                                          for r in sorted(self.ranks)], indent=2) + "\n")
         pending, self._pending_logs = self._pending_logs, []
         for msg in pending:
             self._emit(self._agg.add(msg["rank"], msg["record"]))
-
-    def write_json(self, name: str, obj) -> None:
-        if self.run_dir is None:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / name, json.dumps(obj, indent=2) + "\n")
 
     def _emit(self, records: list[dict]) -> None:
         for rec in records:
@@ -298,8 +289,6 @@ class Coordinator:
             self.records.append(rec)
             if self.writer is not None:
                 self.writer.log(rec)
-            self._tensorboard(rec)
-            self._progress(rec)
 
     def restart(self) -> None:
         """A new generation for a restarted rank group: a new token (connections of the old group are ignored,
@@ -318,54 +307,10 @@ class Coordinator:
         self._agg = None
         self._t0 = time.monotonic()
 
-    def _tensorboard(self, rec: dict) -> None:
-        """train/<key> and eval/<key> scalars in DIR/tb, as a local run writes them (launch.progress.TensorBoardSink);
-        the writer is made at the first record, so a job that fails at start-up leaves no events file."""
-        if not self.tensorboard or self.run_dir is None:
-            return
-        if self._tb is None:
-            from ndtrain.launch.progress import TensorBoardSink
-            self._tb = TensorBoardSink(self.run_dir / "tb")
-        self._tb.log(rec)
-
-    def _progress(self, rec: dict) -> None:
-        if self.quiet or "eval" in rec:
-            return
-        if not sys.stderr.isatty():
-            # Logs and CI: one plain line per aggregated record, as a local run prints, not tqdm's \r frames.
-            parts = [f"step {int(rec['step'])}/{self.total_steps}:"]
-            if isinstance(rec.get("loss"), (int, float)):
-                parts.append(f"loss {rec['loss']:.4g}")
-            if isinstance(rec.get("tokens_per_s"), (int, float)):
-                parts.append(f"({rec['tokens_per_s']:.0f} tok/s")
-                parts[-1] += f", comm {100 * rec['comm_share']:.1f}%)" if "comm_share" in rec else ")"
-            print(" ".join(parts), file=sys.stderr, flush=True)
-            return
-        if self._bar is None:
-            from tqdm import tqdm
-            self._bar = tqdm(total=self.total_steps, unit="step", file=sys.stderr, dynamic_ncols=True,
-                             desc=f"{self.world_size} rank{'s' if self.world_size > 1 else ''}")
-        step = int(rec["step"])
-        self._bar.update(max(0, step - self._bar.n))
-        post = {}
-        if "loss" in rec:
-            post["loss"] = f"{rec['loss']:.4g}" if isinstance(rec["loss"], float) else rec["loss"]
-        if "tokens_per_s" in rec:
-            post["tok/s"] = f"{rec['tokens_per_s']:.0f}"
-        if "comm_share" in rec:
-            post["comm"] = f"{100 * rec['comm_share']:.1f}%"
-        self._bar.set_postfix(post, refresh=False)
-
-    def _close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
     def _finish(self) -> None:
         if self._agg is not None:
             self._emit(self._agg.flush_all())
         self.finished = True
-        self._close_bar()
         if self._summary is not None and self.writer is not None:
             summary = dict(self._summary)
             for k, v in self._agg_summary().items():
@@ -383,11 +328,7 @@ class Coordinator:
         return out
 
     def close(self) -> None:
-        self._close_bar()
         if self._server is not None:
             self._server.close()
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
         if self.writer is not None and hasattr(self.writer, "close"):
             self.writer.close()

@@ -31,9 +31,12 @@ exchange of W*n numbers instead of an all-reduce of n. Measured in the README / 
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ndtrain.data.loader import Loader
+from ndtrain.engine.module import seed_rngs
 
 
 def is_power_of_two(n: int) -> bool:
@@ -137,3 +140,34 @@ class MicroBatchLoader(Loader):
 
     def make_batch(self, epoch: int, k: int) -> list[dict[str, np.ndarray]]:
         return [self.dataset.batch(rows, **self.batch_kwargs) for rows in self.micro_rows(epoch, k)]
+
+
+def deterministic_gradient(model, store, comm, micro: list, block: range, seed: int, step: int,
+                           buf: np.ndarray, vote: float = 0.0) -> bool:
+    """store.grad = gradient of the global mean loss, bitwise independent of W; buf = [global loss sum, global
+    count, stop votes] (this rank's `vote` rides in the exchange: cluster/interrupt.py). `micro` is this rank's block (`block`: micro-batch indices) of the fixed micro-batches; dropout is seeded
+    per (seed, step, micro-batch index), not per rank. False (no gradient, on every rank alike) when the global loss
+    is not finite. The caller checks buf[1] > 0."""
+    module = model.module
+    backwards, sums = [], np.zeros((2, len(block)), dtype=np.float64)
+    for j, (i, mb) in enumerate(zip(block, micro)):
+        seed_rngs(module, int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0]))
+        loss_sum, count, backward = model.loss(mb, train=True)
+        sums[:, j] = loss_sum, count
+        backwards.append(backward)
+    rows = allgather_rows(comm, canonical_zeros(np.append(sums.ravel(), vote)))  # (W, 2 * M/W + 1)
+    buf[2] = rows[:, -1].sum()  # stop votes
+    per_rank = rows[:, :-1].reshape(comm.world_size, 2, len(block))  # rank order = micro-batch order
+    buf[0] = float(tree_sum(list(per_rank[:, 0, :].ravel())))
+    buf[1] = float(per_rank[:, 1, :].sum())  # integers: exact in any order
+    if buf[1] <= 0 or not math.isfinite(buf[0]):
+        return False
+    tree = TreeSum()
+    for backward in backwards:
+        store.zero_grad()
+        backward(1.0)  # the gradient of this micro-batch's loss SUM
+        tree.push(store.grad)
+    backwards.clear()
+    store.grad[...] = global_tree_sum(comm, tree.result())
+    store.grad *= store.grad.dtype.type(1.0 / buf[1])  # the mean: scaled once, identically
+    return True

@@ -1,12 +1,14 @@
 """How a rank process starts, whatever the backend: pin BLAS threads, link to the coordinator, run the target.
 
 A *target* is the per-rank program, named "package.module:function" and called as `function(ctx)` with a
-RankContext. The training loop is one target (cluster.worker); tests and benchmarks use cluster.probe. A target
+RankContext (as Ray Train runs a function it is handed: this layer never builds a model). The training job is one
+target (launch.worker:train_target, which builds the job from the config); tests and benchmarks use cluster.probe. A target
 that raises is reported to the coordinator (rank, step, traceback) before the process ends, so the coordinator
 ends the whole job with a message naming the rank; nothing is swallowed.
 
-MPI ranks start as `python -m ndtrain.cluster.rank_entry --target MOD:FUNC --args JSON` under mpiexec
-(launch/launch_mpi.py builds that command); Ray ranks are actors (cluster.ray_rank) that call `run_target`.
+Every rank starts through `start_rank`: MPI ranks as `python -m ndtrain.cluster.rank_entry --target MOD:FUNC --args
+JSON` under mpiexec (launch/launch_mpi.py builds that command), Ray ranks as actors (cluster.ray_rank), and the ranks
+of a hand-started `mpirun ndtrain worker` (launch/cmd_worker.py).
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ import importlib
 import json
 import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .comm.mpi import MPICommunicator  # mpi4py is imported when one is made, not here
 from .interrupt import Interrupted, end_rank_if_lost
-
-THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+from .metrics_channel import RankReporter
+from .worker_process import default_threads, pin_threads
 
 
 @dataclass
@@ -89,20 +93,6 @@ def watched(comm, reporter):
     return WatchedComm(comm, reporter) if reporter is not None and hasattr(reporter, "enter_comm") else comm
 
 
-def pin_threads(n: int) -> None:
-    """Limit BLAS/OpenMP threads of this process to n (env for libraries not loaded yet, threadpoolctl for those
-    that are)."""
-    n = max(1, int(n))
-    for k in THREAD_ENV:
-        os.environ[k] = str(n)
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(n)
-
-
-def default_threads(workers_on_host: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, workers_on_host))
-
-
 def resolve(target: str) -> Callable:
     mod, _, fn = target.partition(":")
     if not mod or not fn:
@@ -136,49 +126,37 @@ def run_target(target: str, ctx: RankContext):
     return result
 
 
-def train_target(ctx: RankContext) -> dict:
-    """The training loop as a target: args {"config": path to the run's config.toml, optional "resume": checkpoint
-    path or directory, overriding run.resume}. Rank 0 logs (the loop logs
-    global figures from rank 0 only); every rank reports its errors and heartbeats."""
-    from ndtrain.cluster.worker import run_worker
-    from ndtrain.launch.config import load_config, validate
-    cfg = load_config(ctx.args["config"])
-    if ctx.args.get("resume"):  # the Ray launcher restarting a group from the run's last checkpoint
-        cfg.run.resume = str(ctx.args["resume"])
-    validate(cfg)
-    sink = ctx.reporter
-    if sink is None:
-        from ndtrain.launch.rundir import NullSink
-        sink = NullSink()
-    return run_worker(cfg, ctx.comm, sink)
-
-
 def reports(args: dict, rank: int) -> bool:
     """Does this rank send metrics records? args["_reporting"]: "all" (default) or "rank0"."""
     return args.get("_reporting", "all") == "all" or rank == 0
+
+
+def start_rank(comm, target: str, args: dict, threads: int):
+    """Link this rank to the coordinator (when the environment names one) and run target(ctx); returns its result."""
+    reporter = RankReporter.from_env(comm.rank, comm.world_size, reports=reports(args, comm.rank))
+    ctx = RankContext(watched(comm, reporter), reporter, comm.rank, comm.world_size, threads, dict(args))
+    return run_target(target, ctx)
+
+
+def local_ranks() -> int:
+    """Ranks on this host, as the MPI launcher's environment says (1 when it says nothing)."""
+    return int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("MPI_LOCALNRANKS", "1")))
 
 
 def mpi_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ndtrain.cluster.rank_entry")
     p.add_argument("--target", required=True, help="package.module:function called as function(ctx)")
     p.add_argument("--args", default="{}", help="JSON object: the target's arguments")
-    p.add_argument("--threads", type=int, default=0, help="BLAS threads per rank (0: cores // local ranks)")
+    p.add_argument("--threads", type=int, default=0, help="BLAS threads per rank (0: the default rule)")
     a = p.parse_args(argv)
-    local_size = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("MPI_LOCALNRANKS", "1")))
-    threads = a.threads or default_threads(local_size)
+    threads = a.threads or default_threads(local_ranks())
     pin_threads(threads)
-    from .comm.mpi import MPICommunicator
-    from .metrics_channel import RankReporter
     comm = MPICommunicator()
-    args = json.loads(a.args)
-    reporter = RankReporter.from_env(comm.rank, comm.world_size, reports=reports(args, comm.rank))
-    ctx = RankContext(watched(comm, reporter), reporter, comm.rank, comm.world_size, threads, args)
     try:
-        run_target(a.target, ctx)
+        start_rank(comm, a.target, json.loads(a.args), threads)
     except BaseException:
         # the traceback went to the coordinator (and to stderr below); end every rank now rather than leave the
         # others blocked in a collective
-        import traceback
         traceback.print_exc()
         sys.stderr.flush()
         comm.abort(1)

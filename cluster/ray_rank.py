@@ -7,7 +7,15 @@ from __future__ import annotations
 import os
 import socket
 
-from .rank_entry import RankContext, pin_threads, reports, run_target, watched
+from .comm.auth import derive_key
+from .comm.mesh import PURPOSE
+from .comm.netif import interface_address
+from .comm.ray_comm import RayCommunicator
+from .comm.shm import ShmGroup
+from .comm.tcp import TcpGroup
+from .metrics_channel import ENV_TOKEN
+from .rank_entry import start_rank
+from .worker_process import pin_threads
 
 
 class RankActor:
@@ -19,13 +27,12 @@ class RankActor:
         self._shm = None
 
     def node_info(self) -> dict:
-        import ray
+        import ray  # the actor runs inside Ray; this module is importable without it
         ctx = ray.get_runtime_context()
         return {"rank": self.rank, "host": socket.gethostname(), "ip": ray.util.get_node_ip_address(),
                 "pid": os.getpid(), "node": ctx.get_node_id()}
 
     def join_shm(self, path: str, create: bool, slot_bytes: int, timeout: float) -> None:
-        from .comm.shm import ShmGroup
         self.group = ShmGroup(path, self.rank, self.world_size, create, slot_bytes=slot_bytes, timeout=timeout)
 
     def unlink_shm(self) -> None:
@@ -36,12 +43,7 @@ class RankActor:
         rank shares this node, else the address of `iface` (cluster.iface) or, without one, the address Ray uses
         for this node. The mesh key is derived from the run's secret (NDTRAIN_COORD_TOKEN, given by the driver
         through the actor's constructor, never a command line)."""
-        from .comm.auth import derive_key
-        from .comm.mesh import PURPOSE
-        from .comm.netif import interface_address
-        from .comm.tcp import TcpGroup
-        from .metrics_channel import ENV_TOKEN
-        import ray
+        import ray  # the actor runs inside Ray; this module is importable without it
         if loopback:
             host = "127.0.0.1"
         else:
@@ -55,9 +57,4 @@ class RankActor:
         self.group.connect([tuple(p) for p in peers])
 
     def run(self, target: str, args: dict):
-        from .comm.ray_comm import RayCommunicator
-        from .metrics_channel import RankReporter
-        comm = RayCommunicator(self.rank, self.world_size, self.group)
-        reporter = RankReporter.from_env(self.rank, self.world_size, reports=reports(args, self.rank))
-        ctx = RankContext(watched(comm, reporter), reporter, self.rank, self.world_size, self.threads, dict(args))
-        return run_target(target, ctx)
+        return start_rank(RayCommunicator(self.rank, self.world_size, self.group), target, args, self.threads)

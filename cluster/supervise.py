@@ -1,14 +1,12 @@
 """What the MPI and Ray launchers share: the resolved topology (printed at start and stored in the run directory),
 the supervision loop around the coordinator (which passes a Ctrl-C / SIGTERM of the driver on to the ranks:
-cluster/interrupt.py), the job's exit status, the recovery settings and the final `done:` line."""
+cluster/interrupt.py), the job's exit status and the recovery settings."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 from . import interrupt
@@ -80,15 +78,16 @@ def report_failure(failure) -> None:
     print(failure.message(), file=sys.stderr, flush=True)
 
 
-def job_status(coord, failure) -> int:
+def job_status(coord, failure, run_dir=None) -> int:
     """The launcher's exit status once supervise returned: 0 (done), 1 (failed; the failure is printed), or
-    128 + signal when the ranks stopped on request (the `interrupted at step N; resume with ...` line is printed)."""
+    128 + signal when the ranks stopped on request (the `interrupted at step N; resume with ...` line is printed,
+    naming run_dir)."""
     if failure is not None:
         report_failure(failure)
         return 1
     step = coord.interrupted_step
     if step is not None:
-        print(interrupt.interrupted_line(step, coord.run_dir), file=sys.stderr, flush=True)
+        print(interrupt.interrupted_line(step, run_dir), file=sys.stderr, flush=True)
         return interrupt.exit_code()
     return 0
 
@@ -120,32 +119,3 @@ def recovery_settings(cfg, env=None) -> dict:
             raise ValueError(f"{name} ({section}.{name} or {var}): must be >= 0, got {value}")
         out[name] = value
     return out
-
-
-def done_line(out: str | os.PathLike) -> str:
-    """The final line of a distributed `ndtrain train`, as the local backend prints it, from DIR/summary.json."""
-    summary = json.loads((Path(out) / "summary.json").read_text())
-    ev = " ".join(f"{k} {v:.4f}" for k, v in (summary.get("eval") or {}).items() if isinstance(v, (int, float)))
-    loss = summary.get("final_loss")
-    loss_s = f"{loss:.4f}" if isinstance(loss, (int, float)) else str(loss)
-    restarts = summary.get("restarts")
-    again = f" ({restarts} restart{'s' if restarts != 1 else ''})" if restarts else ""
-    return (f"done: {summary.get('steps')} steps in {summary.get('wall_s', 0.0):.1f}s{again}; final loss {loss_s}; "
-            f"eval {ev}; run directory {out}")
-
-
-def cli_quiet(quiet: bool | None) -> bool:
-    """`--quiet` for launch(cfg): the caller's value, else whether the command line asked for it (cmd_train does
-    not pass it to launchers yet)."""
-    if quiet is not None:
-        return bool(quiet)
-    return any(a in ("-q", "--quiet") for a in sys.argv[1:])
-
-
-def cli_json(log_format: str | None) -> bool:
-    """`--log-format json` for launch(cfg) (stdout must then carry JSON only: no `done:` line, no progress bar):
-    the caller's value, else the command line's."""
-    if log_format is not None:
-        return log_format == "json"
-    argv = sys.argv[1:]
-    return "--log-format=json" in argv or any(a == "--log-format" and b == "json" for a, b in zip(argv, argv[1:]))

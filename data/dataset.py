@@ -5,7 +5,7 @@ Row counts (what the loader permutes):
   lm                one row per block of the packed token stream: block i = stream[i*T : i*T + T + 1], so
                     x = block[:-1], y = block[1:] (T = block_size; blocks do not overlap, the last partial block
                     is dropped: n_blocks = (n_tokens - 1) // T).
-Batch formats are those of launch/models/base.py.
+Batch formats are those of cluster/job.py (TaskModel).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ One contract for every loss (PyTorch semantics for the values):
 `grad` is d(loss)/d(input) for the returned loss (the mean or the sum), times `grad_scale` (default 1), which is
 fused into the pass that writes the gradient. `n` counts the real elements the sum runs over: every element for the
 regression losses and BCE, the rows whose target is not `ignore_index` for cross_entropy. The training loop sums
-`loss_sum` and `n` over ranks and divides by the global count (see launch/models/base.py, TaskModel.loss), so N
+`loss_sum` and `n` over ranks and divides by the global count (see cluster/job.py, TaskModel.loss), so N
 workers compute what one worker computes on the whole batch.
 
 When the global count is only known later (TaskModel's `backward(scale)`), `cross_entropy_fused` returns

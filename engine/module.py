@@ -9,7 +9,7 @@ tying, an RNN cell over time) and inference keeps nothing. `train` defaults to t
 
 Parameters and sub-modules are registered by attribute assignment, in order, like PyTorch's nn.Module; names are
 dotted paths (`decoder.layers.1.self_attn.w_qkv`). Observers (activation statistics, the non-finite detector) attach
-through `engine.hooks` without any layer knowing.
+through `_HOOKS` (below) without any layer knowing: the gradient reducer, engine/debug.py.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Luong et al. 2015).
     attention "luong" / "bahdanau":  context = attend(dec_out, enc_out)  (B, T, H)
                           h~ = tanh([context; dec_out] W_c)  logits = h~ W_out
 
-Padding: source rows are right-padded with PAD; the encoder's final state is each row's state at its last real
+Padding: source rows are right-padded with cfg.pad_id; the encoder's final state is each row's state at its last real
 token (padding-aware RNN), and attention never looks at padded positions. The decoder runs over the padded target
 unmasked: its padded positions come after the real ones and the loss ignores them.
 
@@ -20,8 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from ndtrain.data.info import PAD
 
 from .layers import Embedding, Linear
 from .module import Module
@@ -42,6 +40,7 @@ class Seq2SeqRNNConfig:
     cell: str = "gru"  # gru | lstm
     attention: str = "none"  # none | bahdanau | luong
     d_attn: int = 0  # bahdanau's tanh width; 0 -> hidden_size
+    pad_id: int = 0  # the padding token id of source and target (the data layer's PAD)
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -62,8 +61,8 @@ class Seq2SeqRNN(Module):
         self.cfg = cfg
         H, E, L = cfg.hidden_size, cfg.d_embed, cfg.num_layers
         rnn = CELLS[cfg.cell]
-        self.src_embed = Embedding(cfg.src_vocab_size, E, padding_idx=PAD)
-        self.tgt_embed = Embedding(cfg.tgt_vocab_size, E, padding_idx=PAD)
+        self.src_embed = Embedding(cfg.src_vocab_size, E, padding_idx=cfg.pad_id)
+        self.tgt_embed = Embedding(cfg.tgt_vocab_size, E, padding_idx=cfg.pad_id)
         self.encoder = rnn(E, H, num_layers=L)
         self.decoder = rnn(E, H, num_layers=L)
         self.attn = None
@@ -78,7 +77,7 @@ class Seq2SeqRNN(Module):
     # -- shared pieces ------------------------------------------------------------------------------------------------
     def _encode(self, src, train):
         src = np.asarray(src)
-        src_mask = src != PAD  # (B, S)
+        src_mask = src != self.cfg.pad_id  # (B, S)
         lengths = src_mask.sum(axis=1)
         e, b_emb = self.src_embed(src, train=train)  # (B, S, E)
         ys, b_enc = self.encoder(e, lengths, train=train)  # (enc_out, h_n[, c_n])

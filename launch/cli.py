@@ -7,13 +7,13 @@ import argparse
 import importlib
 import sys
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
+
 from ndtrain.cluster import interrupt
+from ndtrain.launch.errors import UsageError  # re-exported: commands raise it, main() turns it into exit 2
 
 COMMANDS = ["train", "worker", "data", "eval", "generate", "average", "report", "runs", "config", "bench"]
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,20 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ndtrain {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"ndtrain.launch.cmd_{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"ndtrain.launch.cmd_{name}":
-                raise
-            continue  # not built yet
-        mod.add_parser(sub)
+        importlib.import_module(f"ndtrain.launch.cmd_{name}").add_parser(sub)
     return parser
 
 
 def version() -> str:
     """The installed distribution's version (pyproject.toml), or 'unknown' outside an install."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
     try:
         return dist_version("ndtrain")
     except PackageNotFoundError:

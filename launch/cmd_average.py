@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ndtrain.launch.cli import UsageError
+from ndtrain.cluster import checkpoint as ckpt
+from ndtrain.launch import rundir
+from ndtrain.launch.errors import UsageError
+from ndtrain.launch.restore import check_run_dir
 
 AVG_NAME = "avg"
 # The checkpoint-format fields save() writes itself; the rest of the newest input's record is carried over.
@@ -75,14 +78,12 @@ def mean_arrays(dicts: list[dict[str, np.ndarray]], what: str, source) -> dict[s
 
 def average(run_dir: str | Path, last: int, out: str | Path | None = None) -> Path:
     """Write the average of run_dir's `last` newest checkpoints; returns the written JSON's path."""
-    from ndtrain.cluster import checkpoint as ckpt
-    from ndtrain.launch.restore import check_run_dir
     if last < 1:
         raise UsageError(f"--last: must be >= 1, got {last}")
     d = check_run_dir(run_dir)
-    found = ckpt.list_checkpoints(d / "checkpoints")
+    found = ckpt.list_checkpoints(rundir.checkpoints_dir(d))
     if len(found) < last:
-        raise UsageError(f"{d / 'checkpoints'}: --last {last} asks for more checkpoints than the {len(found)} there "
+        raise UsageError(f"{rundir.checkpoints_dir(d)}: --last {last} asks for more checkpoints than the {len(found)} there "
                          f"(run.keep_checkpoints keeps the newest; raise it to average more)")
     paths = found[-last:]
     loaded = []
@@ -98,7 +99,7 @@ def average(run_dir: str | Path, last: int, out: str | Path | None = None) -> Pa
     meta = {k: v for k, v in newest.meta.items() if k not in _FORMAT_FIELDS + _DROPPED}
     meta["averaged"] = {"files": names, "steps": [c.step for c in loaded]}
     if out is None:
-        target_dir, name = d / "checkpoints", AVG_NAME
+        target_dir, name = rundir.checkpoints_dir(d), AVG_NAME
     else:
         out = Path(out)
         if out.suffix != ".json":

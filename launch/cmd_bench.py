@@ -7,10 +7,10 @@ import importlib
 import pkgutil
 
 from .cli import UsageError
+from . import bench
 
 
 def available() -> list[str]:
-    from . import bench
     return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
 
 

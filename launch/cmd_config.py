@@ -15,7 +15,11 @@ import json
 import sys
 import typing
 
-from ndtrain.launch.cli import UsageError
+from ndtrain.launch.errors import UsageError
+from ndtrain.launch.config import POSITIVE, SECTIONS, describe
+from ndtrain.launch import models
+from ndtrain.launch.suggest import did_you_mean
+import importlib
 
 
 def add_parser(sub) -> None:
@@ -38,7 +42,6 @@ def _type_name(t) -> str:
 def fixed_keys() -> list[dict]:
     """[{"key", "type", "default", "doc"}] of every field of the run/optim/data/cluster sections
     (launch.config.describe() with the annotation's type and the validation range added to the doc)."""
-    from ndtrain.launch.config import POSITIVE, SECTIONS, describe
     meta = {}
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
@@ -63,11 +66,8 @@ def fixed_keys() -> list[dict]:
 
 def model_keys(family: str) -> list[dict]:
     """The [model] keys of one family with their defaults (the DEFAULTS table of the family's module)."""
-    import importlib
-    from ndtrain.launch import models
     names = models.model_names()
     if family not in names:
-        from ndtrain.launch.suggest import did_you_mean
         raise UsageError(f"--model: unknown model {family!r}{did_you_mean(family, names)}; known: {', '.join(names)}")
     builder = models._REGISTRY[family]
     defaults = getattr(importlib.import_module(builder.__module__), "DEFAULTS", {})

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ndtrain.launch.cli import UsageError
+from ndtrain.launch.errors import UsageError
+from ndtrain.data.atomic import DiskFullError
+from ndtrain.data.shards import DataError
+from ndtrain.data.prepare import prepare
+from ndtrain.data.tasks import TASKS
+from ndtrain.data.importers import import_parallel, import_text, import_text_split
+from ndtrain.data.tokenizer import check_vocab_size
+from ndtrain.data.reader import open_dataset
+from ndtrain.data.reader import read_manifest
 
 
 def add_parser(subparsers) -> None:
@@ -79,8 +87,6 @@ import it with --tokenizer-file pointing at the training import's tokenizer.json
 def _data_errors(fn):
     """DataError (bad input, naming the file) and a full disk (naming the path and the space needed): one line."""
     def run(args):
-        from ndtrain.data.atomic import DiskFullError
-        from ndtrain.data.shards import DataError
 
         try:
             return fn(args)
@@ -92,8 +98,6 @@ def _data_errors(fn):
 
 @_data_errors
 def run_prepare(args) -> int:
-    from ndtrain.data.prepare import prepare
-    from ndtrain.data.tasks import TASKS
 
     if args.task not in TASKS:
         raise UsageError(f"unknown task {args.task!r}; built-in tasks: {', '.join(TASKS)}")
@@ -109,14 +113,12 @@ def run_prepare(args) -> int:
 
 @_data_errors
 def run_import(args) -> int:
-    from ndtrain.data.importers import import_parallel, import_text, import_text_split
 
     if args.src and not args.tgt:
         raise UsageError("--src needs --tgt (the target side of the parallel corpus)")
     if args.tgt and not args.src:
         raise UsageError("--tgt needs --src")
     # every flag before anything is read or written (the data layer checks again, naming its arguments)
-    from ndtrain.data.tokenizer import check_vocab_size
     for flag in ("shard_rows", "block_size"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -148,7 +150,6 @@ def run_import(args) -> int:
 
 @_data_errors
 def run_inspect(args) -> int:
-    from ndtrain.data.reader import open_dataset
 
     d = Path(args.dir)
     # a `data prepare` directory holds train/ and val/: inspect both
@@ -162,7 +163,6 @@ def run_inspect(args) -> int:
 
 
 def _summary(d: Path) -> str:
-    from ndtrain.data.reader import read_manifest
     m = read_manifest(d)  # checked: kind, info, shards, tokenizer; the rest is shown as found
     info = m["info"]
     lines = [f"{d}: task {m.get('task', info['name'])} ({m['kind']}), {m.get('rows', '?')} rows, "

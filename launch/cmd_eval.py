@@ -19,6 +19,10 @@ import argparse
 import json
 import sys
 import time
+from ndtrain.launch.errors import UsageError
+from ndtrain.data.loader import Loader
+from ndtrain.launch.restore import RunError, load_run, pinned_threads, split_dataset
+from ndtrain.launch.rundir import _jsonable
 
 
 def add_parser(sub) -> None:
@@ -53,7 +57,6 @@ def apply_decoding_args(model, args, beam: int | None) -> None:
     """--beam / --lenpen / --lenpen-kind onto a Seq2SeqModel's eval decoding (other models have none)."""
     if beam is not None:
         if beam < 1:
-            from ndtrain.launch.cli import UsageError
             raise UsageError(f"--beam: must be >= 1, got {beam}")
         model.eval_beam_size = beam
     if getattr(args, "lenpen", None) is not None:
@@ -65,7 +68,6 @@ def apply_decoding_args(model, args, beam: int | None) -> None:
 def evaluate(run, dataset, batch_size: int | None = None, bleu: bool | None = None) -> dict:
     """Metrics of the restored run (launch.restore.Restored) over every row of dataset, summed as the trainer sums
     them (one rank). bleu=None: BLEU only for seq2seq with a word/BPE tokenizer (TaskModel.set_tokenizer)."""
-    from ndtrain.data.loader import Loader
     model = run.model
     if bleu is not None:
         model.set_tokenizer(run.tokenizer, bleu=bleu and run.tokenizer is not None)
@@ -88,8 +90,8 @@ def result(run, dataset, metrics: dict, split: str, seconds: float) -> dict:
 
 
 def print_table(res: dict, file=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from rich.console import Console  # rich: only the table view needs it
+    from rich.table import Table  # rich: only the table view needs it
     console = Console(file=file or sys.stdout, width=120)
     console.print(f"{res['run']}: step {res['step']}, {res['task']} / {res['model']}, {res['split']} split "
                   f"({res['rows']} rows), {res['seconds']:.2f}s", highlight=False)
@@ -108,8 +110,6 @@ def _fmt(v) -> str:
 
 
 def main(args) -> int:
-    from ndtrain.launch.restore import RunError, load_run, pinned_threads, split_dataset
-    from ndtrain.launch.rundir import _jsonable
     if args.batch_size is not None and args.batch_size < 1:
         raise RunError(f"--batch-size: must be >= 1, got {args.batch_size}")
     with pinned_threads(args.threads):

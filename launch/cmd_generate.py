@@ -18,7 +18,12 @@ import sys
 
 import numpy as np
 
-from ndtrain.launch.cli import UsageError
+from ndtrain.launch.errors import UsageError
+from ndtrain.launch.cmd_eval import add_decoding_args
+from ndtrain.engine import decoding
+from ndtrain.data.info import BOS, UNK
+from ndtrain.launch.cmd_eval import apply_decoding_args
+from ndtrain.launch.restore import load_run, pinned_threads
 
 DEFAULT_LM_TOKENS = 200
 SEQ2SEQ_CHUNK = 64  # sources decoded together (padded to the longest)
@@ -39,7 +44,6 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--raw", action="store_true", help="write generated newlines as they are")
     p.add_argument("--data", metavar="DIR", help="prepared data directory (for its tokenizer), if not the run's")
-    from ndtrain.launch.cmd_eval import add_decoding_args
     add_decoding_args(p)
     p.set_defaults(func=main)
 
@@ -91,7 +95,6 @@ def _pad(rows: list[np.ndarray]) -> np.ndarray:
 
 def translate(run, lines: list[str], opts: dict, max_len: int | None = None, seed: int = 0) -> list[str]:
     """seq2seq: each line -> the decoded target text (sources longer than the task's max_src_len are cut)."""
-    from ndtrain.engine import decoding
     model, tok = run.model, run.tokenizer
     max_len = max_len or run.info.max_tgt_len or getattr(model, "max_decode_len", None) or 64
     max_src = run.info.max_src_len or None
@@ -114,8 +117,6 @@ def translate(run, lines: list[str], opts: dict, max_len: int | None = None, see
 
 def continue_text(run, lines: list[str], opts: dict, max_len: int | None = None, seed: int = 0) -> list[str]:
     """lm: each line is a prompt; returns prompt + continuation (max_len new tokens; a char LM never stops early)."""
-    from ndtrain.data.info import BOS, UNK
-    from ndtrain.engine import decoding
     model, tok = run.model, run.tokenizer
     n_new = max_len or DEFAULT_LM_TOKENS
     window = getattr(model, "block_size", None) or run.info.max_tgt_len or None
@@ -155,8 +156,6 @@ def generate(run, lines: list[str], opts: dict, max_len: int | None = None, seed
 
 
 def main(args, stdin=None) -> int:
-    from ndtrain.launch.cmd_eval import apply_decoding_args
-    from ndtrain.launch.restore import load_run, pinned_threads
     opts = decoding_options(args)
     if args.max_len is not None and args.max_len < 1:
         raise UsageError(f"--max-len: must be >= 1, got {args.max_len}")

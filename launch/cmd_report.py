@@ -17,7 +17,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ndtrain.launch.cli import UsageError
+from ndtrain.launch.errors import UsageError
+from ndtrain.launch import rundir
+from ndtrain.launch.report import REPORT, build_report
+from ndtrain.launch.report.compare import compare_page
+import os
 
 
 def add_parser(sub) -> None:
@@ -33,7 +37,6 @@ def add_parser(sub) -> None:
 
 
 def _check_run_dir(d: Path) -> None:
-    from ndtrain.launch import rundir
     if not d.is_dir():
         raise UsageError(f"{d}: no such run directory")
     if not (d / rundir.METRICS).is_file() and not (d / rundir.CONFIG).is_file():
@@ -42,9 +45,6 @@ def _check_run_dir(d: Path) -> None:
 
 
 def main(args) -> int:
-    import os
-    from ndtrain.launch import rundir
-    from ndtrain.launch.report import REPORT, build_report
     runs = [Path(r) for r in args.run]
     for d in runs:
         _check_run_dir(d)
@@ -53,7 +53,6 @@ def main(args) -> int:
             text = build_report(runs[0], attention=not args.no_attention, samples=not args.no_samples)
             out = Path(args.out) if args.out else runs[0] / REPORT
         else:
-            from ndtrain.launch.report.compare import compare_page
             text = compare_page(runs)
             out = Path(args.out) if args.out else \
                 Path(os.path.commonpath([str(d.resolve()) for d in runs])) / "compare.html"

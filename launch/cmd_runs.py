@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ndtrain.launch.cli import UsageError
+from ndtrain.launch.errors import UsageError
+from ndtrain.launch.report.runinfo import find_runs, run_facts
 
 SHORT = {"loss": "val_loss", "accuracy": "acc", "exact_match": "exact", "token_accuracy": "tok_acc",
          "perplexity": "ppl", "bleu": "BLEU", "mse": "mse"}
@@ -45,7 +46,6 @@ def wall_text(s) -> str:
 
 
 def main(args) -> int:
-    from ndtrain.launch.report.runinfo import find_runs, run_facts
     root = Path(args.dir)
     if not root.is_dir():
         raise UsageError(f"{root}: no such directory")

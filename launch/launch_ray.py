@@ -2,7 +2,7 @@
 CPUs each, join them into one communicator group (shared memory on one node, TCP across nodes), run the target on
 all of them; the driver is the coordinator.
 
-    rc = run_ray("ndtrain.cluster.rank_entry:train_target", {"config": path}, workers=2, writer=RunWriter(out), ...)
+    rc = run_ray("ndtrain.launch.worker:train_target", {"config": path}, workers=2, writer=RunWriter(out), ...)
 
 A rank that raises is reported by the coordinator (rank, step, traceback); all actors are killed and the status is
 non-zero. A rank whose process dies (kill -9: its coordinator link closes, or Ray reports the actor dead), goes
@@ -28,15 +28,20 @@ from ndtrain.cluster import interrupt
 from ndtrain.cluster.coordinator import Coordinator
 from ndtrain.cluster.fate_share import Reaper
 from ndtrain.cluster.metrics_channel import ENV_TEST_HANG, ENV_TEST_STEP_DELAY
-from ndtrain.cluster.rank_entry import THREAD_ENV, default_threads
-from ndtrain.cluster.supervise import (Topology, cli_json, cli_quiet, done_line, job_status, recovery_settings,
-                                       supervise)
+from ndtrain.cluster.comm.netif import interface_address
+from ndtrain.cluster.comm.ray_comm import form_group
+from ndtrain.cluster.ray_rank import RankActor
+from ndtrain.cluster import checkpoint as ckpt
+from ndtrain.cluster.supervise import Topology, job_status, recovery_settings, supervise
+from ndtrain.cluster.worker_process import THREAD_ENV, default_threads
+from ndtrain.launch import rundir
+from ndtrain.launch.launch_mpi import train_job
 
 
 def ensure_ray(address: str = "", num_cpus: int | None = None):
     """Connect to a running cluster (address, e.g. "auto" or "10.0.0.1:6379") or start a local one. Returns
     (ray, started_here)."""
-    import ray
+    import ray  # ray: seconds to import; only the Ray backend needs it
     if ray.is_initialized():
         return ray, False
     kw = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
@@ -47,8 +52,8 @@ def ensure_ray(address: str = "", num_cpus: int | None = None):
     return ray, True
 
 
-def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None, total_steps: int | None = None,
-            threads: int = 0, address: str = "", global_batch: int | None = None, quiet: bool = False,
+def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None,
+            threads: int = 0, address: str = "", global_batch: int | None = None,
             heartbeat_timeout: float = 30.0, start_timeout: float = 120.0, transport: str = "auto",
             shutdown: bool = True, max_restarts: int = 0, on_restart=None, stall_timeout: float = 20.0,
             iface: str = "") -> int:
@@ -56,7 +61,10 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None, to
 
     max_restarts: how many times a group whose process died, went silent or hung is torn down and started again
     (a rank that raised is not restarted: it would raise again). on_restart(args) -> args gives the next group's
-    arguments (training: resume from the run's last checkpoint). The count is `restarts` in summary.json."""
+    arguments (training: resume from the run's last checkpoint). The count is `restarts` in summary.json.
+    writer: the sink of the aggregated records (launch.worker.run_sinks); run_dir: where topology.json and
+    ranks.json go (default: writer.dir)."""
+    run_dir = run_dir if run_dir is not None else getattr(writer, "dir", None)
     threads = threads or default_threads(workers)
     ray, started = ensure_ray(address, num_cpus=max(workers * threads, os.cpu_count() or 1))
     interrupt.reinstall()  # ray.init replaced our SIGTERM handler (with one that exits)
@@ -69,17 +77,16 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None, to
     if not multi_node:
         bind = "127.0.0.1"
     elif iface:
-        from ndtrain.cluster.comm.netif import interface_address
         bind = interface_address(iface)
     else:
         bind = ray.util.get_node_ip_address()
-    coord = Coordinator(workers, writer=writer, run_dir=run_dir, total_steps=total_steps, quiet=quiet, host=bind,
+    coord = Coordinator(workers, writer=writer, ranks_file=rundir.path_in(run_dir, rundir.RANKS), host=bind,
                         heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout,
                         stall_timeout=stall_timeout, extra_summary={"restarts": 0}).start()
     restarts = 0
     try:
         while True:
-            failure = _run_group(ray, coord, target, args, workers, threads, multi_node, global_batch,
+            failure = _run_group(ray, coord, run_dir, target, args, workers, threads, multi_node, global_batch,
                                  start_timeout, transport, iface, reaper)
             if failure is None or restarts >= max_restarts or not _recoverable(failure) or coord.stop_requested \
                     or interrupt.requested():
@@ -99,7 +106,7 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None, to
             reaper.close()
     if failure is not None and max_restarts and restarts >= max_restarts and _recoverable(failure):
         print(f"ndtrain: giving up after {restarts} restart(s) (the cap)", file=sys.stderr, flush=True)
-    return job_status(coord, failure)
+    return job_status(coord, failure, run_dir)
 
 
 def _recoverable(failure) -> bool:
@@ -107,12 +114,10 @@ def _recoverable(failure) -> bool:
     return not failure.traceback and "interrupted" not in failure.reason
 
 
-def _run_group(ray, coord, target, args, workers, threads, multi_node, global_batch, start_timeout, transport,
-               iface="", reaper=None):
+def _run_group(ray, coord, run_dir, target, args, workers, threads, multi_node, global_batch, start_timeout,
+               transport, iface="", reaper=None):
     """Start one group of rank actors for the coordinator's current generation, supervise it, tear it down (every
     actor killed, the shared-memory file removed). Returns None on success, else the Failure."""
-    from ndtrain.cluster.comm.ray_comm import form_group
-    from ndtrain.cluster.ray_rank import RankActor
     env = coord.env()
     if multi_node:
         env["NDTRAIN_COORD_ADDR"] = coord.address  # bound to the advertised address (run_ray)
@@ -139,7 +144,8 @@ def _run_group(ray, coord, target, args, workers, threads, multi_node, global_ba
             topo = Topology("ray", hosts, workers, threads, global_batch, transport=nodes[0]["transport"])
             if coord.generation == 0:
                 print(topo.line(), file=sys.stderr, flush=True)
-            coord.write_json("topology.json", {**topo.to_dict(), "nodes": nodes})
+            if run_dir is not None:
+                rundir.write_json(run_dir, rundir.TOPOLOGY, {**topo.to_dict(), "nodes": nodes})
             if reaper is not None:
                 reaper.track_descendants()  # the rank actors' processes (children of this driver's raylet)
             futures = [a.run.remote(target, args) for a in actors]
@@ -185,23 +191,16 @@ def _watch(ray, futures, coord=None):
     return is_running
 
 
-def launch(cfg, quiet: bool | None = None, log_format: str | None = None) -> int:
-    """`ndtrain train --backend ray`: write the run's config, run the training loop on run.workers Ray actors
-    (restarting the group from the last checkpoint when a process dies), print the `done:` line."""
-    from ndtrain.launch.launch_mpi import _train_job
+def launch(cfg, console=None) -> int:
+    """`ndtrain train --backend ray`: write the run's config, run the training job on run.workers Ray actors
+    (restarting the group from the last checkpoint when a process dies), the records going to the run directory
+    and `console`."""
     settings = recovery_settings(cfg)
-    json_out = cli_json(log_format)
-    ckpt_dir = Path(cfg.run.out) / "checkpoints"
+    ckpt_dir = rundir.checkpoints_dir(cfg.run.out)
 
     def resume_args(args: dict) -> dict:
-        from ndtrain.cluster import checkpoint as ckpt
         return {**args, "resume": str(ckpt_dir.resolve())} if ckpt.latest(ckpt_dir) is not None else args
 
-    rc = run_ray(**_train_job(cfg), address=cfg.cluster.address, iface=cfg.cluster.iface,
-                 quiet=cli_quiet(quiet) or json_out,
-                 on_restart=resume_args,
-                 max_restarts=settings["max_restarts"], heartbeat_timeout=settings["heartbeat_timeout"],
-                 stall_timeout=settings["stall_timeout"])
-    if rc == 0 and not json_out:  # the JSON console prints its own "done" event
-        print(done_line(cfg.run.out), flush=True)
-    return rc
+    return run_ray(**train_job(cfg, console), address=cfg.cluster.address, iface=cfg.cluster.iface,
+                   on_restart=resume_args, max_restarts=settings["max_restarts"],
+                   heartbeat_timeout=settings["heartbeat_timeout"], stall_timeout=settings["stall_timeout"])

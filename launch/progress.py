@@ -1,14 +1,16 @@
-"""What a local run shows while it trains, and the TensorBoard events it writes (the mpi / ray coordinator does the
-same for distributed runs: cluster/coordinator.py).
+"""What a run shows while it trains, and the TensorBoard events it writes: the same on every backend (a local run's
+rank 0 feeds these sinks directly; the coordinator of an mpi / ray run feeds them its aggregated records).
 
     console = Console(total_steps=600, log_format="text", quiet=False)   # or "json"
-    sink = TeeSink([RunWriter(out), TensorBoardSink(out / "tb"), console])
-    run_worker(cfg, comm, sink)                                          # records reach every part
+    sink = TeeSink([RunWriter(out), TensorBoardSink(out / "tb"), console])   # launch.worker.run_sinks
 
-Text mode: on a terminal (stdout a TTY) a live tqdm line on stderr - step/total, loss, lr, tokens/s, ETA - with eval
-results printed above it; otherwise (logs, CI) one plain line per record, as before:
-    step 50: loss 0.5257 lr 0.05 (76506 items/s)
-    step 200: eval loss 0.0127 accuracy 1.0000
+Text mode: on a terminal (stdout a TTY) a live tqdm line on stderr - step/total, loss, the last validation loss,
+lr, tokens/s, steps/s and ETA - with eval results printed above it; otherwise (logs, CI, a pipe) one plain line per
+record (format_step_line, the one formatter of step lines):
+    step 50/200: loss 0.5257 lr 0.05 tok/s 76506 eta 2s
+    step 100/200: eval loss 0.0954 accuracy 0.9900
+    step 150/200: loss 0.0284 val 0.0954 lr 0.05 tok/s 79862 eta 1s
+The rate and ETA count training time only: the trainer leaves evaluation and checkpoints out of step_time.
 --quiet prints neither. JSON mode (`--log-format json`): one JSON object per event on stdout and nothing else there,
 for scripts and CI; --quiet does not silence it. Events: {"event": "topology", ...}, {"event": "train", "step",
 "total_steps", "loss", "lr", "tokens_per_s", "eta_s", ...}, {"event": "eval", "step", "eval": {...}},
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 from ndtrain.launch.rundir import MetricsSink, _jsonable
@@ -34,7 +35,7 @@ def summary_writer_class():
     if hidden:
         sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX tolerates
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # tensorboardX: ~0.5 s, only runs that write events
     finally:
         if hidden:
             del sys.modules["torch"]
@@ -124,7 +125,63 @@ class TeeSink(MetricsSink):
 
 
 def format_eval(metrics: dict) -> str:
-    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if _num(v))
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def format_step_line(record: dict, total: int, eta_s: float | None, val_loss: float | None = None) -> str:
+    """The one plain line of a train record, the same fields on every backend (logs, CI, piped output):
+    step 50/600: loss 0.5257 val 0.6012 lr 0.05 tok/s 76506 eta 12s"""
+    parts = [f"step {int(record['step'])}/{total}:", f"loss {_fmt(record.get('loss'), '.4f')}"]
+    if val_loss is not None:
+        parts.append(f"val {_fmt(val_loss, '.4f')}")
+    parts += [f"lr {_fmt(record.get('lr'), '.3g')}", f"tok/s {_fmt(record.get('tokens_per_s'), '.0f')}",
+              f"eta {format_eta(eta_s)}"]
+    return " ".join(parts)
+
+
+def format_done(summary: dict, out) -> str:
+    """The final line of `ndtrain train` (every backend) and `ndtrain worker`, from the run's summary."""
+    ev = format_eval(summary.get("eval") or {})
+    restarts = summary.get("restarts")
+    again = f" ({restarts} restart{'s' if restarts != 1 else ''})" if restarts else ""
+    return (f"done: {summary.get('steps')} steps in {summary.get('wall_s', 0.0):.1f}s{again}; final loss "
+            f"{_fmt(summary.get('final_loss'), '.4f')}; eval {ev}; run directory {out}")
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fmt(v, spec: str) -> str:
+    return format(v, spec) if _num(v) else str(v)
+
+
+class TrainRate:
+    """Seconds per training step: the mean of the records' step_time (each the mean over its window of steps,
+    measured by the trainer without evaluation and checkpoint time; from the coordinator, the slowest rank's).
+    The rate and ETA a console shows."""
+
+    def __init__(self):
+        self.seconds, self.windows = 0.0, 0
+
+    def add(self, record: dict) -> None:
+        if _num(record.get("step_time")) and record["step_time"] > 0:
+            self.seconds += record["step_time"]
+            self.windows += 1
+
+    @property
+    def step_s(self) -> float | None:
+        return self.seconds / self.windows if self.windows else None
+
+    def eta_s(self, step: int, total: int) -> float | None:
+        return None if self.step_s is None else self.step_s * max(total - step, 0)
 
 
 class Console(MetricsSink):
@@ -146,8 +203,8 @@ class Console(MetricsSink):
             bar = bool(isatty and isatty())
         self.use_bar = bar and not self.json and not quiet
         self._bar = None
-        self._t0: float | None = None  # wall clock and step at the first progress call: the ETA's rate
-        self._step0 = 0
+        self.rate = TrainRate()
+        self.val_loss: float | None = None  # the last evaluation's loss
         self._last: dict = {}
 
     # -- events ------------------------------------------------------------------------------------------------------
@@ -158,46 +215,65 @@ class Console(MetricsSink):
             self.out.flush()
 
     def eta_s(self, step: int) -> float | None:
-        """Seconds left at the mean rate since the first step of this process (None before one step is done)."""
-        if self._t0 is None or step <= self._step0:
-            return None
-        rate = (time.perf_counter() - self._t0) / (step - self._step0)
-        return rate * max(self.total - step, 0)
+        """Seconds left at the training rate so far (time in evaluation excluded; None before a record)."""
+        return self.rate.eta_s(step, self.total)
+
+    def _ensure_bar(self, step: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm  # imported at the first step: `ndtrain --help` and piped runs never load it
+            # tqdm's own rate and ETA would count evaluation time: the postfix carries ours
+            self._bar = tqdm(total=self.total, initial=step, unit="step", file=self.err, dynamic_ncols=True,
+                             desc="train", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                                      "[{elapsed}{postfix}]")
 
     def progress(self, step: int) -> None:
-        if self._t0 is None:
-            self._t0, self._step0 = time.perf_counter(), step
         if self.use_bar:
-            if self._bar is None:
-                from tqdm import tqdm
-                self._bar = tqdm(total=self.total, initial=step, unit="step", file=self.err, dynamic_ncols=True,
-                                 desc="train")
+            self._ensure_bar(step)
             self._bar.update(max(0, step - self._bar.n))
 
     def log(self, record: dict) -> None:
         if "error" in record:
             return  # the exception itself reaches the user (cmd_train); metrics.jsonl keeps the record
         ev = record.get("eval")
-        if self.json:
-            if ev is not None:
+        if ev is not None:
+            if _num(ev.get("loss")):
+                self.val_loss = ev["loss"]
+            if self.json:
                 self.emit("eval", record)
-            else:
-                eta = self.eta_s(int(record["step"]))
-                self.emit("train", {**record, "total_steps": self.total, "eta_s": eta})
+            elif not self.quiet:
+                self._print(f"step {record['step']}/{self.total}: eval {format_eval(ev)}")
+                if self._bar is not None:
+                    self._bar.set_postfix(self._postfix(self._last), refresh=True)
+            return
+        step = int(record["step"])
+        self.rate.add(record)
+        eta = self.eta_s(step)
+        if self.json:
+            self.emit("train", {**record, "total_steps": self.total, "eta_s": eta})
             return
         if self.quiet:
             return
-        if ev is not None:
-            self._print(f"step {record['step']}: eval {format_eval(ev)}")
-            return
         self._last = record
-        if self._bar is not None:
-            self._bar.update(max(0, int(record["step"]) - self._bar.n))
-            self._bar.set_postfix({"loss": f"{record['loss']:.4g}", "lr": f"{record['lr']:.3g}",
-                                   "tok/s": f"{record.get('tokens_per_s', 0.0):.0f}"}, refresh=True)
-        elif not self.use_bar:
-            self._print(f"step {record['step']}: loss {record['loss']:.4f} lr {record['lr']:.3g} "
-                        f"({record.get('tokens_per_s', 0.0):.0f} items/s)")
+        if self.use_bar:
+            self._ensure_bar(step)
+            self._bar.update(max(0, step - self._bar.n))
+            self._bar.set_postfix(self._postfix(record), refresh=True)
+        else:
+            self._print(format_step_line(record, self.total, eta, self.val_loss))
+
+    def _postfix(self, record: dict) -> dict:
+        post = {}
+        if record:
+            post["loss"] = _fmt(record.get("loss"), ".4g")
+        if self.val_loss is not None:
+            post["val"] = _fmt(self.val_loss, ".4g")
+        if record:
+            post["lr"] = _fmt(record.get("lr"), ".3g")
+            post["tok/s"] = _fmt(record.get("tokens_per_s"), ".0f")
+            if self.rate.step_s:
+                post["step/s"] = f"{1.0 / self.rate.step_s:.3g}"
+            post["eta"] = format_eta(self.eta_s(int(record["step"])))
+        return post
 
     def notice(self, message: str) -> None:
         if self.json:

@@ -19,6 +19,7 @@ Every failure is a RunError (a UsageError: one line, exit status 2) naming the f
 """
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from dataclasses import dataclass
@@ -26,10 +27,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ndtrain.launch.cli import UsageError
-
-TASK_INFO_FILE = "task_info.json"
-TOKENIZER_FILE = "tokenizer.json"
+from ndtrain.cluster import checkpoint as ckpt
+from ndtrain.data import tasks
+from ndtrain.data.info import TaskInfo
+from ndtrain.data.reader import check_expected, manifest_info, read_manifest
+from ndtrain.data.shards import DataError
+from ndtrain.data.tokenizer import load_tokenizer, tokenizer_from_json
+from ndtrain.engine.params import ParamStore
+from ndtrain.launch import rundir
+from ndtrain.launch.config import ConfigError, from_dict, load_config, validate
+from ndtrain.launch.errors import UsageError
+from ndtrain.launch.job import build_model_for
+from ndtrain.launch.task_data import load_task_data
+from ndtrain.cluster.worker_process import default_threads, set_up_process_memory
+from threadpoolctl import threadpool_limits
 
 
 class RunError(UsageError):
@@ -57,8 +68,8 @@ def check_run_dir(run_dir: str | Path) -> Path:
     d = Path(run_dir)
     if not d.is_dir():
         raise RunError(f"{d}: no such run directory")
-    if not (d / "config.toml").is_file():
-        raise RunError(f"{d / 'config.toml'}: missing - not a run directory written by `ndtrain train`")
+    if not (d / rundir.CONFIG).is_file():
+        raise RunError(f"{d / rundir.CONFIG}: missing - not a run directory written by `ndtrain train`")
     return d
 
 
@@ -66,12 +77,11 @@ def load_checkpoint(run_dir: Path, which: str | None = None):
     """The newest checkpoint of run_dir that loads and passes its sha256 check (cluster.checkpoint.Checkpoint), or
     the one `which` names: "latest" (the default), "avg" (DIR/checkpoints/avg.json, from `ndtrain average`), a
     step number (ckpt-<step>), or a checkpoint JSON path."""
-    from ndtrain.cluster import checkpoint as ckpt
     if which not in (None, "", "latest"):
         if which.isdigit():
-            path = run_dir / "checkpoints" / f"ckpt-{int(which):08d}.json"
+            path = rundir.checkpoints_dir(run_dir) / f"ckpt-{int(which):08d}.json"
         elif "/" not in which and not which.endswith(".json"):
-            path = run_dir / "checkpoints" / f"{which}.json"
+            path = rundir.checkpoints_dir(run_dir) / f"{which}.json"
         else:
             path = Path(which)
         try:
@@ -79,9 +89,9 @@ def load_checkpoint(run_dir: Path, which: str | None = None):
         except ckpt.CheckpointError as e:
             hint = " (make it with `ndtrain average`)" if which == "avg" else ""
             raise RunError(f"--checkpoint {which}: {e}{hint}") from None
-    found = ckpt.list_checkpoints(run_dir / "checkpoints")
+    found = ckpt.list_checkpoints(rundir.checkpoints_dir(run_dir))
     if not found:
-        raise RunError(f"{run_dir / 'checkpoints'}: no checkpoint (ckpt-*.json) - did the run finish its first "
+        raise RunError(f"{rundir.checkpoints_dir(run_dir)}: no checkpoint (ckpt-*.json) - did the run finish its first "
                        f"checkpoint?")
     errors = []
     for path in reversed(found):
@@ -92,18 +102,17 @@ def load_checkpoint(run_dir: Path, which: str | None = None):
             print(f"ndtrain: skipping damaged checkpoint: {e}", file=sys.stderr)
             continue
         return c
-    raise RunError(f"{run_dir / 'checkpoints'}: no valid checkpoint ({len(errors)} damaged; newest: {errors[0]})")
+    raise RunError(f"{rundir.checkpoints_dir(run_dir)}: no valid checkpoint ({len(errors)} damaged; newest: {errors[0]})")
 
 
 def run_config(run_dir: Path, checkpoint=None):
     """The Config that built the checkpoint's parameters (see the module docstring)."""
-    from ndtrain.launch.config import ConfigError, from_dict, load_config, validate
     if checkpoint is not None and isinstance(checkpoint.meta.get("config"), dict):
         try:
             return from_dict(checkpoint.meta["config"])
         except ConfigError as e:
             raise RunError(f"{checkpoint.path}: its config record is invalid: {e}") from None
-    return validate(load_config(run_dir / "config.toml"))
+    return validate(load_config(run_dir / rundir.CONFIG))
 
 
 def _data_split_dir(data_dir: str | Path, split: str) -> Path:
@@ -118,7 +127,6 @@ def _data_split_dir(data_dir: str | Path, split: str) -> Path:
 
 def _task_info(record, where) -> object:
     """TaskInfo from a JSON record (task_info.json, a checkpoint's task_info): RunError naming `where` if malformed."""
-    from ndtrain.data.info import TaskInfo
     try:
         if callable(record):
             record = record()
@@ -128,7 +136,6 @@ def _task_info(record, where) -> object:
 
 
 def _load_tokenizer(path: Path):
-    from ndtrain.data.tokenizer import load_tokenizer
     try:
         return load_tokenizer(path)
     except ValueError as e:  # names the file (and field)
@@ -137,24 +144,21 @@ def _load_tokenizer(path: Path):
 
 def task_info_and_tokenizer(cfg, run_dir: Path | None = None, checkpoint=None, data_dir: str | None = None):
     """(TaskInfo, Tokenizer | None) the model was built with (see the module docstring)."""
-    from ndtrain.data.tokenizer import tokenizer_from_json
     info = None
-    saved = run_dir / TASK_INFO_FILE if run_dir is not None else None
+    saved = run_dir / rundir.TASK_INFO if run_dir is not None else None
     if saved is not None and saved.is_file():
         info = _task_info(lambda: json.loads(saved.read_text(encoding="utf-8")), saved)
     elif checkpoint is not None and isinstance(checkpoint.meta.get("task_info"), dict):
         info = _task_info(checkpoint.meta["task_info"], f"{checkpoint.path}: field 'task_info'")
     tokenizer = None
-    if run_dir is not None and (run_dir / TOKENIZER_FILE).is_file():
-        tokenizer = _load_tokenizer(run_dir / TOKENIZER_FILE)
+    if run_dir is not None and (run_dir / rundir.TOKENIZER).is_file():
+        tokenizer = _load_tokenizer(run_dir / rundir.TOKENIZER)
     # A run directory that saved its task info (and its tokenizer, for text tasks) needs no data directory: eval
     # and generate keep working after the data is moved or deleted. An explicit --data still takes precedence.
     self_contained = saved is not None and saved.is_file() and (
         tokenizer is not None or info.kind in ("classification", "regression"))
     data_dir = data_dir or (None if self_contained else cfg.data.dir)
     if data_dir:
-        from ndtrain.data.reader import manifest_info, read_manifest
-        from ndtrain.data.shards import DataError
         split_dir = _data_split_dir(data_dir, "train") if (Path(data_dir) / "train").is_dir() else \
             _data_split_dir(data_dir, "val")
         try:
@@ -168,7 +172,6 @@ def task_info_and_tokenizer(cfg, run_dir: Path | None = None, checkpoint=None, d
                 raise RunError(f"{tpath}: tokenizer named by {split_dir / 'manifest.json'} is missing")
             tokenizer = _load_tokenizer(tpath)
     elif info is None or tokenizer is None:
-        from ndtrain.data import tasks
         if cfg.run.task not in tasks.TASKS:
             raise RunError(f"run.task: unknown task {cfg.run.task!r} and no data.dir: cannot rebuild the task")
         gen_info, _ = tasks.generate(cfg.run.task, 1, cfg.run.seed, "train")
@@ -179,11 +182,9 @@ def task_info_and_tokenizer(cfg, run_dir: Path | None = None, checkpoint=None, d
 
 
 def split_dataset(cfg, split: str = "val", data_dir: str | None = None, expect=None):
-    """The rows of `split` exactly as the trainer loads them (cluster.worker.load_task_data: data.dir, the shard
+    """The rows of `split` exactly as the trainer loads them (launch.task_data.load_task_data: data.dir, the shard
     cache or the built-in task regenerated from (task, data.rows, run.seed)). data_dir overrides data.dir;
     expect (a TaskInfo) checks that other data fits the model (vocabulary, kind)."""
-    import copy
-    from ndtrain.cluster.worker import load_task_data
     if split not in ("train", "val"):
         raise RunError(f"--split: must be train or val, got {split!r}")
     if data_dir:
@@ -192,8 +193,6 @@ def split_dataset(cfg, split: str = "val", data_dir: str | None = None, expect=N
     _, train, val = load_task_data(cfg)
     ds = train if split == "train" else val
     if expect is not None and ds.source != "<memory>":
-        from ndtrain.data.reader import check_expected, read_manifest
-        from ndtrain.data.shards import DataError
         try:
             check_expected(read_manifest(ds.source), expect, f"{ds.source}/manifest.json")
         except DataError as e:
@@ -205,16 +204,13 @@ def split_dataset(cfg, split: str = "val", data_dir: str | None = None, expect=N
 def load_run(run_dir: str | Path, *, data_dir: str | None = None, checkpoint: str | None = None) -> Restored:
     """Rebuild the trained TaskModel of run_dir in eval mode (see the module docstring); checkpoint: which one
     (load_checkpoint), default the newest valid."""
-    from ndtrain.cluster import checkpoint as ckpt
-    from ndtrain.engine.params import ParamStore
-    from ndtrain.launch.models import build_model
     d = check_run_dir(run_dir)
     c = load_checkpoint(d, checkpoint)
     cfg = run_config(d, c)
     info, tokenizer = task_info_and_tokenizer(cfg, d, c, data_dir)
     try:
-        model = build_model(cfg.run.model, info, cfg)
-    except (KeyError, ValueError, UsageError) as e:
+        model = build_model_for(cfg, info)
+    except UsageError as e:  # ConfigError included: the builders name the field
         raise RunError(f"{c.path}: cannot rebuild model {cfg.run.model!r}: {e}") from None
     dtype = np.dtype(c.meta.get("dtype") or cfg.run.dtype)
     store = ParamStore.from_module(model.module, dtype=dtype, seed=cfg.run.seed)
@@ -231,8 +227,6 @@ def load_run(run_dir: str | Path, *, data_dir: str | None = None, checkpoint: st
 def pinned_threads(threads: int | None):
     """A context pinning BLAS threads (threadpoolctl) for eval / generate, as `train` pins its workers: --threads,
     else OMP/OPENBLAS/MKL_NUM_THREADS when set, else all cores (one process)."""
-    from threadpoolctl import threadpool_limits
-    from ndtrain.cluster.worker_process import default_threads, set_up_process_memory
     if threads is not None and threads < 1:
         raise RunError(f"--threads: must be >= 1, got {threads}")
     set_up_process_memory()  # as a trainer process: freed memory is kept for the next batch (no page faults)

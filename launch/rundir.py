@@ -31,9 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ndtrain.cluster.sink import MetricsSink, NullSink  # re-exported: the sink interface the trainer logs to
 from ndtrain.data.atomic import DiskFullError, atomic_write_text, is_disk_full  # (re-exported: report tools write
 # through rundir)
 
+# The run directory's file names, defined here only (the table above says who writes each).
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -67,28 +69,26 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-class MetricsSink:
-    """Where a worker sends its records. Local runs write the run directory (RunWriter); distributed runs send
-    to the coordinator, which writes the same files."""
-
-    def log(self, record: dict) -> None:
-        raise NotImplementedError
-
-    def summary(self, summary: dict) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
+def write_json(out: str | os.PathLike, name: str, obj) -> Path:
+    """DIR/name as indented JSON, atomically."""
+    path = Path(out) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+    return path
 
 
-class NullSink(MetricsSink):
-    """For ranks that do not report (another rank or the coordinator writes the run directory)."""
+def path_in(out: str | os.PathLike | None, name: str) -> Path | None:
+    """DIR/name, or None without a run directory."""
+    return None if out is None else Path(out) / name
 
-    def log(self, record: dict) -> None:
-        pass
 
-    def summary(self, summary: dict) -> None:
-        pass
+def write_run_files(out: str | os.PathLike, info, tokenizer=None) -> None:
+    """DIR/task_info.json (and DIR/tokenizer.json for text tasks): with config.toml and the checkpoints the run
+    directory alone rebuilds the model (launch/restore.py reads them first), even after the data is gone."""
+    write_json(out, TASK_INFO, info.to_dict())
+    text = tokenizer.to_json() if tokenizer is not None else info.extra.get("tokenizer_json")
+    if text:
+        atomic_write_text(Path(out) / TOKENIZER, text)
 
 
 class RunWriter(MetricsSink):

@@ -44,7 +44,7 @@ class MPIHandle(Handle):
 
     def wait(self) -> None:
         if self._requests:
-            from mpi4py import MPI
+            from mpi4py import MPI  # mpi4py: importing it initialises MPI, which only MPI ranks may do
             t0 = time.perf_counter()
             MPI.Request.Waitall(self._requests)
             self._requests = []
@@ -56,7 +56,7 @@ class MPICommunicator(Communicator):
     """comm: an mpi4py communicator (default COMM_WORLD). chunk_bytes: largest single MPI call."""
 
     def __init__(self, comm=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        from mpi4py import MPI
+        from mpi4py import MPI  # mpi4py: importing it initialises MPI, which only MPI ranks may do
         self._MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         # Open MPI's libnbc progresses an Iallreduce while the caller computes (40-57% hidden here); MPICH without a

@@ -17,7 +17,7 @@ def interface_address(name: str) -> str:
     if name not in interface_names():
         raise ValueError(f"network interface {name!r} does not exist on {socket.gethostname()} "
                          f"(interfaces: {', '.join(interface_names())})")
-    import fcntl
+    import fcntl  # POSIX only: interface_names() works without it
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         packed = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))

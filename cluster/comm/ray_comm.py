@@ -76,7 +76,7 @@ def form_group(actors: list, token: str, slot_bytes: int = 4 << 20, timeout: flo
     all ranks share a node, else tcp), "shm" or "tcp". The TCP mesh listens on loopback when every rank shares a
     node, else on `iface`'s address (or Ray's node address); it authenticates every connection with a key derived
     from the run's secret the actors hold. Returns each rank's {"rank", "host", "ip", "pid", "node"}."""
-    import ray
+    import ray  # ray: optional, seconds to import; only Ray ranks need it
 
     nodes = ray.get([a.node_info.remote() for a in actors], timeout=timeout)
     same_node = len({n["node"] for n in nodes}) == 1

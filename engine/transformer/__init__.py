@@ -18,6 +18,7 @@ _WHERE = {
     "TransformerConfig": "config", "Seq2SeqConfig": "config", "DecoderLMConfig": "config",
     "EncoderClassifierConfig": "config",
     "Seq2SeqTransformer": "seq2seq", "DecoderLM": "lm", "EncoderClassifier": "classifier",
+    "FeatureTokenClassifier": "feature_classifier",
 }
 
 __all__ = sorted(_WHERE)

@@ -14,6 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from ndtrain.launch import rundir
+from ndtrain.cluster.comm.mpi import MPICommunicator
+from ndtrain.launch.launch_mpi import find_mpiexec, mpi_flavour
+from ndtrain.launch.launch_ray import run_ray
+import numpy as np
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -55,10 +60,8 @@ def _time_min(comm_barrier, fn, reps: int) -> float:
 
 
 def mpi_rank(sizes: list[int], chunk_bytes: int, out: str) -> None:
-    import numpy as np
-    from mpi4py import MPI
+    from mpi4py import MPI  # mpi4py: importing it initialises MPI, which only MPI ranks may do
 
-    from ndtrain.cluster.comm.mpi import MPICommunicator
     comm = MPICommunicator(chunk_bytes=chunk_bytes)
     raw = comm.comm
     rows = []
@@ -79,7 +82,6 @@ def mpi_rank(sizes: list[int], chunk_bytes: int, out: str) -> None:
 
 
 def ray_rank(ctx) -> None:
-    import numpy as np
     comm = ctx.comm
     rows = []
     for nbytes in ctx.args["sizes"]:
@@ -94,7 +96,6 @@ def ray_rank(ctx) -> None:
 
 # -- driver ----------------------------------------------------------------------------------------------------------
 def run_mpi_part(sizes, workers, chunk_bytes) -> list[dict]:
-    from ndtrain.launch.launch_mpi import find_mpiexec, mpi_flavour
     mpiexec = find_mpiexec()
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "mpi.json")
@@ -111,16 +112,15 @@ def run_mpi_part(sizes, workers, chunk_bytes) -> list[dict]:
 
 
 def run_ray_part(sizes, workers) -> tuple[list[dict], str]:
-    from ndtrain.launch.launch_ray import run_ray
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "ray.json")
         rc = run_ray("ndtrain.launch.bench.allreduce:ray_rank", {"sizes": sizes, "out": out}, workers=workers,
-                     run_dir=d, threads=1, quiet=True)
+                     run_dir=d, threads=1)
         if rc != 0:
             raise RuntimeError("the Ray all-reduce benchmark failed (see above)")
         with open(out) as f:
             rows = json.load(f)
-        with open(os.path.join(d, "topology.json")) as f:
+        with open(os.path.join(d, rundir.TOPOLOGY)) as f:
             transport = json.load(f).get("transport", "")
     return rows, transport
 

@@ -35,6 +35,11 @@ from ndtrain.engine.losses import cross_entropy_fused
 from ndtrain.engine.memory import retain_freed_memory
 from ndtrain.engine.optim import AdamW
 from ndtrain.engine.transformer import DecoderLM, DecoderLMConfig, Seq2SeqConfig, Seq2SeqTransformer
+from ndtrain.engine import Sequential
+from .gemm_floor import make_replay
+from .torch_reference import build_torch
+from ndtrain.launch.errors import UsageError
+from threadpoolctl import threadpool_limits
 
 CONFIGS = {
     "S": dict(kind="seq2seq", d=128, h=4, ff=512, layers=(2, 2), vocab=64, batch=64, len=32),
@@ -109,7 +114,6 @@ def build_ndtrain(c: dict):
         for i, (a, b) in enumerate(zip(s, s[1:])):
             # the first layer's input is data: like autograd, no input gradient is computed for it
             layers += [Linear(a, b, input_grad=i > 0)] + ([ReLU()] if i < len(s) - 2 else [])
-        from ndtrain.engine import Sequential
         model = Sequential(*layers)
     elif c["kind"] == "seq2seq":
         n_enc, n_dec = c["layers"]
@@ -171,91 +175,6 @@ def activation_mb(c: dict, model, batch) -> float:
     return kept / 2 ** 20
 
 
-# -- the PyTorch side -------------------------------------------------------------------------------------------------
-def build_torch(c: dict):
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    torch.manual_seed(0)
-    gelu = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731
-
-    def enc_layer():
-        return nn.TransformerEncoderLayer(c["d"], c["h"], c["ff"], dropout=0.0, activation=gelu, batch_first=True,
-                                          norm_first=True)
-
-    class S(nn.Module):
-        def __init__(self):
-            super().__init__()
-            d, V, T = c["d"], c["vocab"], c["len"]
-            self.src_emb, self.tgt_emb = nn.Embedding(V, d), nn.Embedding(V, d)
-            self.src_pos, self.tgt_pos = nn.Parameter(0.02 * torch.randn(T, d)), nn.Parameter(0.02 * torch.randn(T, d))
-            self.enc = nn.ModuleList(enc_layer() for _ in range(c["layers"][0]))
-            self.dec = nn.ModuleList(nn.TransformerDecoderLayer(d, c["h"], c["ff"], dropout=0.0, activation=gelu,
-                                                                batch_first=True, norm_first=True)
-                                     for _ in range(c["layers"][1]))
-            self.enc_norm, self.dec_norm, self.out = nn.LayerNorm(d), nn.LayerNorm(d), nn.Linear(d, V)
-
-        def forward(self, src, tgt):
-            T = tgt.shape[1]
-            x = self.src_emb(src) + self.src_pos[: src.shape[1]]
-            for layer in self.enc:
-                x = layer(x)
-            mem = self.enc_norm(x)
-            mask = nn.Transformer.generate_square_subsequent_mask(T)
-            y = self.tgt_emb(tgt) + self.tgt_pos[:T]
-            for layer in self.dec:
-                y = layer(y, mem, tgt_mask=mask, tgt_is_causal=True)
-            return self.out(self.dec_norm(y))
-
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            d, V, T = c["d"], c["vocab"], c["len"]
-            self.emb = nn.Embedding(V, d)
-            self.pos = nn.Parameter(0.02 * torch.randn(T, d))
-            self.blocks = nn.ModuleList(enc_layer() for _ in range(c["layers"][1]))
-            self.norm = nn.LayerNorm(d)
-
-        def forward(self, x):
-            T = x.shape[1]
-            h = self.emb(x) + self.pos[:T]
-            mask = nn.Transformer.generate_square_subsequent_mask(T)
-            for b in self.blocks:
-                h = b(h, src_mask=mask, is_causal=True)
-            return self.norm(h) @ self.emb.weight.T  # tied
-
-    if c["kind"] == "mlp":
-        s = c["sizes"]
-        mods = []
-        for i, (a, b) in enumerate(zip(s, s[1:])):
-            mods += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(s) - 2 else [])
-        model = nn.Sequential(*mods)
-    else:
-        model = S() if c["kind"] == "seq2seq" else M()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
-
-    def step(b):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        if c["kind"] == "seq2seq":
-            logits, target = model(b["src"], b["tgt_in"]), b["tgt_out"]
-        else:
-            logits, target = model(b["x"]), b["y"]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        opt.step()
-        return t1 - t0, t2 - t1, time.perf_counter() - t2
-
-    def to_torch(batch):
-        return {k: torch.from_numpy(v if v.dtype == np.float32 else v.astype(np.int64)) for k, v in batch.items()}
-
-    return step, to_torch
-
-
-# -- driver -----------------------------------------------------------------------------------------------------------
 def _summary(times):
     tot = [sum(t) for t in times]
     return {"min": min(tot) * 1e3, "median": statistics.median(tot) * 1e3,
@@ -270,11 +189,10 @@ def run_config(name: str, args, peak: float, torch_ok: bool) -> dict:
     store, model, nd_step = build_ndtrain(c)
     engines = {"ndtrain": nd_step}
     if torch_ok:
-        t_step, to_torch = build_torch(c)
+        t_step, to_torch = build_torch(c, LR, WD)
         tbatch = to_torch(batch)
         engines["torch"] = lambda _b: t_step(tbatch)
     if getattr(args, "floor", False) and c["kind"] != "mlp":
-        from .gemm_floor import make_replay
         engines["gemm_floor"] = make_replay(c)
     for _ in range(args.warmup):
         for f in engines.values():
@@ -325,19 +243,17 @@ def run_config(name: str, args, peak: float, torch_ok: bool) -> dict:
 
 
 def main(args) -> int:
-    from threadpoolctl import threadpool_limits
 
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     bad = [n for n in names if n not in CONFIGS]
     if bad:
-        from ndtrain.launch.cli import UsageError
         raise UsageError(f"--configs: unknown {bad}; choose from {list(CONFIGS)}")
     if not args.no_retain_memory:
         retain_freed_memory()
     torch_ok = False
     if not args.no_torch:
         try:
-            import torch
+            import torch  # torch: optional, the reference of the benchmark only
             torch.set_num_threads(args.threads)
             try:
                 torch.set_num_interop_threads(1)

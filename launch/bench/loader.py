@@ -15,6 +15,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ndtrain.data.info import TaskInfo
+from ndtrain.data.shards import write_dataset
+from ndtrain.data.loader import Loader
+from ndtrain.data.reader import open_dataset
+from ndtrain.launch.errors import UsageError
 
 MODES = ("seq2seq", "seq2seq-bucketed", "lm")
 
@@ -32,8 +37,6 @@ def add_arguments(parser) -> None:
 
 
 def make_shards(root: Path, n_tokens: int, seed: int = 0) -> dict[str, Path]:
-    from ndtrain.data.info import TaskInfo
-    from ndtrain.data.shards import write_dataset
 
     rng = np.random.default_rng(seed)
     vocab = 8000
@@ -53,8 +56,6 @@ def make_shards(root: Path, n_tokens: int, seed: int = 0) -> dict[str, Path]:
 
 def _rank_run(args) -> dict:
     data_dir, mode, B, W, rank, block, start = args
-    from ndtrain.data.loader import Loader
-    from ndtrain.data.reader import open_dataset
 
     while time.time() < start:  # ranks start together
         time.sleep(0.001)
@@ -106,7 +107,6 @@ def main(args) -> int:
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
         if m not in MODES:
-            from ndtrain.launch.cli import UsageError
 
             raise UsageError(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
     tmp = None

@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ndtrain.launch import rundir
 from ndtrain.launch.netns.hosts import RAY_ENV, TwoHosts, mpi_setup, netns_available, ray_cluster, ray_temp_dirs
 from ndtrain.launch.netns.link import PROFILES, LinkProfile, shape
 
@@ -218,7 +219,7 @@ def one_worker(args, work: Path, env: dict) -> dict:
     rc = run_logged(train_command(args, "local", out, []), work / "one-worker.log", env, args.timeout)
     if rc != 0:
         raise RuntimeError(f"the 1-worker run failed (exit {rc}; see {work / 'one-worker.log'})")
-    recs = read_metrics(out / "metrics.jsonl")
+    recs = read_metrics(out / rundir.METRICS)
     return {"records": recs, "wall_s": time.monotonic() - t0, **summarize(recs)}
 
 
@@ -242,7 +243,7 @@ def two_hosts(args, net: TwoHosts, work: Path, env: dict, profile: str, option: 
         return {**res, "error": f"training failed (see {log})", "step_s": None, "comm_share": None,
                 "bytes_per_step": None, "time_to_target_vs_one_worker": None}
     sent = sum(veth_tx_bytes(net, h) - tx0[h] for h in net.HOSTS)
-    recs = read_metrics(out / "metrics.jsonl")
+    recs = read_metrics(out / rundir.METRICS)
     t = time_to_target(recs, target)
     return {**res, **summarize(recs), "bytes_per_step": sent / 2 / args.steps,
             "time_to_target_s": t, "final_eval_loss": final_eval_loss(recs),

@@ -27,6 +27,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ndtrain.launch.cli import main as cli
+from ndtrain.launch.errors import UsageError
+from ndtrain.launch.optimizer_setup import make_optimizer
+from ndtrain.launch.task_data import load_task_data
+from ndtrain.engine import ParamStore
+from ndtrain.launch.config import apply_overrides, load_config, validate
+from ndtrain.launch.models import build_model
+from ndtrain.data.info import PAD
+from ndtrain.data.shards import TOKENIZER_FILE
+from ndtrain.launch.task_data import make_loader
+from ndtrain.data.loader import Loader
+from ndtrain.engine.memory import retain_freed_memory
+from threadpoolctl import threadpool_limits
 
 RAW_FILES = ("train.en.gz", "train.de.gz", "val.en.gz", "val.de.gz")
 TARGET_RATIO = 0.75
@@ -51,10 +64,9 @@ def _default_config() -> Path:
 
 def _import_raw(raw: Path, out: Path, vocab_size: int) -> Path:
     """`ndtrain data import` of the raw corpus into out/{train,val} (stdout kept off ours)."""
-    from ndtrain.launch.cli import main as cli
     with contextlib.redirect_stdout(sys.stderr):
         for split, extra in (("train", ["--tokenizer", "bpe", "--vocab-size", str(vocab_size)]),
-                             ("val", ["--tokenizer-file", str(out / "train" / "tokenizer.json")])):
+                             ("val", ["--tokenizer-file", str(out / "train" / TOKENIZER_FILE)])):
             rc = cli(["data", "import", "--src", str(raw / f"{split}.en.gz"), "--tgt", str(raw / f"{split}.de.gz"),
                       *extra, "--out", str(out / split)])
             if rc:
@@ -63,7 +75,6 @@ def _import_raw(raw: Path, out: Path, vocab_size: int) -> Path:
 
 
 def _resolve_data(data: str, vocab_size: int, stack: contextlib.ExitStack) -> Path:
-    from ndtrain.launch.cli import UsageError
     d = Path(data)
     if (d / "train" / "manifest.json").is_file() and (d / "val" / "manifest.json").is_file():
         return d
@@ -76,17 +87,11 @@ def _resolve_data(data: str, vocab_size: int, stack: contextlib.ExitStack) -> Pa
 
 def _setup(args, data_dir: Path):
     """(cfg, model, store, optimizer, train, val) as `ndtrain train` builds them, on one rank."""
-    from ndtrain.cluster.optimizer_setup import make_optimizer
-    from ndtrain.cluster.task_data import load_task_data
-    from ndtrain.engine import ParamStore
-    from ndtrain.launch.config import apply_overrides, load_config, validate
-    from ndtrain.launch.models import build_model
     cfg = load_config(args.config or _default_config())
     apply_overrides(cfg, [*args.set, f'data.dir="{data_dir}"', 'run.backend="local"', "run.workers=1"])
     validate(cfg)
     info, train, val = load_task_data(cfg)
     if info.kind != "seq2seq":
-        from ndtrain.launch.cli import UsageError
         raise UsageError(f"{data_dir}: bench realdata needs seq2seq data; this is {info.kind}")
     model = build_model(cfg.run.model, info, cfg)
     store = ParamStore.from_module(model.module, dtype=np.dtype(cfg.run.dtype), seed=cfg.run.seed)
@@ -113,7 +118,6 @@ def _train_step(model, store, opt, batch) -> tuple[float, int]:
 
 def _time_eval(model, val, cfg, eval_rows: int) -> dict:
     """Forward-only teacher-forced loss over all validation rows, and the trainer's metric_sums on eval_rows."""
-    from ndtrain.data.info import PAD
     module = model.module
     cut = {"max_src_len": module.cfg.max_len, "max_tgt_len": module.cfg.max_len}  # val rows past the model's reach
     module.eval()
@@ -139,9 +143,6 @@ def _time_eval(model, val, cfg, eval_rows: int) -> dict:
 
 
 def run(args) -> dict:
-    from ndtrain.cluster.task_data import make_loader
-    from ndtrain.data.loader import Loader
-    from ndtrain.engine.memory import retain_freed_memory
     retain_freed_memory()
     with contextlib.ExitStack() as stack:
         data_dir = _resolve_data(args.data, args.vocab_size, stack)
@@ -188,7 +189,6 @@ def run(args) -> dict:
 
 
 def main(args) -> int:
-    from threadpoolctl import threadpool_limits
     with threadpool_limits(args.threads, user_api="blas"):
         r = run(args)
     if args.json:

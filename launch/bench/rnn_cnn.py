@@ -19,6 +19,12 @@ import statistics
 import time
 
 import numpy as np
+from ndtrain.engine import ParamStore
+from ndtrain.engine.recurrent import GRU, LSTM
+from ndtrain.engine.conv import Conv2d
+from ndtrain.data.info import TaskInfo
+from ndtrain.launch.models import build_model
+from threadpoolctl import threadpool_limits
 
 CASES = ("lstm", "gru", "lstm-pad", "conv", "cnn")
 
@@ -35,8 +41,6 @@ def add_arguments(p) -> None:
 
 
 def _rnn_case(name, torch, rng):
-    from ndtrain.engine import ParamStore
-    from ndtrain.engine.recurrent import GRU, LSTM
     B, T, D, H = 64, 32, 128, 256
     cls, tcls = (GRU, torch.nn.GRU) if name == "gru" else (LSTM, torch.nn.LSTM)
     m = cls(D, H)
@@ -78,8 +82,6 @@ def _rnn_case(name, torch, rng):
 
 
 def _conv_case(torch, rng):
-    from ndtrain.engine import ParamStore
-    from ndtrain.engine.conv import Conv2d
     N, C, HW = 32, 64, 16
     m = Conv2d(C, C, 3, padding="same")
     ParamStore.from_module(m, seed=0)
@@ -107,9 +109,6 @@ def _conv_case(torch, rng):
 
 
 def _cnn_case(torch, rng):
-    from ndtrain.data.info import TaskInfo
-    from ndtrain.engine import ParamStore
-    from ndtrain.launch.models import build_model
     info = TaskInfo("digits", "classification", n_features=64, n_outputs=10)
     model = build_model("cnn", info, {})
     ParamStore.from_module(model.module, seed=0)
@@ -143,11 +142,10 @@ def _time(fn, clock=time.perf_counter) -> float:
 
 def main(args) -> int:
     try:
-        import torch
+        import torch  # torch: optional, the reference of the benchmark only
     except ImportError:
         print("ndtrain bench rnn_cnn: needs torch (the reference engine); pip install torch")
         return 1
-    from threadpoolctl import threadpool_limits
     torch.set_num_threads(args.threads)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]

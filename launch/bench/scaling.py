@@ -26,6 +26,14 @@ import tempfile
 import time
 
 import numpy as np
+from ndtrain.launch import rundir
+from ndtrain.cluster.reducer import GradReducer
+from ndtrain.launch.launch_mpi import run_mpi
+from ndtrain.launch.launch_ray import run_ray
+from ndtrain.engine.optim import AdamW
+from ndtrain.launch.bench.engine import CONFIGS, _data, build_ndtrain
+from ndtrain.engine.losses import cross_entropy_fused
+from threadpoolctl import threadpool_limits
 
 MODES = ("comm", "nocomm", "nobucket")
 
@@ -51,8 +59,6 @@ class Stepper:
     (step_s, comm_s) where comm_s is the time spent in communication calls (launches + waits)."""
 
     def __init__(self, config: str, seed: int):
-        from ndtrain.engine.optim import AdamW
-        from ndtrain.launch.bench.engine import CONFIGS, _data, build_ndtrain
         self.c = CONFIGS[config]
         self.store, self.model, _ = build_ndtrain(self.c)
         self.opt = AdamW(self.store, lr=3e-4, weight_decay=0.01, decay_mask=False)
@@ -61,7 +67,6 @@ class Stepper:
         self._buf = np.zeros(2, np.float64)
 
     def _loss(self):
-        from ndtrain.engine.losses import cross_entropy_fused
         b, kind = self.batch, self.c["kind"]
         if kind == "seq2seq":
             logits, backward = self.model(b["src"], b["tgt_in"], train=True)
@@ -96,7 +101,6 @@ class Stepper:
 # -- inside the ranks (a launcher target: MPI or Ray) ------------------------------------------------------------------
 def scaling_rank(ctx) -> dict:
     """args: config, steps, rounds, warmup, bucket_mb, out (rank 0 writes the JSON result there)."""
-    from ndtrain.cluster.reducer import GradReducer
     a = ctx.args
     comm = ctx.comm
     s = Stepper(a["config"], seed=ctx.rank)
@@ -148,12 +152,10 @@ def _job(backend: str, args) -> dict:
                "bucket_mb": args.bucket_mb, "out": out}
         target = "ndtrain.launch.bench.scaling:scaling_rank"
         if backend == "mpi":
-            from ndtrain.launch.launch_mpi import run_mpi
-            rc = run_mpi(target, job, workers=args.workers, run_dir=d, threads=1, quiet=True)
+            rc = run_mpi(target, job, workers=args.workers, run_dir=d, threads=1)
         else:
-            from ndtrain.launch.launch_ray import run_ray
-            rc = run_ray(target, job, workers=args.workers, run_dir=d, threads=1, quiet=True)
-            with open(os.path.join(d, "topology.json")) as f:
+            rc = run_ray(target, job, workers=args.workers, run_dir=d, threads=1)
+            with open(os.path.join(d, rundir.TOPOLOGY)) as f:
                 transport = json.load(f).get("transport")
         if rc != 0:
             raise RuntimeError(f"the {backend} scaling job failed (see above)")
@@ -166,7 +168,6 @@ def _job(backend: str, args) -> dict:
 
 def single_worker(args, threads: int) -> dict:
     """1 worker, `threads` BLAS threads, in this process: median step time over rounds x steps."""
-    from threadpoolctl import threadpool_limits
     s = Stepper(args.config, seed=0)
     with threadpool_limits(limits=threads, user_api="blas"):
         for _ in range(args.warmup):

@@ -9,7 +9,7 @@ import importlib
 import pkgutil
 from typing import Callable
 
-from .base import TaskModel
+from ndtrain.cluster.job import TaskModel
 
 _REGISTRY: dict[str, Callable] = {}
 
@@ -22,9 +22,8 @@ def register_model(name: str):
 
 
 def _load_all() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")
+    for info in pkgutil.iter_modules(__path__):  # each family module registers itself on import
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
 def model_names() -> list[str]:

@@ -20,6 +20,7 @@ from ndtrain.engine.module import Module, Sequential
 from ndtrain.launch.config import ConfigError, model_options
 from ndtrain.launch.models import register_model
 from ndtrain.launch.models.mlp import MLPModel
+from ndtrain.engine.layers import Dropout
 
 DEFAULTS = {"channels": [32, 64], "kernel_size": 3, "head": "flatten", "hidden": 128, "dropout": 0.0}
 
@@ -58,7 +59,6 @@ def build_cnn(side: int, n_out: int, channels=(32, 64), kernel_size: int = 3, he
         layers += [Linear(d, hidden), ReLU()]
         d = hidden
     if dropout > 0:
-        from ndtrain.engine.layers import Dropout
         layers.append(Dropout(dropout))
     layers.append(Linear(d, n_out))
     return Sequential(*layers)

@@ -18,13 +18,15 @@ from ndtrain.engine.module import Sequential
 from ndtrain.engine import losses
 from ndtrain.launch.config import ConfigError, model_options
 from ndtrain.launch.models import register_model
-from ndtrain.launch.models.base import TaskModel
+from ndtrain.cluster.job import TaskModel
+from ndtrain.engine.layers import activations as A
+from ndtrain.engine.layers.dropout import Dropout
+from ndtrain.engine import init
 
 DEFAULTS = {"hidden": [64, 64], "activation": "relu", "dropout": 0.0, "binary_single_logit": True}
 
 
 def _activation(name: str):
-    from ndtrain.engine.layers import activations as A
     table = {"relu": A.ReLU, "tanh": A.Tanh, "sigmoid": A.Sigmoid, "gelu": A.GELU, "leaky_relu": A.LeakyReLU,
              "silu": A.SiLU}
     if name not in table:
@@ -38,7 +40,6 @@ def build_mlp(d_in: int, hidden: list[int], d_out: int, activation: str = "relu"
     for h in hidden:
         layers += [Linear(d, h), _activation(activation)]
         if dropout > 0:
-            from ndtrain.engine.layers.dropout import Dropout
             layers.append(Dropout(dropout))
         d = h
     layers.append(Linear(d, d_out))
@@ -181,7 +182,6 @@ class PerceptronModel(TaskModel):
 @register_model("perceptron")
 def perceptron(task_info, cfg) -> PerceptronModel:
     """Binary classification only; weights start at zero, as in Rosenblatt's rule. Train with optim.name = "sgd"."""
-    from ndtrain.engine import init
     table = cfg.model if hasattr(cfg, "model") else (cfg or {})
     model_options(table, {}, "perceptron")  # no hyper-parameters: any key is an error naming it
     if task_info.kind != "classification" or task_info.n_outputs != 2:

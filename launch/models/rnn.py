@@ -17,6 +17,7 @@ compared on equal terms.
 """
 from __future__ import annotations
 
+from ndtrain.data.info import PAD
 from ndtrain.engine.seq2seq_rnn import Seq2SeqRNN, Seq2SeqRNNConfig
 from ndtrain.launch.config import ConfigError, model_options
 from ndtrain.launch.models import register_model
@@ -38,7 +39,7 @@ def seq2seq_rnn(task_info, cfg) -> Seq2SeqModel:
         mcfg = Seq2SeqRNNConfig(src_vocab_size=task_info.src_vocab_size, tgt_vocab_size=task_info.tgt_vocab_size,
                                 d_embed=opts["d_embed"], hidden_size=opts["hidden_size"],
                                 num_layers=opts["num_layers"], cell=opts["cell"], attention=opts["attention"],
-                                d_attn=opts["d_attn"])
+                                d_attn=opts["d_attn"], pad_id=PAD)
     except ValueError as e:  # name the config field, not the dataclass
         raise ConfigError(str(e).replace("Seq2SeqRNNConfig.", "model.")) from None
     return Seq2SeqModel(Seq2SeqRNN(mcfg), label_smoothing=opts["label_smoothing"],

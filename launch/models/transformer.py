@@ -25,25 +25,27 @@ The keys are the fields of the engine's config dataclasses (engine/transformer/c
 (label_smoothing, eval_beam_size, length_penalty, length_penalty_kind, eval_bleu, block_size); vocabulary sizes
 and max_len come from TaskInfo.
 
-Batches (launch/models/base.py): seq2seq src/tgt_in/tgt_out, lm x/y, classification x/y. PAD (0) targets are
+Batches (cluster/job.py): seq2seq src/tgt_in/tgt_out, lm x/y, classification x/y. PAD (0) targets are
 ignored by the loss and every metric. The engine module maps ids to logits:
   seq2seq     module(src, tgt_in) -> (logits (B, T, V), backward); also an IncrementalDecoder (start/step/reorder)
   lm          module(x) -> (logits (B, T, V), backward); an IncrementalDecoder too (src = None)
   classifier  module(x) -> (logits (B, C), backward); x (B, T) token ids (EncoderClassifier) or (B, F) float
-              features (FeatureTokenClassifier, below)
+              features (engine.transformer.FeatureTokenClassifier)
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
 from ndtrain.data.info import PAD, TaskInfo
 from ndtrain.engine import decoding, losses, metrics
-from ndtrain.engine.module import Module
-from ndtrain.engine.params import Param
+from ndtrain.cluster.job import TaskModel
+from ndtrain.engine.transformer import (DecoderLM, DecoderLMConfig, EncoderClassifier, EncoderClassifierConfig,
+                                        FeatureTokenClassifier, Seq2SeqConfig, Seq2SeqTransformer)
+from ndtrain.launch.config import ConfigError, model_options
 from ndtrain.launch.models import register_model
-from ndtrain.launch.models.base import TaskModel
 
 _COMMON = {"d_model": 128, "n_heads": 4, "d_ff": 512, "dropout": 0.1, "attn_dropout": None, "activation": "gelu",
            "norm": "layer", "norm_placement": "pre", "scale_embedding": False, "label_smoothing": 0.0}
@@ -67,15 +69,7 @@ def _model_table(cfg) -> dict:
 
 
 def _options(cfg, family: str) -> dict:
-    table = _model_table(cfg)
-    try:
-        from ndtrain.launch.config import model_options
-    except ImportError:  # the trainer's config module is optional here
-        unknown = sorted(set(table) - set(DEFAULTS[family]))
-        if unknown:
-            raise KeyError(f"model.{unknown[0]}: unknown key for model {family!r}")
-        return {**DEFAULTS[family], **table}
-    return model_options(table, DEFAULTS[family], family)
+    return model_options(_model_table(cfg), DEFAULTS[family], family)
 
 
 def _ids(a) -> np.ndarray:
@@ -280,66 +274,32 @@ class ClassifierModel(TaskModel):
         return {"loss": sums["loss_sum"] / n, "accuracy": sums["correct"] / n}
 
 
-class FeatureTokenClassifier(Module):
-    """Vector classification with a Transformer encoder: each of the F features becomes a token
-    e_j = x_j w_j + b_j (the "feature tokenizer" of Gorishniy et al., 2021, FT-Transformer), the tokens pass the
-    engine's Encoder (no mask, no positions: the per-feature embeddings already tell the features apart), their mean
-    goes through a Linear head. forward(x (B, F) float) -> (logits (B, C), backward(dlogits) -> dx (B, F))."""
-
-    def __init__(self, cfg, n_features: int, n_classes: int):
-        from ndtrain.engine import init as initializers
-        from ndtrain.engine.layers import Linear
-        from ndtrain.engine.transformer.stacks import Encoder
-        super().__init__()
-        self.cfg = cfg.validate()
-        D = cfg.d_model
-        self.w_feat = Param((n_features, D), initializers.torch_linear_default(D), decay=True)
-        self.b_feat = Param((n_features, D), initializers.torch_linear_default(D), decay=False)
-        self.encoder = Encoder(cfg, cfg.n_layers)
-        self.head = Linear(D, n_classes)
-
-    def forward(self, x, *, train: bool):
-        w, b = self.w_feat, self.b_feat
-        tokens = x[:, :, None] * w.data + b.data  # (B, F, D)
-        h, enc_backward = self.encoder(tokens, train=train)  # (B, F, D)
-        F = h.shape[1]
-        logits, head_backward = self.head(h.mean(axis=1), train=train)  # (B, C)
-
-        def backward(dlogits):
-            dpooled = head_backward(dlogits)  # (B, D)
-            dh = np.broadcast_to(dpooled[:, None, :] / F, h.shape).copy()  # the mean spreads evenly
-            dtokens = enc_backward(dh)  # (B, F, D)
-            w.grad += np.einsum("bf,bfd->fd", x, dtokens)
-            b.grad += dtokens.sum(axis=0)
-            return (dtokens * w.data).sum(axis=-1)  # (B, F)
-
-        return logits, backward
-
-
 # -- builders ---------------------------------------------------------------------------------------------------------
 def _config(cls, values: dict):
-    """An engine config dataclass from our option names; keys the class does not have are dropped (so the [model]
-    table may carry adapter-only keys such as eval_beam_size)."""
+    """An engine config dataclass from our option names, validated; keys the class does not have are dropped (so the
+    [model] table may carry adapter-only keys such as eval_beam_size). Its errors name the model.* field."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+    try:
+        return cls(**{k: v for k, v in values.items() if k in names}).validate()
+    except ValueError as e:
+        raise ConfigError(re.sub(r"^\w+Config\.", "model.", str(e))) from None
 
 
 def _check_kind(info: TaskInfo, family: str, kinds: tuple) -> None:
     if info.kind not in kinds:
-        raise ValueError(f"run.model: {family!r} needs a {' or '.join(kinds)} task; task {info.name!r} is "
+        raise ConfigError(f"run.model: {family!r} needs a {' or '.join(kinds)} task; task {info.name!r} is "
                          f"{info.kind}")
 
 
 def _engine_options(opts: dict) -> dict:
     out = dict(opts)
     if out["d_model"] % out["n_heads"]:
-        raise ValueError(f"model.n_heads: must divide model.d_model={out['d_model']}, got {out['n_heads']}")
+        raise ConfigError(f"model.n_heads: must divide model.d_model={out['d_model']}, got {out['n_heads']}")
     return out
 
 
 @register_model("transformer")
 def build_transformer(task_info: TaskInfo, cfg) -> Seq2SeqModel:
-    from ndtrain.engine.transformer import Seq2SeqConfig, Seq2SeqTransformer
     _check_kind(task_info, "transformer", ("seq2seq",))
     opts = _engine_options(_options(cfg, "transformer"))
     mc = _config(Seq2SeqConfig, {**opts, "src_vocab": task_info.src_vocab_size, "tgt_vocab": task_info.tgt_vocab_size,
@@ -355,13 +315,12 @@ def build_transformer(task_info: TaskInfo, cfg) -> Seq2SeqModel:
 
 @register_model("lm")
 def build_lm(task_info: TaskInfo, cfg) -> LMModel:
-    from ndtrain.engine.transformer import DecoderLM, DecoderLMConfig
     _check_kind(task_info, "lm", ("lm",))
     opts = _engine_options(_options(cfg, "lm"))
     block = opts["block_size"] or task_info.max_tgt_len
     if task_info.max_tgt_len and block < task_info.max_tgt_len:
         # The loader serves the data's fixed blocks; a shorter context would see positions it has no embedding for.
-        raise ValueError(f"model.block_size: {block} is shorter than the data's blocks of {task_info.max_tgt_len} "
+        raise ConfigError(f"model.block_size: {block} is shorter than the data's blocks of {task_info.max_tgt_len} "
                          f"tokens (set at `ndtrain data import --block-size`); use >= {task_info.max_tgt_len} or 0")
     mc = _config(DecoderLMConfig, {**opts, "vocab_size": task_info.vocab_size, "max_len": block})
     return LMModel(DecoderLM(mc), block, opts["label_smoothing"])
@@ -369,7 +328,6 @@ def build_lm(task_info: TaskInfo, cfg) -> LMModel:
 
 @register_model("classifier")
 def build_classifier(task_info: TaskInfo, cfg) -> ClassifierModel:
-    from ndtrain.engine.transformer import EncoderClassifier, EncoderClassifierConfig
     _check_kind(task_info, "classifier", ("classification",))
     opts = _engine_options(_options(cfg, "classifier"))
     vocab = task_info.src_vocab_size or task_info.tgt_vocab_size
@@ -378,7 +336,7 @@ def build_classifier(task_info: TaskInfo, cfg) -> ClassifierModel:
         module = FeatureTokenClassifier(mc, task_info.n_features, task_info.n_outputs)
         return ClassifierModel(module, opts["label_smoothing"])
     if not vocab or not task_info.max_src_len:
-        raise ValueError(f"run.model: 'classifier' needs token ids (TaskInfo.src_vocab_size and max_src_len) or "
+        raise ConfigError(f"run.model: 'classifier' needs token ids (TaskInfo.src_vocab_size and max_src_len) or "
                          f"float features (n_features); task {task_info.name!r} gives neither")
     mc = _config(EncoderClassifierConfig, {**opts, "vocab_size": vocab, "n_classes": task_info.n_outputs,
                                            "max_len": task_info.max_src_len})

@@ -22,9 +22,12 @@ from ndtrain.launch import rundir
 from . import html as H
 from . import labels as L
 from .plots import metric_name, metric_plots
+from ndtrain.launch.restore import load_run
+from .samples import text_samples
+from .attention import attention_map
 
-REPORT = "report.html"
-PLOTS_DIR = "plots"
+REPORT = rundir.REPORT
+PLOTS_DIR = rundir.PLOTS_DIR
 
 
 def _read_json(path: Path):
@@ -53,7 +56,6 @@ def _summary_section(run_dir: Path) -> str:
 
 def _restore(run_dir: Path):
     """(the restored run, None) or (None, why not)."""
-    from ndtrain.launch.restore import load_run
     try:
         return load_run(run_dir), None
     except Exception as e:  # noqa: BLE001 - a note in the page, not a failed report
@@ -61,7 +63,6 @@ def _restore(run_dir: Path):
 
 
 def _samples_section(run) -> str:
-    from .samples import text_samples
     try:
         samples = text_samples(run)
     except Exception as e:  # noqa: BLE001
@@ -81,7 +82,6 @@ def _samples_section(run) -> str:
 
 
 def _attention_section(run_dir: Path, run) -> str:
-    from .attention import attention_map
     try:
         png, caption = attention_map(run)
     except Exception as e:  # noqa: BLE001
@@ -140,7 +140,7 @@ def build_report(run_dir: str | Path, *, attention: bool = True, samples: bool =
                     sections.append(("Samples", text))
             if attention and run.kind == "seq2seq":
                 sections.append(("Attention", _attention_section(d, run)))
-    topo, ranks = _read_json(d / "topology.json"), _read_json(d / "ranks.json")
+    topo, ranks = _read_json(d / rundir.TOPOLOGY), _read_json(d / rundir.RANKS)
     if topo is not None or ranks is not None:
         inner = ""
         if isinstance(topo, dict):

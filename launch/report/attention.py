@@ -17,6 +17,7 @@ import numpy as np
 from ndtrain.data.info import BOS, EOS, PAD
 
 from .plots import attention_png
+from ndtrain.launch.restore import split_dataset
 
 
 def _token_labels(tokenizer, ids) -> list[str]:
@@ -50,7 +51,6 @@ def attention_map(run, example: int = 0) -> tuple[bytes | None, str]:
     if "record" not in inspect.signature(module.forward).parameters:
         return None, (f"no attention map: model {run.cfg.run.model!r} ({type(module).__name__}) does not expose "
                       f"attention weights (only the Transformer records them)")
-    from ndtrain.launch.restore import split_dataset
     val = split_dataset(run.cfg, "val")
     if val.n_rows() <= example:
         return None, "no attention map: the validation split is empty"

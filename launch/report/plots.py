@@ -24,6 +24,7 @@ import io
 import math
 
 from ndtrain.launch.rundir import eval_events, train_events
+import numpy as np
 
 FIGSIZE = (6.4, 3.6)
 PANEL_SIZE = (3.2, 2.6)  # inches per small panel (the eval metrics: two per row, as wide as one plot)
@@ -120,7 +121,7 @@ def _draw_panel(ax, p: dict, legend: bool = True) -> None:
             style = {**style, "marker": "o"}  # a single record: a line alone would draw nothing
         ax.plot(xs, ys, label=label, **style)
     if p["xlabel"] == "step":
-        from matplotlib.ticker import MaxNLocator
+        from matplotlib.ticker import MaxNLocator  # matplotlib: ~1 s, only when a report is drawn
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 28.5
     values = [y for _, _, ys, _ in p["lines"] for y in ys]
     if p["logy"] and values and min(values) > 0 and max(values) / min(values) > 20:  # log only where it helps
@@ -134,7 +135,7 @@ def _draw_panel(ax, p: dict, legend: bool = True) -> None:
 
 def draw(spec: dict):
     """A plot spec (plot_specs) -> matplotlib Figure: one axes per panel, up to `cols` per row."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib: ~1 s, only when a report is drawn
     panels = spec["panels"]
     cols = min(len(panels), spec.get("cols", 3))
     rows = (len(panels) + cols - 1) // cols
@@ -153,7 +154,7 @@ def draw(spec: dict):
 
 
 def to_png(fig, tight: bool = True) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: ~1 s, only when a report is drawn
     FigureCanvasAgg(fig)
     if tight and fig.get_layout_engine() is None:  # fixed margins: tight_layout doubles the rendering time
         fig.subplots_adjust(left=0.13, right=0.97, top=0.9, bottom=0.15)
@@ -264,8 +265,7 @@ def metric_plots(rows: list[dict]) -> list[tuple[str, str, bytes]]:
 
 def attention_png(weights, src_tokens: list[str], out_tokens: list[str], title: str) -> bytes:
     """Heat map(s) of attention weights (H, T_out, T_src), one panel per head, queries down, keys across."""
-    import numpy as np
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # matplotlib: ~1 s, only when a report is drawn
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim == 2:
         w = w[None]

@@ -14,6 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from ndtrain.data.info import EOS, PAD
+from ndtrain.engine import decoding
+from ndtrain.launch.restore import split_dataset
+from threadpoolctl import threadpool_limits
 
 N_TRANSLATIONS = 5
 LM_PROMPT_TOKENS = 32
@@ -29,8 +32,6 @@ def _text(tokenizer, ids) -> str:
 
 
 def _translations(run, n: int) -> list[dict]:
-    from ndtrain.engine import decoding
-    from ndtrain.launch.restore import split_dataset
     val = split_dataset(run.cfg, "val")
     k = min(n, val.n_rows())
     if k == 0:
@@ -44,8 +45,6 @@ def _translations(run, n: int) -> list[dict]:
 
 
 def _continuation(run) -> list[dict]:
-    from ndtrain.engine import decoding
-    from ndtrain.launch.restore import split_dataset
     val = split_dataset(run.cfg, "val")
     if val.n_rows() == 0:
         return []
@@ -58,7 +57,6 @@ def _continuation(run) -> list[dict]:
 
 def text_samples(run, n: int = N_TRANSLATIONS) -> list[dict]:
     """See the module docstring. Raises what decoding raises; the report turns that into a note."""
-    from threadpoolctl import threadpool_limits
     with threadpool_limits(limits=1):
         if run.kind == "seq2seq":
             return _translations(run, n)

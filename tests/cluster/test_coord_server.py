@@ -42,7 +42,7 @@ def _wait(pred, timeout=10.0):
 
 @pytest.fixture
 def coord(tmp_path):
-    c = Coordinator(2, run_dir=tmp_path, quiet=True, tensorboard=False, start_timeout=120).start()
+    c = Coordinator(2, ranks_file=tmp_path / "ranks.json", start_timeout=120).start()
     yield c
     c.close()
 
@@ -157,7 +157,7 @@ def _garbage(port, c, per_client, payloads, big, out):
 def test_survives_10000_garbage_connections_while_a_run_completes(tmp_path, capfd):
     import multiprocessing as mp
     ours = set(threading.enumerate())
-    coord = Coordinator(2, run_dir=tmp_path, quiet=True, tensorboard=False, start_timeout=120).start()
+    coord = Coordinator(2, ranks_file=tmp_path / "ranks.json", start_timeout=120).start()
     srv = coord._server
     srv.handshake_s = 1.0
     big = b"x" * (32 << 20)  # 32 MB, no newline

@@ -8,7 +8,9 @@ from ndtrain.cluster.aggregate import StepAggregator, aggregate
 from ndtrain.cluster.coord_server import dial
 from ndtrain.cluster.coordinator import Coordinator
 from ndtrain.cluster.metrics_channel import RankReporter, encode
+from ndtrain.launch.progress import TeeSink, TensorBoardSink
 from ndtrain.launch.rundir import RunWriter, read_metrics, read_summary
+from helpers.tensorboard import tb_scalars
 
 
 def test_aggregate_loss_over_all_tokens_slowest_rank_and_throughput():
@@ -24,7 +26,7 @@ def test_aggregate_loss_over_all_tokens_slowest_rank_and_throughput():
     assert rec["tokens_per_s"] == pytest.approx(10 / 0.5 + 30 / 0.25)
     assert rec["comm_share"] == pytest.approx(0.2)
     assert rec["lr"] == 1.0  # pass-through keys come from the lowest rank
-    assert rec["ranks"] == 2
+    assert rec["reporting_ranks"] == 2  # how many ranks the record aggregates (named for what it counts)
 
 
 def test_step_aggregator_waits_for_every_reporting_rank():
@@ -45,7 +47,8 @@ def _pump(coord, until, timeout=10.0):
 
 
 def test_coordinator_writes_run_directory(tmp_path):
-    coord = Coordinator(2, writer=RunWriter(tmp_path), total_steps=3, quiet=True).start()
+    sinks = TeeSink([RunWriter(tmp_path), TensorBoardSink(tmp_path / "tb")])  # what the launcher gives it
+    coord = Coordinator(2, writer=sinks, ranks_file=tmp_path / "ranks.json").start()
     reps = [RankReporter(coord.address, coord.token, r, 2) for r in range(2)]
     for step in (1, 2, 3):
         for r, rep in enumerate(reps):
@@ -64,11 +67,14 @@ def test_coordinator_writes_run_directory(tmp_path):
     assert summary["final_loss"] == 4.5 and summary["world_size"] == 2
     ranks = json.loads((tmp_path / "ranks.json").read_text())
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["pid"] and r["host"] for r in ranks)
-    assert any((tmp_path / "tb").iterdir())  # TensorBoard events
+    tags = tb_scalars(tmp_path / "tb")  # TensorBoard events
+    assert [v for _, v in tags["train/loss"]] == pytest.approx([r["loss"] for r in rows])
+    # the count of ranks a record aggregates is named for what it counts (a 2-rank run read "ranks 1" before)
+    assert "train/ranks" not in tags and [v for _, v in tags["train/reporting_ranks"]] == [2, 2, 2]
 
 
 def test_reported_exception_names_rank_step_and_traceback(tmp_path):
-    coord = Coordinator(2, run_dir=tmp_path, quiet=True, tensorboard=False).start()
+    coord = Coordinator(2, ranks_file=tmp_path / "ranks.json").start()
     reps = [RankReporter(coord.address, coord.token, r, 2) for r in range(2)]
     try:
         raise ValueError("boom in the loss")
@@ -83,7 +89,7 @@ def test_reported_exception_names_rank_step_and_traceback(tmp_path):
 
 
 def test_crashed_rank_is_detected_by_its_closed_connection(tmp_path):
-    coord = Coordinator(2, run_dir=tmp_path, quiet=True, tensorboard=False).start()
+    coord = Coordinator(2, ranks_file=tmp_path / "ranks.json").start()
     ok = RankReporter(coord.address, coord.token, 0, 2)
     raw = dial("127.0.0.1", coord.port, coord.token, 1)
     raw.sendall(encode({"type": "hello", "rank": 1, "host": "h", "pid": 1}))
@@ -96,7 +102,7 @@ def test_crashed_rank_is_detected_by_its_closed_connection(tmp_path):
 
 
 def test_silent_rank_fails_the_job_naming_it(tmp_path):
-    coord = Coordinator(2, run_dir=tmp_path, quiet=True, tensorboard=False, heartbeat_timeout=0.5).start()
+    coord = Coordinator(2, ranks_file=tmp_path / "ranks.json", heartbeat_timeout=0.5).start()
     ok = RankReporter(coord.address, coord.token, 0, 2, heartbeat_s=0.1)
     raw = dial("127.0.0.1", coord.port, coord.token, 1)
     raw.sendall(encode({"type": "hello", "rank": 1, "host": "h", "pid": 1}))
@@ -108,7 +114,7 @@ def test_silent_rank_fails_the_job_naming_it(tmp_path):
 
 
 def test_wrong_token_is_ignored_and_missing_rank_times_out(tmp_path):
-    coord = Coordinator(1, run_dir=tmp_path, quiet=True, tensorboard=False, start_timeout=0.5).start()
+    coord = Coordinator(1, ranks_file=tmp_path / "ranks.json", start_timeout=0.5).start()
     with pytest.raises(ConnectionError, match=f"rank 0: cannot reach the coordinator at {coord.address}: it refused"):
         RankReporter(coord.address, "not-the-token", 0, 1, connect_timeout=0.3)
     _pump(coord, lambda: coord.failure is not None)

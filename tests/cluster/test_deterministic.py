@@ -13,12 +13,12 @@ from ndtrain.cluster import checkpoint as ckpt
 from ndtrain.cluster.comm.local import LocalCommunicator
 from ndtrain.cluster.deterministic import (MicroBatchLoader, TreeSum, allgather_rows, block_of, canonical_zeros,
                                            global_tree_sum, split_rows, tree_sum)
-from ndtrain.cluster.worker import run_worker
+from ndtrain.launch.worker import run_worker
 from ndtrain.data import tasks
 from ndtrain.data.dataset import as_dataset
 from ndtrain.launch.config import ConfigError
 from helpers.threads import ThreadComm, ThreadGroup, run_threads
-from test_worker import make_cfg
+from helpers.runs import make_cfg
 
 
 def _explicit_tree(xs):

@@ -20,10 +20,10 @@ from ndtrain.cluster.comm.local import LocalCommunicator
 from ndtrain.cluster.coordinator import Coordinator
 from ndtrain.cluster.fate_share import Reaper, _reap, _stat, descendants
 from ndtrain.cluster.metrics_channel import RankReporter
-from ndtrain.cluster.worker import run_worker
+from ndtrain.launch.worker import run_worker
 from ndtrain.launch.rundir import NullSink
 from helpers.threads import ThreadComm, ThreadGroup
-from test_worker import make_cfg
+from helpers.runs import make_cfg
 
 SETS = ["run.task=\"spirals\"", "run.batch_size=16", "model.hidden=[8]", "run.steps=12", "run.checkpoint_every=5"]
 
@@ -139,7 +139,7 @@ def test_no_request_no_stop_and_agreed_reads_the_reduced_vote():
 
 # -- coordinator <-> rank --------------------------------------------------------------------------------------------
 def test_coordinator_acks_heartbeats_and_tells_every_rank_to_stop_even_late_ones():
-    coord = Coordinator(2, quiet=True, tensorboard=False).start()
+    coord = Coordinator(2).start()
     stops = []
     try:
         r0 = RankReporter(coord.address, coord.token, 0, 2, heartbeat_s=0.05, on_stop=lambda: stops.append(0))
@@ -159,7 +159,7 @@ def test_coordinator_acks_heartbeats_and_tells_every_rank_to_stop_even_late_ones
 
 
 def test_ranks_reporting_different_stop_steps_fail_the_job():
-    coord = Coordinator(2, quiet=True, tensorboard=False)
+    coord = Coordinator(2)
     for r, step in ((0, 7), (1, 8)):
         coord.handle({"type": "hello", "rank": r})
         coord.handle({"type": "interrupted", "rank": r, "step": step})
@@ -168,7 +168,7 @@ def test_ranks_reporting_different_stop_steps_fail_the_job():
 
 
 def test_rank_notices_a_closed_coordinator_and_one_that_stops_acking():
-    coord = Coordinator(1, quiet=True, tensorboard=False).start()
+    coord = Coordinator(1).start()
     lost = []
     rep = RankReporter(coord.address, coord.token, 0, 1, heartbeat_s=0.05, on_lost=lost.append)
     coord.close()
@@ -176,7 +176,7 @@ def test_rank_notices_a_closed_coordinator_and_one_that_stops_acking():
     assert rep.lost and "closed" in lost[0]
     rep.close()
 
-    coord = Coordinator(1, quiet=True, tensorboard=False).start()
+    coord = Coordinator(1).start()
     coord._server._replies = lambda: None  # a coordinator that keeps the connection open but never answers
     lost = []
     t0 = time.monotonic()
@@ -209,7 +209,7 @@ _FAKE_RANK = textwrap.dedent("""
 
 @pytest.mark.parametrize("mode", ["stops", "hung"])
 def test_rank_that_loses_its_coordinator_ends_its_process(tmp_path, mode):
-    coord = Coordinator(1, quiet=True, tensorboard=False).start()
+    coord = Coordinator(1).start()
     p = subprocess.Popen([sys.executable, "-c", _FAKE_RANK, coord.address, coord.token, mode],
                          stdout=subprocess.PIPE, text=True)
     try:

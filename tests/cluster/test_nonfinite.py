@@ -5,15 +5,16 @@ import numpy as np
 import pytest
 
 from ndtrain.cluster import checkpoint as ckpt
-from ndtrain.cluster import worker
+from ndtrain.launch import job as job_builder, worker
 from ndtrain.cluster.comm.local import LocalCommunicator
-from ndtrain.cluster.worker import WorkerError, run_worker
+from ndtrain.cluster.nonfinite import WorkerError
+from ndtrain.launch.worker import run_worker
 from ndtrain.data import tasks
 from ndtrain.data.dataset import as_dataset
 from ndtrain.data.loader import Loader
 from ndtrain.launch.rundir import NullSink, read_metrics, read_summary
 from helpers.threads import run_threads
-from test_worker import make_cfg
+from helpers.runs import make_cfg
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -71,7 +72,7 @@ def test_inf_gradient_with_finite_loss_is_skipped(tmp_path, monkeypatch):
 
 
 def _run_threads_without_abort(cfgs):
-    """Like test_worker.run_threads, but a failing rank does not break the others' barrier: each must stop on its
+    """Like helpers.threads.run_threads, but a failing rank does not break the others' barrier: each must stop on its
     own (a rank left waiting would hit the barrier's 60 s timeout instead and show up as BrokenBarrierError)."""
     import threading
     from helpers.threads import ThreadComm, ThreadGroup

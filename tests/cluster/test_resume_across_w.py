@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from ndtrain.cluster import checkpoint as ckpt
-from ndtrain.cluster import worker
+from ndtrain.launch import job as job_builder, worker
 from ndtrain.cluster.comm.local import LocalCommunicator
-from ndtrain.cluster.worker import run_worker
+from ndtrain.launch.worker import run_worker
 from ndtrain.launch.config import ConfigError
 from ndtrain.launch.rundir import read_metrics, train_events
 from helpers.threads import run_threads
-from test_worker import make_cfg
+from helpers.runs import make_cfg
 
 SETS = ["run.task=\"spirals\"", "run.batch_size=20", "run.dtype=\"float64\"", "model.hidden=[16]",
         "optim.schedule=\"cosine\"", "optim.schedule_kwargs.total_steps=14", "run.log_every=1"]
@@ -25,7 +25,7 @@ N = 14  # spirals: 1000 rows / 20 = 50 batches per epoch; 14 steps stay in epoch
 def seen(monkeypatch):
     """{run tag: {step index: sorted global row ids}}: every rank's rows of every batch it was handed."""
     log = defaultdict(lambda: defaultdict(list))
-    real = worker.make_loader
+    real = job_builder.make_loader
 
     def spy(dataset, cfg, rank, world):
         loader = real(dataset, cfg, rank, world)
@@ -37,7 +37,7 @@ def seen(monkeypatch):
             return make(epoch, k)
         loader.make_batch = recording
         return loader
-    monkeypatch.setattr(worker, "make_loader", spy)
+    monkeypatch.setattr(job_builder, "make_loader", spy)
     return log
 
 
@@ -102,7 +102,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])  # truncated
     with pytest.warns(ckpt.CheckpointWarning, match="ckpt-00000006.npz"), \
             pytest.warns(ckpt.CheckpointWarning, match="resuming from .*ckpt-00000004.json"):
-        c = ckpt.load_valid(out)
+        c = ckpt.load_valid(out / "checkpoints")
     assert c.step == 4
     with pytest.warns(ckpt.CheckpointWarning):
         s = _run(out, 1, "run.steps=8", f"run.resume={json.dumps(str(out))}")[0]

@@ -110,6 +110,7 @@ def test_readme_tour_runs_the_language_model_path():
 def test_python_blocks_run(doc: Path, capsys):
     from ndtrain.engine import module as engine_module
     from ndtrain.launch import models as registry
+    registry.model_names()  # every family registered first: restoring an empty registry would lose them
     saved_models, saved_hooks = dict(registry._REGISTRY), list(engine_module._HOOKS)
     try:
         ran = _run_python_blocks(doc, capsys)

@@ -62,7 +62,7 @@ def test_inverse_sqrt_is_fairseqs():
     with pytest.raises(ValueError, match="warmup_init_lr"):
         S.inverse_sqrt(lr=1e-3, warmup_init_lr=1.0)
     # through the trainer's config: optim.lr is the peak
-    from ndtrain.cluster.optimizer_setup import make_schedule_fn
+    from ndtrain.launch.optimizer_setup import make_schedule_fn
     from ndtrain.launch.config import OptimConfig
     g = make_schedule_fn(OptimConfig(lr=2e-3, schedule="inverse_sqrt", schedule_kwargs={"warmup_steps": 10}), 100)
     assert g(9) == pytest.approx(2e-3) and g(39) == pytest.approx(1e-3)

@@ -8,15 +8,9 @@ from ndtrain.engine.gradcheck import assert_gradcheck, check_function
 from ndtrain.engine.module import seed_rngs
 from ndtrain.engine.transformer import (DecoderBlock, EncoderBlock, LayerNorm, LearnedPositionalEmbedding,
                                         PositionWiseFFN, RMSNorm, SinusoidalPositionalEncoding, TokenEmbedding)
+from helpers.perturb import perturb
 
 RNG = np.random.default_rng(0)
-
-
-def _perturb(module, seed=0):
-    """Move every parameter off its init (ones / zeros) so all gradient paths are exercised."""
-    rng = np.random.default_rng(seed)
-    for _, p in module.named_params():
-        p.data += 0.3 * rng.standard_normal(p.shape)
 
 
 def test_transformer_norms_are_the_engine_layers():
@@ -41,7 +35,7 @@ def test_ffn_gelu_equals_the_gelu_layer_between_its_projections():
 def test_norm_gradcheck(cls):
     m = cls(6)
     ParamStore.from_module(m, dtype=np.float64)
-    _perturb(m)
+    perturb(m)
     assert_gradcheck(m, [RNG.standard_normal((2, 3, 6))])
 
 
@@ -114,7 +108,7 @@ BLOCK_CASES = [(pre, norm, act) for pre in (True, False) for norm, act in (("lay
 def test_encoder_block_gradcheck(pre_norm, norm, activation):
     blk = EncoderBlock(8, 2, 12, dropout=0.2, activation=activation, norm=norm, pre_norm=pre_norm)
     ParamStore.from_module(blk, dtype=np.float64, seed=2)
-    _perturb(blk)
+    perturb(blk)
     x = RNG.standard_normal((2, 4, 8))
     mask = make_attention_mask(np.array([[False] * 4, [False, False, True, True]]), dtype=np.float64)
     assert_gradcheck(blk, [x], forward_kwargs={"mask": mask}, before_forward=lambda: seed_rngs(blk, 3))
@@ -124,7 +118,7 @@ def test_encoder_block_gradcheck(pre_norm, norm, activation):
 def test_decoder_block_gradcheck(pre_norm, norm, activation):
     blk = DecoderBlock(8, 2, 12, dropout=0.2, activation=activation, norm=norm, pre_norm=pre_norm)
     ParamStore.from_module(blk, dtype=np.float64, seed=3)
-    _perturb(blk)
+    perturb(blk)
     x, mem = RNG.standard_normal((2, 3, 8)), RNG.standard_normal((2, 4, 8))
     kw = {"self_mask": make_attention_mask(causal=True, tq=3, tk=3, dtype=np.float64),
           "cross_mask": make_attention_mask(np.array([[False] * 4, [False, True, True, True]]), dtype=np.float64)}
@@ -153,7 +147,7 @@ def test_ffn_gelu_training_path_by_row_blocks(monkeypatch, block_elems):
     monkeypatch.setattr(ffn, "FFN_BLOCK_ELEMS", block_elems)
     m = PositionWiseFFN(6, 10, "gelu")
     ParamStore.from_module(m, dtype=np.float64, seed=2)
-    _perturb(m)
+    perturb(m)
     x = RNG.standard_normal((3, 5, 6))  # 15 rows
     np.testing.assert_allclose(m(x, train=True)[0], m(x, train=False)[0], rtol=1e-13, atol=1e-14)
     assert_gradcheck(m, [x])

@@ -7,16 +7,11 @@ from ndtrain.engine import ParamStore
 from ndtrain.engine.gradcheck import assert_gradcheck
 from ndtrain.engine.module import seed_rngs
 from ndtrain.engine.transformer import (DecoderLM, DecoderLMConfig, EncoderClassifier, EncoderClassifierConfig,
-                                        Seq2SeqConfig, Seq2SeqTransformer)
+                                        FeatureTokenClassifier, Seq2SeqConfig, Seq2SeqTransformer)
+from helpers.perturb import perturb
 
 RNG = np.random.default_rng(0)
 SMALL = dict(d_model=8, n_heads=2, d_ff=12, max_len=16)
-
-
-def _perturb(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for _, p in model.named_params():
-        p.data += 0.2 * rng.standard_normal(p.shape)
 
 
 def _ids(shape, vocab, pad_tail=None, rng=RNG):
@@ -42,7 +37,7 @@ def test_seq2seq_gradcheck(kw):
     m = Seq2SeqTransformer(cfg)
     store = ParamStore.from_module(m, dtype=np.float64, seed=1)
     assert bool(store.aliases) == kw["share_embeddings"]
-    _perturb(m)
+    perturb(m, scale=0.2)
     src, tgt = _ids((2, 5), vocab, {1: 2}), _ids((2, 4), vocab, {0: 1})
     assert_gradcheck(m, [src, tgt], before_forward=lambda: seed_rngs(m, 7), n_dirs=3)
 
@@ -51,7 +46,7 @@ def test_decoder_lm_gradcheck_tied():
     m = DecoderLM(DecoderLMConfig(**SMALL, vocab_size=10, n_layers=2, dropout=0.1, activation="swiglu"))
     store = ParamStore.from_module(m, dtype=np.float64, seed=2)
     assert "w_out" not in "".join(store.params)  # tied: the output projection is the embedding
-    _perturb(m)
+    perturb(m, scale=0.2)
     assert_gradcheck(m, [_ids((2, 5), 10, {1: 2})], before_forward=lambda: seed_rngs(m, 8), n_dirs=3)
 
 
@@ -60,7 +55,7 @@ def test_encoder_classifier_gradcheck(pooling):
     m = EncoderClassifier(EncoderClassifierConfig(**SMALL, vocab_size=10, n_classes=3, n_layers=1, dropout=0.0,
                                                   pooling=pooling, norm_placement="post"))
     ParamStore.from_module(m, dtype=np.float64, seed=3)
-    _perturb(m)
+    perturb(m, scale=0.2)
     x = _ids((3, 5), 10, {2: 3})
     assert_gradcheck(m, [x], n_dirs=3)
     logits, _ = m(x, train=False)
@@ -139,3 +134,18 @@ def test_config_errors_name_the_field():
         Seq2SeqTransformer(Seq2SeqConfig(src_vocab=5, tgt_vocab=6, share_embeddings=True))
     with pytest.raises(ValueError, match="DecoderLMConfig.d_model"):
         DecoderLM(DecoderLMConfig(d_model=10, n_heads=4))
+
+
+def test_feature_token_classifier_gradcheck_and_shapes():
+    """FT-Transformer: x (B, F) float -> one token per feature -> encoder -> mean -> logits (B, C); parameters and dx
+    checked in float64."""
+    cfg = EncoderClassifierConfig(d_model=8, n_heads=2, d_ff=12, max_len=3, n_layers=1, dropout=0.0)
+    m = FeatureTokenClassifier(cfg, n_features=3, n_classes=2)
+    ParamStore.from_module(m, dtype=np.float64, seed=0)
+    perturb(m, scale=0.2)
+    x = RNG.standard_normal((4, 3))
+    logits, backward = m(x, train=True)
+    assert logits.shape == (4, 2) and backward(np.ones_like(logits)).shape == (4, 3)
+    assert m(x, train=False)[1] is None  # forward-only in eval: nothing kept
+    np.testing.assert_allclose(m(x, train=False)[0], logits)  # no dropout: the same logits
+    assert_gradcheck(m, [x])

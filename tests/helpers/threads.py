@@ -51,8 +51,8 @@ class ThreadComm(Communicator):
 
 def run_threads(cfgs):
     """run_worker on len(cfgs) thread-ranks; returns (summaries, errors) by rank."""
-    from ndtrain.cluster.worker import run_worker
-    from ndtrain.launch.rundir import NullSink
+    from ndtrain.launch.worker import run_worker
+    from ndtrain.cluster.sink import NullSink
     group = ThreadGroup(len(cfgs))
     out, errs = [None] * len(cfgs), [None] * len(cfgs)
 

@@ -12,6 +12,7 @@ import pytest
 from ndtrain.cluster import checkpoint as ckpt
 from ndtrain.launch.cli import main
 from ndtrain.launch.rundir import eval_events, read_metrics, read_summary, train_events
+from helpers.runs import train
 
 
 @pytest.fixture(autouse=True)
@@ -21,19 +22,12 @@ def _no_report_no_tensorboard(monkeypatch):
     monkeypatch.setenv("NDTRAIN_TENSORBOARD", "0")
 
 
-def train(tmp_path, name, *args):
-    out = tmp_path / name
-    rc = main(["train", "--out", str(out), "--quiet", *args])
-    assert rc == 0
-    return out
-
-
 def params_of(out) -> dict:
     return ckpt.load(out / "checkpoints").params
 
 
 def test_xor_2_4_1_mlp_reaches_accuracy_1(tmp_path):
-    out = train(tmp_path, "xor", "--task", "xor", "--model", "mlp")
+    out = train(tmp_path / "xor", "--task", "xor", "--model", "mlp")
     s = read_summary(out)
     assert s["eval"]["accuracy"] == 1.0
     p = params_of(out)
@@ -41,7 +35,7 @@ def test_xor_2_4_1_mlp_reaches_accuracy_1(tmp_path):
 
 
 def test_run_directory_contract(tmp_path):
-    out = train(tmp_path, "sine", "--task", "sine", "--model", "mlp", "--steps", "40", "--set", "run.log_every=10",
+    out = train(tmp_path / "sine", "--task", "sine", "--model", "mlp", "--steps", "40", "--set", "run.log_every=10",
                 "--set", "run.eval_every=20", "--checkpoint-every", "10", "--set", "run.keep_checkpoints=2")
     with open(out / "config.toml", "rb") as f:
         cfg = tomllib.load(f)
@@ -112,9 +106,9 @@ def test_preset_model_table_only_for_its_family(tmp_path, capsys):
 
 def test_same_command_same_seed_gives_identical_parameters(tmp_path):
     args = ["--task", "spirals", "--model", "mlp", "--steps", "30", "--set", "model.dropout=0.1"]
-    a = params_of(train(tmp_path, "a", *args, "--seed", "3"))
-    b = params_of(train(tmp_path, "b", *args, "--seed", "3"))
-    c = params_of(train(tmp_path, "c", *args, "--seed", "4"))
+    a = params_of(train(tmp_path / "a", *args, "--seed", "3"))
+    b = params_of(train(tmp_path / "b", *args, "--seed", "3"))
+    c = params_of(train(tmp_path / "c", *args, "--seed", "4"))
     assert a.keys() == b.keys()
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
     assert any(a[k].tobytes() != c[k].tobytes() for k in a)
@@ -125,11 +119,11 @@ def test_resume_is_exact(tmp_path):
     dropout RNG all restored), bit for bit."""
     args = ["--task", "spirals", "--model", "mlp", "--set", "model.dropout=0.1", "--set", "optim.schedule=cosine", "--set", "optim.schedule_kwargs.total_steps=20",
             "--batch-size", "48", "--seed", "1"]
-    full = train(tmp_path, "full", *args, "--steps", "20")
-    half = train(tmp_path, "half", *args, "--steps", "10")
+    full = train(tmp_path / "full", *args, "--steps", "20")
+    half = train(tmp_path / "half", *args, "--steps", "10")
     first = ckpt.latest(half / "checkpoints")
     # the schedule spans the whole run: resume with the same total (steps=20), as the full run had
-    resumed = train(tmp_path, "half", *args, "--steps", "20", "--resume", str(first))
+    resumed = train(tmp_path / "half", *args, "--steps", "20", "--resume", str(first))
     a, b = params_of(full), params_of(resumed)
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
     assert read_summary(resumed)["steps"] == 20
@@ -138,7 +132,7 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_digits_mlp_reaches_97_percent(tmp_path):
-    out = train(tmp_path, "digits", "--task", "digits", "--model", "mlp", "--threads", "1")
+    out = train(tmp_path / "digits", "--task", "digits", "--model", "mlp", "--threads", "1")
     assert read_summary(out)["eval"]["accuracy"] >= 0.97
 
 
@@ -146,12 +140,9 @@ def test_digits_mlp_reaches_97_percent(tmp_path):
 @pytest.mark.parametrize("backend", ["mpi", "ray"])
 def test_two_workers_equal_one_worker(tmp_path, backend):
     """The same command (global batch, seed, steps) with 2 workers ends where 1 worker does (float64)."""
-    from ndtrain.launch.cmd_train import _distributed_launcher
-    if _distributed_launcher(backend) is None:
-        pytest.skip(f"no {backend} launcher in this build")
     args = ["--task", "spirals", "--model", "mlp", "--steps", "20", "--set", "run.dtype=\"float64\""]
-    one = train(tmp_path, "one", *args)
-    two = train(tmp_path, "two", *args, "--backend", backend, "--workers", "2")
+    one = train(tmp_path / "one", *args)
+    two = train(tmp_path / "two", *args, "--backend", backend, "--workers", "2")
     a, b = params_of(one), params_of(two)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-12)
@@ -160,8 +151,8 @@ def test_two_workers_equal_one_worker(tmp_path, backend):
 def test_arrow_shards_train_exactly_like_memory(tmp_path):
     """data.cache: the task is prepared once as Arrow shards and memory-mapped; same rows, same order, same bits."""
     args = ["--task", "spirals", "--model", "mlp", "--steps", "25"]
-    mem = train(tmp_path, "mem", *args)
-    shards = train(tmp_path, "shards", *args, "--set", f"data.cache={json.dumps(str(tmp_path / 'cache'))}")
+    mem = train(tmp_path / "mem", *args)
+    shards = train(tmp_path / "shards", *args, "--set", f"data.cache={json.dumps(str(tmp_path / 'cache'))}")
     assert list((tmp_path / "cache").glob("spirals-*/train/manifest.json"))
     a, b = params_of(mem), params_of(shards)
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
@@ -180,7 +171,7 @@ def test_bad_data_dir_or_resume_path_exit_2(tmp_path, capsys, sets, field):
 
 
 def test_tampered_checkpoint_cannot_be_resumed(tmp_path, capsys):
-    out = train(tmp_path, "t", "--task", "xor", "--steps", "5")
+    out = train(tmp_path / "t", "--task", "xor", "--steps", "5")
     js = ckpt.latest(out / "checkpoints")
     npz = js.with_suffix(".npz")
     npz.write_bytes(npz.read_bytes()[:-10] + b"0123456789")

@@ -10,17 +10,13 @@ import pytest
 
 from ndtrain.cluster import checkpoint as ckpt
 from ndtrain.launch.cli import main
-from ndtrain.launch.config import Config, apply_overrides, validate, write_config
 from ndtrain.launch.rundir import read_summary
+from helpers.runs import config_file
 
 
 def _config(tmp_path, out, *sets):
-    cfg = Config()
-    apply_overrides(cfg, ["run.task=\"spirals\"", "run.steps=20", "run.dtype=\"float64\"", "model.hidden=[8]",
-                          f"run.out=\"{out}\"", *sets])
-    path = tmp_path / f"{Path(out).name}.toml"
-    write_config(validate(cfg), path)
-    return path
+    return config_file(tmp_path / f"{Path(out).name}.toml", out, "run.task=\"spirals\"", "run.steps=20",
+                       "run.dtype=\"float64\"", "model.hidden=[8]", *sets)
 
 
 def test_worker_alone_equals_train(tmp_path, monkeypatch):

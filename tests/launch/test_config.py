@@ -3,7 +3,7 @@ import tomllib
 
 import pytest
 
-from ndtrain.launch.cli import UsageError
+from ndtrain.launch.errors import UsageError
 from ndtrain.launch.config import (Config, ConfigError, apply_overrides, config_hash, from_dict, load_config,
                                    model_options, parse_value, validate, write_config)
 

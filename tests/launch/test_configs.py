@@ -16,6 +16,7 @@ from ndtrain.launch.cmd_train import preset_path
 from ndtrain.launch.config import load_config, model_options, validate
 from ndtrain.launch.models import model_names
 from ndtrain.launch.rundir import read_summary
+from helpers.runs import TINY_LM, TINY_TRANSFORMER
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = sorted(CONFIGS.glob("*.toml"))
@@ -72,9 +73,7 @@ def test_train_picks_the_preset_for_the_task(task):
 
 
 # tiny overrides: a couple of steps on a few rows with a small model, so all presets run in seconds
-TINY_SEQ = ["--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_ff=32",
-            "--set", "model.n_enc_layers=1", "--set", "model.n_dec_layers=1",
-            "--set", "optim.schedule_kwargs.warmup_steps=1"]  # warmup must end before the 2 steps do
+TINY_SEQ = [*TINY_TRANSFORMER, "--set", "optim.schedule_kwargs.warmup_steps=1"]  # warmup ends before the 2 steps
 TINY = {"data.rows": 40, "run.eval_every": 0, "run.log_every": 1, "run.checkpoint_every": 0}
 
 
@@ -129,7 +128,5 @@ def test_shakespeare_preset_on_a_tiny_text(tmp_path):
     import_text(tmp_path / "train.txt", d / "train", tokenizer="char", block_size=64)
     import_text(tmp_path / "val.txt", d / "val", tokenizer_file=d / "train" / "tokenizer.json", block_size=64)
     s = _train_tiny(tmp_path, "lm", "--config", str(CONFIGS / "shakespeare.toml"), "--set", f"data.dir={d}",
-                    "--set", "run.eval_every=0", "--set", "model.n_layers=1", "--set", "model.d_model=16",
-                    "--set", "model.n_heads=2", "--set", "model.d_ff=32",
-                    "--set", "optim.schedule_kwargs.warmup_steps=1")
+                    "--set", "run.eval_every=0", *TINY_LM, "--set", "optim.schedule_kwargs.warmup_steps=1")
     assert s["model"] == "lm" and s["eval"]["loss"] > 0

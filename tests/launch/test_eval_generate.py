@@ -12,38 +12,12 @@ from ndtrain.cluster import checkpoint as ckpt
 from ndtrain.engine import decoding
 from ndtrain.engine.metrics import corpus_bleu
 from ndtrain.launch.cli import main
-from ndtrain.launch.models import model_names
 from ndtrain.launch.restore import load_run, split_dataset
 from ndtrain.launch.rundir import read_summary
-
-TINY_TRANSFORMER = ["--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_ff=32",
-                    "--set", "model.n_enc_layers=1", "--set", "model.n_dec_layers=1", "--set", "model.dropout=0.0",
-                    "--set", "data.rows=160", "--set", "optim.lr=3e-3"]
-
-
-def _train(out, *args):
-    assert main(["train", "--out", str(out), "--quiet", *args]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def xor_run(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("xor") / "run", "--task", "xor", "--model", "mlp", "--steps", "50",
-                  "--checkpoint-every", "25")
-
-
-@pytest.fixture(scope="module")
-def rev_run(tmp_path_factory):
-    if "transformer" not in model_names():
-        pytest.skip("the transformer adapter is not registered")
-    return _train(tmp_path_factory.mktemp("rev") / "run", "--task", "reverse", "--model", "transformer",
-                  "--steps", "12", "--batch-size", "16", *TINY_TRANSFORMER)
-
+from helpers.runs import TINY_LM, train
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
-    if "lm" not in model_names():
-        pytest.skip("the lm adapter is not registered")
     root = tmp_path_factory.mktemp("lm")
     rng = np.random.default_rng(0)
     words = ["the", "cat", "sat", "on", "a", "mat"]
@@ -54,9 +28,8 @@ def lm_run(tmp_path_factory):
                  "--out", str(data / "train")]) == 0
     assert main(["data", "import", "--text", str(root / "val.txt"), "--block-size", "16", "--tokenizer-file",
                  str(data / "train" / "tokenizer.json"), "--out", str(data / "val")]) == 0
-    return _train(root / "run", "--model", "lm", "--set", f"data.dir={data}", "--steps", "10", "--batch-size", "8",
-                  "--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_ff=32",
-                  "--set", "model.n_layers=1")
+    return train(root / "run", "--model", "lm", "--set", f"data.dir={data}", "--steps", "10", "--batch-size", "8",
+                 *TINY_LM)
 
 
 def _json_eval(capsys, run, *extra):

@@ -188,7 +188,7 @@ def test_no_valid_checkpoint_left_is_an_error_naming_them(tmp_path, capsys):
 def test_coordinator_listens_on_localhost_and_requires_the_token(tmp_path):
     from ndtrain.cluster.coordinator import Coordinator
     from ndtrain.cluster.metrics_channel import encode
-    coord = Coordinator(1, run_dir=tmp_path, quiet=True, tensorboard=False, start_timeout=30).start()
+    coord = Coordinator(1, ranks_file=tmp_path / "ranks.json", start_timeout=30).start()
     try:
         assert coord._server._srv.getsockname()[0] == "127.0.0.1" and coord.address.startswith("127.0.0.1:")
         for hello in ({"type": "hello", "rank": 0, "host": "h", "pid": 1},  # no token
@@ -227,5 +227,5 @@ def test_mpi_launcher_binds_localhost_without_a_hostfile(tmp_path, monkeypatch):
             raise Stop()
     monkeypatch.setattr(launch_mpi, "Coordinator", FakeCoordinator)
     with pytest.raises(Stop):
-        launch_mpi.run_mpi("ndtrain.cluster.probe:noop", {}, workers=2, run_dir=tmp_path, quiet=True)
+        launch_mpi.run_mpi("ndtrain.cluster.probe:noop", {}, workers=2, run_dir=tmp_path)
     assert seen["host"] == "127.0.0.1"

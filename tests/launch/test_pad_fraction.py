@@ -3,7 +3,7 @@ that are PAD, summed over the log window and over all ranks, in every train reco
 import numpy as np
 import pytest
 
-from ndtrain.cluster.task_data import load_task_data, make_loader
+from ndtrain.launch.task_data import load_task_data, make_loader
 from ndtrain.data.info import PAD, TaskInfo
 from ndtrain.launch.cli import main
 from ndtrain.launch.config import Config, apply_overrides

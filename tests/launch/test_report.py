@@ -8,10 +8,10 @@ import re
 import pytest
 
 from ndtrain.launch.cli import main
-from ndtrain.launch.models import model_names
 from ndtrain.launch.report import build_report, write_report
 from ndtrain.launch.report.plots import draw, per_rank_step_times, plot_specs, to_png
 from ndtrain.launch.rundir import read_summary
+from helpers.runs import TINY_LM
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
@@ -19,26 +19,6 @@ IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]
 
 def images(page: str) -> dict[str, bytes]:
     return {alt: base64.b64decode(data) for alt, data in IMG.findall(page)}
-
-
-@pytest.fixture(scope="module")
-def xor_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("xor") / "run"
-    assert main(["train", "--task", "xor", "--model", "mlp", "--steps", "40", "--out", str(out), "-q",
-                 "--set", "run.log_every=5", "--set", "run.eval_every=20"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def rev_run(tmp_path_factory):
-    if "transformer" not in model_names():
-        pytest.skip("the transformer adapter is not registered")
-    out = tmp_path_factory.mktemp("rev") / "run"
-    assert main(["train", "--task", "reverse", "--model", "transformer", "--steps", "6", "--batch-size", "8",
-                 "--out", str(out), "-q", "--set", "model.d_model=16", "--set", "model.n_heads=2",
-                 "--set", "model.d_ff=32", "--set", "model.n_enc_layers=1", "--set", "model.n_dec_layers=1",
-                 "--set", "data.rows=80"]) == 0
-    return out
 
 
 def test_report_command_writes_a_self_contained_page(xor_run, capsys):
@@ -234,8 +214,7 @@ def test_lm_report_continues_a_prompt(tmp_path):
                  "--out", str(data)]) == 0
     out = tmp_path / "run"
     assert main(["train", "--task", "shakespeare", "--data", str(data), "--steps", "4", "--out", str(out), "-q",
-                 "--set", "model.n_layers=1", "--set", "model.d_model=16", "--set", "model.d_ff=32",
-                 "--set", "model.n_heads=2", "--set", "model.block_size=32", "--no-report"]) == 0
+                 *TINY_LM, "--set", "model.block_size=32", "--no-report"]) == 0
     page = build_report(out, attention=False)
     assert 'id="samples"' in page and "<th>prompt</th>" in page and "<th>continuation</th>" in page
 

@@ -4,8 +4,8 @@ number of workers), the topology line, TensorBoard events, the console (live bar
 retain_freed_memory once per process, --print-config."""
 import io
 import json
+import re
 import shutil
-import struct
 import threading
 import tomllib
 
@@ -13,14 +13,17 @@ import numpy as np
 import pytest
 
 from ndtrain.cluster import worker_process
-from ndtrain.cluster.worker import Trainer, eval_batches, eval_row_count, load_task_data
+from ndtrain.cluster.trainer import Trainer
+from ndtrain.launch.job import build_job
+from ndtrain.launch.task_data import eval_batches, eval_row_count, load_task_data
 from ndtrain.data.info import TaskInfo
 from ndtrain.data.loader import Loader
 from ndtrain.launch.cli import main
 from ndtrain.launch.config import Config, apply_overrides, validate
-from ndtrain.launch.models import model_names
 from ndtrain.launch.progress import Console
 from ndtrain.launch.rundir import NullSink, read_metrics, train_events
+from helpers.runs import TINY_LM, make_cfg, train
+from helpers.tensorboard import tb_scalars
 from helpers.threads import ThreadComm, ThreadGroup
 
 
@@ -29,11 +32,6 @@ def _fast(monkeypatch):
     """Report and TensorBoard off unless a test turns them on (they cost seconds per run)."""
     monkeypatch.setenv("NDTRAIN_REPORT", "0")
     monkeypatch.setenv("NDTRAIN_TENSORBOARD", "0")
-
-
-def train(out, *args):
-    assert main(["train", "--out", str(out), "--quiet", *args]) == 0
-    return out
 
 
 XOR = ["--task", "xor", "--model", "mlp", "--steps", "20"]
@@ -72,8 +70,6 @@ def test_task_info_written_and_in_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def lm_data(tmp_path_factory):
-    if "lm" not in model_names():
-        pytest.skip("the lm adapter is not registered")
     root = tmp_path_factory.mktemp("lmdata")
     rng = np.random.default_rng(1)
     words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
@@ -93,8 +89,7 @@ def test_eval_and_generate_work_after_the_data_is_deleted(tmp_path, lm_data, cap
     keep = tmp_path / "data_copy"
     shutil.copytree(lm_data, keep)
     run = train(tmp_path / "run", "--model", "lm", "--set", f"data.dir={data}", "--steps", "6", "--batch-size", "8",
-                "--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_ff=32",
-                "--set", "model.n_layers=1")
+                *TINY_LM)
     assert (run / "tokenizer.json").read_text() == (lm_data / "train" / "tokenizer.json").read_text()
     gen = ["generate", "--run", str(run), "--max-len", "8", "the cat"]
     capsys.readouterr()
@@ -117,11 +112,7 @@ def test_eval_and_generate_work_after_the_data_is_deleted(tmp_path, lm_data, cap
 
 # -- 3. capped evaluation --------------------------------------------------------------------------------------------
 def _cfg(tmp_path, *sets, workers=1):
-    cfg = Config()
-    cfg.run.out = str(tmp_path)
-    return validate(apply_overrides(cfg, ["run.task=spirals", "run.model=mlp", "run.batch_size=12",
-                                          f"run.workers={workers}", "run.backend=" + ("mpi" if workers > 1 else
-                                                                                      "local"), *sets]))
+    return make_cfg(tmp_path, "run.task=spirals", "run.model=mlp", "run.batch_size=12", *sets, workers=workers)
 
 
 @pytest.mark.parametrize("cap", [0, 1, 37, 10_000])
@@ -147,9 +138,11 @@ def _evaluate_on(tmp_path, world, *sets):
     group, results = ThreadGroup(world), [None] * world
 
     def rank(r):
-        t = Trainer(_cfg(tmp_path, *sets, workers=world), ThreadComm(group, r), NullSink())
+        cfg = _cfg(tmp_path, *sets, workers=world)
+        t = Trainer(build_job(cfg, r, world), ThreadComm(group, r), NullSink())
+        _, _, val = load_task_data(cfg)
         sums = {}
-        for b in eval_batches(t.val_data, t.cfg, r, world):
+        for b in eval_batches(val, cfg, r, world):
             for k, v in t.model.metric_sums(b).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         results[r] = (sums, t.evaluate())
@@ -180,26 +173,10 @@ def test_topology_line_and_file(tmp_path, capsys):
     assert topo["backend"] == "local" and topo["ranks"] == 1 and topo["per_rank_batch"] == 16
 
 
-def _tb_scalars(tb_dir) -> dict:
-    """{tag: [(step, value)]} from the TFRecord events files (length, crc, Event proto, crc)."""
-    from tensorboardX.proto import event_pb2
-    found = {}
-    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
-        raw = path.read_bytes()
-        i = 0
-        while i < len(raw):
-            (n,) = struct.unpack("<Q", raw[i:i + 8])
-            ev = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
-            i += 12 + n + 4
-            for v in ev.summary.value:
-                found.setdefault(v.tag, []).append((ev.step, v.simple_value))
-    return found
-
-
 def test_tensorboard_events_match_metrics(tmp_path, monkeypatch):
     monkeypatch.delenv("NDTRAIN_TENSORBOARD")
     out = train(tmp_path / "r", *XOR, "--set", "run.log_every=5")
-    scalars = _tb_scalars(out / "tb")
+    scalars = tb_scalars(out / "tb")
     tr = train_events(read_metrics(out))
     assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in tr] == [5, 10, 15, 20]
     np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [r["loss"] for r in tr], rtol=1e-6)
@@ -228,8 +205,8 @@ def test_json_log_format_one_object_per_event(tmp_path, capsys):
 def test_text_mode_plain_lines_and_quiet(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "a"), *XOR, "--set", "run.log_every=10"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("step 10: loss ") and "items/s" in out[0]
-    assert out[2].startswith("step 20: eval loss ") and out[-1].startswith("done: 20 steps")
+    assert re.fullmatch(r"step 10/20: loss \d\.\d{4} lr 0\.05 tok/s \d+ eta \d+s", out[0]), out[0]
+    assert out[2].startswith("step 20/20: eval loss ") and out[-1].startswith("done: 20 steps")
     assert main(["train", "--out", str(tmp_path / "b"), *XOR, "-q"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("done: ")  # --quiet: no progress lines
 
@@ -239,13 +216,14 @@ def test_console_live_bar_shows_step_total_loss_lr_eta():
     c = Console(100, "text", bar=True, stream=out, err_stream=err)
     for step in range(50):
         c.progress(step)
-    c.log({"step": 50, "loss": 0.25, "lr": 0.001, "time": 1.0, "tokens_per_s": 1234.0})
+    c.log({"step": 50, "loss": 0.25, "lr": 0.001, "time": 1.0, "tokens_per_s": 1234.0, "step_time": 0.5})
     c.log({"step": 50, "time": 1.0, "eval": {"loss": 0.5, "accuracy": 0.75}})
     c.close()
     text = err.getvalue()
     assert "50/100" in text and "loss=0.25" in text and "lr=0.001" in text and "tok/s=1234" in text
-    assert "<" in text  # tqdm's elapsed<remaining (ETA)
-    assert "step 50: eval loss 0.5000 accuracy 0.7500" in text and out.getvalue() == ""
+    assert "eta=25s" in text  # 50 steps left at 0.5 s per training step
+    assert "val=0.5" in text  # the last validation loss beside the training loss
+    assert "step 50/100: eval loss 0.5000 accuracy 0.7500" in text and out.getvalue() == ""
 
 
 def test_console_bar_off_when_not_a_tty_or_quiet():

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from ndtrain.engine.losses import cross_entropy_fused
-from ndtrain.engine.memory import retain_freed_memory
 from ndtrain.launch.bench import engine as bench
 from ndtrain.launch.cli import main
 
@@ -37,16 +36,8 @@ def test_benchmarked_network_trains(kind):
 
     before = loss()
     for _ in range(40):
-        fwd, bwd, opt = step(batch)
-        assert min(fwd, bwd, opt) >= 0
+        step(batch)
     assert loss() < 0.97 * before
-
-
-def test_retain_freed_memory_is_accepted_by_glibc():
-    assert retain_freed_memory() in (True, False)  # False only off glibc
-    import ctypes.util
-    if ctypes.util.find_library("c"):
-        assert retain_freed_memory() is True
 
 
 def test_bench_dispatch_rejects_unknown_names(capsys):

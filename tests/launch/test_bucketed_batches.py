@@ -1,4 +1,4 @@
-"""data.bucket / data.max_tokens through the config (cluster/task_data.make_loader): the global batch is the same for
+"""data.bucket / data.max_tokens through the config (launch/task_data.make_loader): the global batch is the same for
 W = 1 and W = 2 (the ranks' shares, concatenated in rank order, ARE the W = 1 batch, row for row), resume from a
 loader state gives the remaining batches on any W, padding shrinks, and bad settings are ConfigErrors."""
 import itertools
@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ndtrain.cluster.task_data import make_loader
+from ndtrain.launch.task_data import make_loader
 from ndtrain.data.dataset import from_columns
 from ndtrain.data.info import PAD, TaskInfo
 from ndtrain.launch.config import Config, ConfigError, apply_overrides, validate
@@ -112,7 +112,7 @@ def test_deterministic_mode_takes_bucketed_batches():
 @pytest.mark.timeout(180)
 def test_bucketed_training_two_mpi_workers_equal_one(mpi_ok, tmp_path):
     """End to end through `ndtrain train` with data.bucket = true: 2 MPI workers end with the parameters of 1 worker
-    (float64, 1e-6 relative, as tests/cluster/test_equivalence.py), and both logged the same pad_fraction."""
+    (float64, 1e-6 relative, as tests/launch/test_equivalence.py), and both logged the same pad_fraction."""
     from ndtrain.cluster import checkpoint as ckpt
     from ndtrain.launch import cli
     from ndtrain.launch.rundir import read_metrics, train_events

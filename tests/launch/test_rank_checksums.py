@@ -5,7 +5,7 @@
 
 The probe is test-only: a `sitecustomize.py` written into a temporary directory on PYTHONPATH (inherited by
 mpiexec's ranks and by the Ray workers started from this process) wraps `Trainer.__init__` of
-ndtrain.cluster.worker when that module is imported, so the optimizer step records the checksum and, when asked,
+ndtrain.cluster.trainer when that module is imported, so the optimizer step records the checksum and, when asked,
 raises on one rank at one step. What it does is read at each run from the JSON file named by NDTRAIN_TEST_HOOKS.
 No product code knows about it."""
 import json
@@ -16,16 +16,17 @@ import time
 import pytest
 
 from ndtrain.launch import cli
+from helpers.runs import TINY_TRANSFORMER
 
 SITECUSTOMIZE = textwrap.dedent('''
-    """Test probe (tests/cluster/test_rank_checksums.py): patches ndtrain.cluster.worker.Trainer on import."""
+    """Test probe (tests/launch/test_rank_checksums.py): patches ndtrain.cluster.trainer.Trainer on import."""
     import importlib.abc
     import json
     import os
     import sys
     import time
 
-    TARGET = "ndtrain.cluster.worker"
+    TARGET = "ndtrain.cluster.trainer"
 
     def _patch(module):
         Trainer = module.Trainer
@@ -35,7 +36,7 @@ SITECUSTOMIZE = textwrap.dedent('''
             init(self, *args, **kwargs)
             with open(os.environ["NDTRAIN_TEST_HOOKS"]) as f:
                 hooks = json.load(f)
-            step_fn, sums = self.optimizer.step, []
+            step_fn, sums = self.job.optimizer.step, []
 
             def step(lr):
                 if self.rank == hooks.get("fail_rank") and self.step == hooks.get("fail_step"):
@@ -49,7 +50,7 @@ SITECUSTOMIZE = textwrap.dedent('''
                     with open(path + ".tmp", "w") as f:
                         json.dump({"rank": self.rank, "world": self.world, "checksums": sums}, f)
                     os.replace(path + ".tmp", path)
-            self.optimizer.step = step
+            self.job.optimizer.step = step
         Trainer.__init__ = __init__
 
     class _Finder(importlib.abc.MetaPathFinder):
@@ -78,9 +79,7 @@ SITECUSTOMIZE = textwrap.dedent('''
 
 STEPS = 12
 TRANSFORMER = ["--task", "reverse", "--model", "transformer", "--batch-size", "16", "--seed", "1", "--threads", "1",
-               "--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_ff=32",
-               "--set", "model.n_enc_layers=1", "--set", "model.n_dec_layers=1", "--set", "data.rows=256",
-               "--set", "cluster.bucket_mb=0.01", "-q"]  # dropout stays on: per-rank masks must not matter
+               *TINY_TRANSFORMER, "--set", "data.rows=256", "--set", "cluster.bucket_mb=0.01", "-q"]  # dropout stays on: per-rank masks must not matter
 
 
 @pytest.fixture(scope="module")

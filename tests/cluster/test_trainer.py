@@ -6,13 +6,17 @@ import pytest
 
 from ndtrain.cluster import checkpoint as ckpt
 from ndtrain.cluster.comm.local import LocalCommunicator
-from ndtrain.cluster.worker import Trainer, WorkerError, run_worker
+from ndtrain.cluster.nonfinite import WorkerError
+from ndtrain.cluster.trainer import Trainer
+from ndtrain.launch.job import build_job
+from ndtrain.launch.task_data import load_task_data
+from ndtrain.launch.worker import run_worker
+from helpers.runs import make_cfg
 from helpers.threads import run_threads
 from ndtrain.data import tasks
 from ndtrain.data.dataset import as_dataset
 from ndtrain.data.loader import Loader
 from ndtrain.engine.params import ParamStore
-from ndtrain.launch.config import Config, apply_overrides, validate
 from ndtrain.launch.models import build_model
 from ndtrain.launch.rundir import NullSink, read_metrics
 
@@ -22,16 +26,6 @@ def _no_report_no_tensorboard(monkeypatch):
     """report.html and TensorBoard cost seconds per run; tests/launch/test_trainer_polish.py covers them."""
     monkeypatch.setenv("NDTRAIN_REPORT", "0")
     monkeypatch.setenv("NDTRAIN_TENSORBOARD", "0")
-
-
-def make_cfg(tmp_path, *sets, workers=1):
-    cfg = Config()
-    cfg.run.out = str(tmp_path)
-    cfg.run.threads = 1
-    apply_overrides(cfg, list(sets))
-    cfg.run.workers = workers
-    cfg.run.backend = "local" if workers == 1 else "mpi"
-    return validate(cfg)
 
 
 def test_one_step_is_sgd_on_the_global_mean_loss(tmp_path):
@@ -75,14 +69,16 @@ def test_w_ranks_equal_one_rank(tmp_path, world):
 
 def test_eval_covers_every_validation_row_once(tmp_path):
     cfg = make_cfg(tmp_path, "run.task=\"digits\"", "run.eval_batch_size=7")
-    tr = Trainer(cfg, LocalCommunicator(), NullSink())
+    data = load_task_data(cfg)
+    tr = Trainer(build_job(cfg, 0, 1, data), LocalCommunicator(), NullSink())
     seen = []
     orig = tr.model.metric_sums
     tr.model.metric_sums = lambda batch: (seen.append(len(batch["y"])), orig(batch))[1]
     m = tr.evaluate()
-    n = tr.val_data.n_rows()
+    val = data[2]
+    n = val.n_rows()
     assert sum(seen) == n > 300 and len(seen) == -(-n // 7)
-    whole = tr.val_data.batch(np.arange(n))
+    whole = val.batch(np.arange(n))
     x, y = whole["x"], whole["y"]
     assert m["accuracy"] == pytest.approx(np.mean(tr.model.predict(x) == y))
 

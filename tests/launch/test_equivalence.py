@@ -19,13 +19,12 @@ import pytest
 
 from ndtrain.cluster import checkpoint as ckpt
 from ndtrain.launch import cli
+from helpers.runs import TINY_TRANSFORMER
 
 STEPS = 20
 # tiny sizes: a test must stay well under ~30 s on a loaded 2-core machine. dropout 0: W ranks draw different masks
-TRANSFORMER = ["--task", "reverse", "--model", "transformer", "--batch-size", "16",
-               "--set", "model.d_model=16", "--set", "model.n_heads=2", "--set", "model.d_ff=32",
-               "--set", "model.n_enc_layers=1", "--set", "model.n_dec_layers=1", "--set", "model.dropout=0.0",
-               "--set", "data.rows=256"]
+TRANSFORMER = ["--task", "reverse", "--model", "transformer", "--batch-size", "16", *TINY_TRANSFORMER,
+               "--set", "model.dropout=0.0", "--set", "data.rows=256"]
 MLP = ["--task", "digits", "--model", "mlp", "--batch-size", "32", "--set", "model.hidden=[32]",
        "--set", "model.dropout=0.0"]  # the digits preset has dropout 0.2
 MODELS = {"mlp": MLP, "transformer": TRANSFORMER}

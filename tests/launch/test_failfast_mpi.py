@@ -109,7 +109,7 @@ def test_hung_rank_with_default_timeouts_ends_job_within_30s(mpi_ok, tmp_path):
 
 # -- the pieces, in process ----------------------------------------------------------------------------------------
 def _coord(world=2, **kw) -> Coordinator:
-    c = Coordinator(world, tensorboard=False, heartbeat_timeout=1000, **kw)
+    c = Coordinator(world, heartbeat_timeout=1000, **kw)
     for r in range(world):  # the training loop's mode: only rank 0 sends records
         c.handle({"type": "hello", "rank": r, "host": "h", "pid": 100 + r, "reports": r == 0})
     return c
@@ -212,7 +212,7 @@ def test_watched_comm_marks_every_blocking_call_and_forwards_the_rest():
 
 def test_reporter_tells_the_coordinator_its_step_time_and_collective_waits():
     from ndtrain.cluster.metrics_channel import RankReporter
-    c = Coordinator(1, tensorboard=False).start()
+    c = Coordinator(1).start()
     rep = RankReporter(c.address, c.token, 0, 1, heartbeat_s=0.05)
     try:
         for step in range(3):

@@ -5,15 +5,17 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
+
+from ndtrain.engine import optim, schedules
 from ndtrain.launch.config import ConfigError, _coerce
 
 
 def make_schedule_fn(ocfg, total_steps: int):
     """lr(step) from optim.schedule + optim.schedule_kwargs; lr / max_lr and total_steps filled in from the
     config when the schedule takes them and they are not given."""
-    import dataclasses
-    import typing
-    from ndtrain.engine import schedules
     kwargs = dict(ocfg.schedule_kwargs)
     cls = schedules.SCHEDULES.get(ocfg.schedule)
     if cls is None:
@@ -36,8 +38,6 @@ def make_schedule_fn(ocfg, total_steps: int):
 def make_optimizer(ocfg, store):
     """The optimizer named by optim.name over the flat buffers (engine.optim); `step(lr)` updates in place.
     Each optimizer gets the optim.* fields its constructor takes (betas for Adam, momentum for SGD, ...)."""
-    import inspect
-    from ndtrain.engine import optim
     cls = optim.OPTIMIZERS.get(ocfg.name)
     if cls is None:
         raise ConfigError(f"optim.name: unknown optimizer {ocfg.name!r}; known: {', '.join(sorted(optim.OPTIMIZERS))}")

@@ -17,8 +17,9 @@ import pytest
 
 from ndtrain.cluster import checkpoint as ckpt
 from ndtrain.cluster.coordinator import Coordinator, Failure
-from ndtrain.cluster.supervise import done_line, recovery_settings
+from ndtrain.cluster.supervise import recovery_settings
 from ndtrain.launch.launch_ray import _recoverable
+from ndtrain.launch.progress import format_done
 from ndtrain.launch.rundir import RunWriter, read_metrics
 
 STEPS = 120
@@ -98,7 +99,7 @@ def _hello_all(c: Coordinator, pids=(100, 101)):
 
 def test_restart_ignores_the_dead_group_and_does_not_rewrite_replayed_steps(tmp_path):
     writer = RunWriter(tmp_path)
-    c = Coordinator(2, writer=writer, tensorboard=False, heartbeat_timeout=1000, extra_summary={"restarts": 0})
+    c = Coordinator(2, writer=writer, heartbeat_timeout=1000, extra_summary={"restarts": 0})
     _hello_all(c)
     for step in (5, 10, 15):
         c.handle({"type": "log", "rank": 0, "record": {"step": step, "loss": 1.0 / step}, "_gen": 0})
@@ -125,7 +126,7 @@ def test_restart_ignores_the_dead_group_and_does_not_rewrite_replayed_steps(tmp_
     assert rows[2]["loss"] == pytest.approx(1 / 15)  # the first writing of step 15 stays
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["restarts"] == 1 and summary["steps"] == 20
-    assert done_line(tmp_path) == ("done: 20 steps in 1.0s (1 restart); final loss 0.0250; eval loss 0.1000; "
+    assert format_done(summary, tmp_path) == ("done: 20 steps in 1.0s (1 restart); final loss 0.0250; eval loss 0.1000; "
                                    f"run directory {tmp_path}")
 
 

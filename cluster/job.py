@@ -1,9 +1,13 @@
-"""How a model meets the training loop: `TaskModel` binds an engine Module to a task kind.
+"""What a rank trains: the job `launch` builds from a validated config and `cluster.trainer` runs.
 
-The worker loop (cluster/worker.py) knows only this interface, so the MLP, the Transformers and the RNNs train
-through the same code on every backend.
+As PyTorch DDP wraps a module the user already built, and Ray Train runs a function it was handed, the cluster layer
+never reads a config, never builds a model and never opens a dataset: everything arrives here, ready.
 
-Batches are dicts of NumPy arrays (made by ndtrain.data):
+    job = TrainJob(model, store, optimizer, lr_at, loader, eval_batches, settings, fingerprints, meta)
+    summary = Trainer(job, comm, sink).run()
+
+TaskModel is the one interface between a model family and the loop (the MLP, the Transformers and the RNNs train
+through the same code on every backend). Batches are dicts of NumPy arrays (made by ndtrain.data):
   vector tasks   x: (B, D) float32, y: (B,) int64 class labels, or (B, K) float32 regression targets
   seq2seq        src: (B, S) int32, tgt_in: (B, T) int32 (BOS first), tgt_out: (B, T) int32 (EOS last); PAD = 0
   language model x: (B, T) int32, y: (B, T) int32 (x shifted by one); PAD = 0 where a row is short
@@ -12,11 +16,14 @@ PAD positions of a target are ignored by the loss and by every metric.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from ndtrain.engine.module import Module
+from ndtrain.engine.params import ParamStore
 
 
 class TaskModel(ABC):
@@ -32,7 +39,7 @@ class TaskModel(ABC):
         loss_sum  sum of the per-example (or per-real-token) losses of this batch, a Python float;
         count     how many examples (or real target tokens) loss_sum sums over;
         backward  backward(scale) accumulates the gradient of scale * loss_sum into the ParamStore's grads.
-        The worker calls backward(1 / global_count), global_count summed over all ranks' shares of the global
+        The trainer calls backward(1 / global_count), global_count summed over all ranks' shares of the global
         batch, so N workers compute exactly what one worker computes on the whole batch."""
 
     @abstractmethod
@@ -67,3 +74,40 @@ class TaskModel(ABC):
         if comm is not None and comm.world_size > 1:
             comm.allreduce(counts)
         return {"pad_fraction": float(counts[0] / counts[1])} if counts[1] else {}
+
+
+@dataclass
+class LoopSettings:
+    """The loop's numbers (launch fills them in from run.*, optim.grad_clip and cluster.*)."""
+    steps: int  # optimizer steps in all (a resumed job continues up to it)
+    checkpoint_dir: Path  # where save_checkpoint writes
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 3
+    max_nonfinite: int = 5  # non-finite steps in a row after which the job stops
+    grad_clip: float = 0.0  # max global gradient norm (0: no clipping)
+    seed: int = 0  # deterministic mode seeds dropout per (seed, step, micro-batch)
+    deterministic: bool = False  # cluster/deterministic.py: bitwise equal for any W
+    bucket_mb: float = 1.0  # GradReducer bucket size
+    overlap: bool = True  # all-reduce buckets while backward runs
+
+
+@dataclass
+class TrainJob:
+    """Everything one rank needs. Built per rank (launch.job.build_job); all ranks' jobs agree on `fingerprints`
+    (checked at start: the error names the first rank that differs)."""
+    model: TaskModel  # the model adapter; model.module is the engine Module
+    store: ParamStore  # its parameters and gradients as two flat buffers
+    optimizer: Any  # engine.optim: step(lr) updates store.data in place
+    lr_at: Callable[[int], float]  # the schedule: a pure function of the step
+    loader: Any  # this rank's share of every global batch: iter() endless, state_dict() / load_state_dict()
+    eval_batches: Callable[[], Iterable[dict]]  # a fresh pass over this rank's share of the validation rows
+    settings: LoopSettings
+    fingerprints: dict = field(default_factory=dict)  # {"config": hash, "data": [...]}: compared across ranks
+    meta: dict = field(default_factory=dict)  # what every checkpoint records beside the loop's own state
+    summary: dict = field(default_factory=dict)  # what summary.json records beside the loop's figures
+    start_step: int = 0  # steps already done (a resumed job)
+    skipped_steps: int = 0  # non-finite steps skipped before start_step
+    resumed_from: Path | None = None  # the checkpoint JSON the job was restored from
+    wall_before: float = 0.0  # wall seconds of the run before this process (a resumed run continues its clock)

@@ -1,0 +1,237 @@
+"""The training loop, written once against the Communicator: the same code runs local, under MPI and under Ray.
+
+    summary = Trainer(job, comm, sink).run()     # job: cluster.job.TrainJob, built by launch.job.build_job
+
+One step (GUIDE §1):
+    batch (this rank's share of global batch k) -> model.loss -> [loss_sum, count] all-reduced
+    -> backward(1 / global_count); the GradReducer all-reduces gradient buckets while backward runs (W > 1)
+    -> clip by global norm -> optimizer.step(lr(step)) -> metrics (rank 0 -> the sink) -> eval -> checkpoint
+Every rank holds the same parameters after every step: same start (rank 0's broadcast), same summed gradient,
+same optimizer arithmetic. Evaluation splits the validation rows across ranks and sums exact statistics.
+
+A step whose all-reduced loss or gradient is not finite is skipped on every rank alike (cluster/nonfinite.py);
+deterministic mode computes the gradient bitwise independent of W (cluster/deterministic.py); checkpoints record
+what cluster/checkpoint_meta.py says; Ctrl-C / SIGTERM stop every rank after the same step, with a checkpoint
+(cluster/interrupt.py: the stop vote rides in the step's all-reduce). Rate figures (tokens_per_s, step_time) cover training only: time spent in
+evaluation and checkpoints is left out of the window they are measured over.
+"""
+from __future__ import annotations
+
+import math
+import time
+import traceback
+
+import numpy as np
+
+from ndtrain.cluster import interrupt
+from ndtrain.cluster.checkpoint_meta import save_checkpoint
+from ndtrain.cluster.deterministic import deterministic_gradient
+from ndtrain.cluster.job import TrainJob
+from ndtrain.cluster.nonfinite import WorkerError, check_finite_params, locate_nonfinite, nonfinite_error
+from ndtrain.cluster.reducer import GradReducer
+from ndtrain.cluster.sink import NullSink
+from ndtrain.engine.clip import clip_grad_norm, grad_sq_norm
+
+
+class Trainer:
+    def __init__(self, job: TrainJob, comm, sink=None):
+        self.job, self.comm, self.sink = job, comm, sink if sink is not None else NullSink()
+        self.model, self.store, self.settings = job.model, job.store, job.settings
+        self.rank, self.world = comm.rank, comm.world_size
+        self.step, self.skipped_steps = job.start_step, job.skipped_steps
+        self._t_start = time.perf_counter()  # the loop's start (reset by run)
+        self._nonfinite_in_row = 0
+        self.evals: list[dict] = []
+        self._check_same_everywhere({**job.fingerprints, "param_count": self.store.size})
+        comm.broadcast(self.store.data, root=0)
+        self._check_same_everywhere({"params": self.store.checksum()})
+        self.reducer = None
+        if self.world > 1 and not self.settings.deterministic:
+            self.reducer = GradReducer(comm, self.store, self.model.module, bucket_mb=self.settings.bucket_mb,
+                                       overlap=self.settings.overlap)
+
+    def _check_same_everywhere(self, mine: dict) -> None:
+        """Every rank must run the same config and data (and, after the broadcast, hold the same parameters);
+        the error names the first rank that differs."""
+        records = self.comm.allgather_obj({"rank": self.rank, **mine})
+        for r in records[1:]:
+            for key in mine:
+                if r[key] != records[0][key]:
+                    raise WorkerError(f"rank {r['rank']}: {key} {r[key]} differs from rank 0's {records[0][key]}")
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train up to settings.steps; returns the summary (on every rank). An exception is logged to a sink that
+        has no error channel of its own (the run directory: its last record) and re-raised."""
+        try:
+            return self._run()
+        except BaseException as e:
+            # a coordinator link reports it from the rank's entry point; a requested stop is no error
+            if not hasattr(self.sink, "error") and not isinstance(e, interrupt.Interrupted):
+                try:
+                    self.sink.log({"step": self.step, "rank": self.rank, "error": f"{type(e).__name__}: {e}",
+                                   "traceback": traceback.format_exc()})
+                except Exception:
+                    pass  # the sink itself may be what failed; the original exception still propagates
+            raise
+
+    def _run(self) -> dict:
+        s = self.settings
+        t_start = window_t = self._t_start = time.perf_counter()
+        window_loss, window_count, window_steps = 0.0, 0.0, 0
+        last_record: dict = {}
+        grad_norm = 0.0
+        buf = np.zeros(3, dtype=np.float64)  # [loss sum, count, stop votes] of the step, all-reduced
+        batches = iter(self.job.loader)  # endless; its state_dict counts the batches handed out
+        progress = getattr(self.sink, "progress", None)
+        while self.step < s.steps:
+            step = self.step  # the step being taken (0-based); after it, self.step counts steps done
+            if progress is not None:
+                progress(step)  # heartbeats carry it (a failure is reported with its step); the progress bar
+            batch = next(batches)
+            finite = self._gradient(batch, step, buf)
+            lr = self.job.lr_at(step)
+            if finite:
+                grad_norm = self._clip()
+                finite = math.isfinite(grad_norm)  # the same reduced gradient everywhere: every rank agrees
+            if finite:
+                self._nonfinite_in_row = 0
+                self.job.optimizer.step(lr)
+                window_loss += buf[0]
+                window_count += buf[1]
+                window_steps += 1
+            else:
+                self._skip(batch, step, buf)  # raises after max_nonfinite in a row
+            self.step = step + 1  # steps done (skipped ones included: the batch was consumed)
+
+            if self.step % s.log_every == 0 or self.step == s.steps:
+                now = time.perf_counter()
+                dt = now - window_t
+                last_record = {"step": self.step, "loss": window_loss / window_count if window_count else math.nan,
+                               "lr": lr, "time": now - t_start, "grad_norm": grad_norm,
+                               "tokens_per_s": window_count / dt if dt > 0 else 0.0,
+                               "step_time": dt / max(window_steps, 1)}
+                if self.skipped_steps:
+                    last_record["skipped_steps"] = self.skipped_steps
+                if self.reducer is not None:  # blocked on the all-reduce in the last step (after overlap)
+                    last_record["comm_time"] = self.reducer.comm_wait_s
+                last_record.update(self.model.pad_stats(self.comm))  # pad_fraction over the window, all ranks
+                self._log(last_record)
+                window_loss, window_count, window_t, window_steps = 0.0, 0.0, now, 0
+            t_aside = time.perf_counter()
+            if s.eval_every and self.step % s.eval_every == 0 and self.step != s.steps:
+                self._log(self._eval_record(t_start))
+            if s.checkpoint_every and self.step % s.checkpoint_every == 0 and self.step != s.steps:
+                self.save_checkpoint()
+            window_t += time.perf_counter() - t_aside  # eval and checkpoints are not training time
+            if interrupt.agreed(buf[2], self.world) and self.step != s.steps:  # Ctrl-C, SIGTERM: every rank
+                if not (s.checkpoint_every and self.step % s.checkpoint_every == 0):
+                    self.save_checkpoint()
+                raise interrupt.Interrupted(self.step, interrupt.STOP.reason)
+
+        check_finite_params(self.store, self.rank, self.step)
+        record = self._eval_record(t_start)
+        final_eval = record["eval"]
+        wall = record["time"] = time.perf_counter() - t_start  # the last event's time: the whole loop
+        self._log(record)
+        self.save_checkpoint()
+        summary = {"steps": self.step, "wall_s": wall, "final_loss": last_record.get("loss"), "eval": final_eval,
+                   **self.job.summary, "world_size": self.world, "params": int(self.store.size),
+                   "param_checksum": self.store.checksum(), "skipped_steps": self.skipped_steps,
+                   "deterministic": bool(s.deterministic)}
+        if self.rank == 0:
+            self.sink.summary(summary)
+        return summary
+
+    # -- one step's gradient -----------------------------------------------------------------------------------------
+    def _gradient(self, batch, step: int, buf: np.ndarray) -> bool:
+        """store.grad = gradient of the global mean loss; buf = [global loss sum, global count, stop votes]
+        (cluster/interrupt.py). False (and no backward, on every rank alike) when the global loss is not finite."""
+        if self.settings.deterministic:
+            finite = deterministic_gradient(self.model, self.store, self.comm, batch, self.job.loader.block,
+                                            self.settings.seed, step, buf, vote=interrupt.vote())
+            self._check_count(buf, step)
+            return finite
+        if self.reducer is not None:
+            self.reducer.begin(sync=True)
+        self.store.zero_grad()
+        loss_sum, count, backward = self.model.loss(batch, train=True)
+        buf[0], buf[1], buf[2] = loss_sum, count, interrupt.vote()
+        self.comm.allreduce(buf)  # global loss sum and count (every rank's share of batch k), stop votes
+        self._check_count(buf, step)
+        if not math.isfinite(buf[0]):
+            if self.reducer is not None:
+                self.reducer.close()  # no bucket was launched: backward never ran, on any rank
+            return False
+        backward(1.0 / buf[1])
+        if self.reducer is not None:
+            self.reducer.finish()  # store.grad now holds the gradient of the global mean loss
+        return True
+
+    def _check_count(self, buf: np.ndarray, step: int) -> None:
+        if buf[1] <= 0:
+            raise WorkerError(f"rank {self.rank}, step {step}: the global batch has no targets to learn from")
+
+    def _clip(self) -> float:
+        """Clip by global norm (when grad_clip > 0); returns the norm before clipping (NaN/Inf: skip the step)."""
+        clip = self.settings.grad_clip
+        if clip > 0:
+            return clip_grad_norm(self.store.grad, clip)
+        return math.sqrt(grad_sq_norm(self.store.grad))
+
+    def _skip(self, batch, step: int, buf: np.ndarray) -> None:
+        """A non-finite step: no update. Stop (on every rank: the decision is global) after max_nonfinite in a
+        row, naming the first layer that produced the non-finite value."""
+        self.skipped_steps += 1
+        self._nonfinite_in_row += 1
+        limit = self.settings.max_nonfinite
+        notice = getattr(self.sink, "notice", None)
+        if self.rank == 0 and notice is not None:
+            notice(f"step {step}: non-finite loss or gradient, step skipped ({self._nonfinite_in_row} in a row, "
+                   f"stop at run.max_nonfinite={limit})")
+        if self._nonfinite_in_row < limit:
+            return
+        findings = self.comm.allgather_obj(locate_nonfinite(self.model, self.store, batch, buf[1], self.rank))
+        raise nonfinite_error(findings, self.rank, step, self._nonfinite_in_row, limit, self.skipped_steps)
+
+    def _log(self, record: dict) -> None:
+        if self.rank == 0:
+            self.sink.log(record)
+
+    # -- evaluation and checkpoints -----------------------------------------------------------------------------------
+    def wall_time(self) -> float:
+        """Seconds of wall time since the run started (across resumes: the checkpoint carries the clock)."""
+        return self.job.wall_before + time.perf_counter() - self._t_start
+
+    def _eval_record(self, t_start: float) -> dict:
+        """An eval event: time (seconds since this process's loop started, when the eval began), wall_time (the
+        run's wall seconds once its metrics are known: BLEU over wall-clock time), eval_s (its own cost)."""
+        t0 = time.perf_counter()
+        metrics = self.evaluate()
+        return {"step": self.step, "time": t0 - t_start, "wall_time": self.wall_time(),
+                "eval_s": time.perf_counter() - t0, "eval": metrics}
+
+    def evaluate(self) -> dict:
+        """Metrics over the validation rows: each rank sums exact statistics over its share, the sums are gathered
+        and added in rank order (the same result on every rank, for any world size)."""
+        module = self.model.module
+        module.eval()
+        try:
+            local: dict[str, float] = {}
+            for batch in self.job.eval_batches():
+                for k, v in self.model.metric_sums(batch).items():
+                    local[k] = local.get(k, 0.0) + float(v)
+        finally:
+            module.train()
+        total: dict[str, float] = {}
+        for sums in self.comm.allgather_obj(local):
+            for k, v in sums.items():
+                total[k] = total.get(k, 0.0) + v
+        if not total:
+            raise WorkerError(f"step {self.step}: the validation split of task {self.job.summary.get('task')!r} is empty")
+        metrics = self.model.finalize(total)
+        self.evals.append({"step": self.step, **metrics})
+        return metrics
+
+    def save_checkpoint(self):
+        return save_checkpoint(self.job, self.comm, self.step, self.skipped_steps, self.wall_time())
