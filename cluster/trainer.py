@@ -25,6 +25,7 @@ import numpy as np
 
 from ndtrain.cluster import interrupt
 from ndtrain.cluster.checkpoint_meta import save_checkpoint
+from ndtrain.cluster.comm.counters import CommWindow
 from ndtrain.cluster.deterministic import deterministic_gradient
 from ndtrain.cluster.job import TrainJob
 from ndtrain.cluster.nonfinite import WorkerError, check_finite_params, locate_nonfinite, nonfinite_error
@@ -84,6 +85,8 @@ class Trainer:
         buf = np.zeros(3, dtype=np.float64)  # [loss sum, count, stop votes] of the step, all-reduced
         batches = iter(self.job.loader)  # endless; its state_dict counts the batches handed out
         progress = getattr(self.sink, "progress", None)
+        counters = getattr(self.comm, "counters", None)  # bytes and blocked time, counted by the transport
+        window_comm = CommWindow(counters) if counters is not None else None
         while self.step < s.steps:
             step = self.step  # the step being taken (0-based); after it, self.step counts steps done
             if progress is not None:
@@ -116,14 +119,21 @@ class Trainer:
                 if self.reducer is not None:  # blocked on the all-reduce in the last step (after overlap)
                     last_record["comm_time"] = self.reducer.comm_wait_s
                 last_record.update(self.model.pad_stats(self.comm))  # pad_fraction over the window, all ranks
+                if window_comm is not None:
+                    last_record.update(window_comm.per_step(window_steps))
+                    window_comm.reset()
                 self._log(last_record)
                 window_loss, window_count, window_t, window_steps = 0.0, 0.0, now, 0
             t_aside = time.perf_counter()
+            if window_comm is not None:
+                window_comm.aside_begin()
             if s.eval_every and self.step % s.eval_every == 0 and self.step != s.steps:
                 self._log(self._eval_record(t_start))
             if s.checkpoint_every and self.step % s.checkpoint_every == 0 and self.step != s.steps:
                 self.save_checkpoint()
             window_t += time.perf_counter() - t_aside  # eval and checkpoints are not training time
+            if window_comm is not None:
+                window_comm.aside_end()
             if interrupt.agreed(buf[2], self.world) and self.step != s.steps:  # Ctrl-C, SIGTERM: every rank
                 if not (s.checkpoint_every and self.step % s.checkpoint_every == 0):
                     self.save_checkpoint()

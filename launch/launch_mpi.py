@@ -31,9 +31,10 @@ from ndtrain.cluster.comm.netif import interface_address
 from ndtrain.cluster.coordinator import Coordinator
 from ndtrain.cluster.fate_share import die_with_parent
 from ndtrain.cluster.metrics_channel import ENV_TEST_HANG, ENV_TEST_STEP_DELAY
-from ndtrain.cluster.supervise import Topology, job_status, local_host, recovery_settings, supervise
+from ndtrain.cluster.supervise import Topology, job_status, local_host, supervise
 from ndtrain.cluster.worker_process import THREAD_ENV, default_threads
 from ndtrain.launch import rundir
+from ndtrain.launch.recovery import recovery_settings
 from ndtrain.launch.config import write_config
 from ndtrain.launch.worker import run_sinks
 

@@ -32,9 +32,10 @@ from ndtrain.cluster.comm.netif import interface_address
 from ndtrain.cluster.comm.ray_comm import form_group
 from ndtrain.cluster.ray_rank import RankActor
 from ndtrain.cluster import checkpoint as ckpt
-from ndtrain.cluster.supervise import Topology, job_status, recovery_settings, supervise
+from ndtrain.cluster.supervise import Topology, job_status, supervise
 from ndtrain.cluster.worker_process import THREAD_ENV, default_threads
 from ndtrain.launch import rundir
+from ndtrain.launch.recovery import recovery_settings
 from ndtrain.launch.launch_mpi import train_job
 
 

@@ -75,3 +75,42 @@ class CommCounters:
         out = {k: after[k] - before[k] for k in CommCounters.FIELDS}
         out["estimated"] = after.get("estimated", False)
         return out
+
+
+class CommWindow:
+    """Per-step communication figures over a logging window of the training loop, leaving out the collectives
+    taken aside from training (evaluation, checkpoints), as the loop's time figures do:
+
+        w = CommWindow(comm.counters)          # at the start of a window (and w.reset() after each record)
+        w.aside_begin(); evaluate(); w.aside_end()
+        record.update(w.per_step(steps_in_window))
+
+    per_step: comm_sent_bytes, comm_recv_bytes (this rank, per step) and comm_blocked_s (time blocked in
+    collectives per step, measured by the transport itself: for Ray's shared memory the reduce done inside a
+    bucket's launch counts too)."""
+
+    def __init__(self, counters: CommCounters):
+        self.counters = counters
+        self.reset()
+
+    def reset(self) -> None:
+        self._start = self.counters.snapshot()
+        self._aside = {k: 0 for k in CommCounters.FIELDS}
+        self._aside_start: dict | None = None
+
+    def aside_begin(self) -> None:
+        self._aside_start = self.counters.snapshot()
+
+    def aside_end(self) -> None:
+        if self._aside_start is not None:
+            d = CommCounters.delta(self.counters.snapshot(), self._aside_start)
+            for k in CommCounters.FIELDS:
+                self._aside[k] += d[k]
+            self._aside_start = None
+
+    def per_step(self, steps: int) -> dict:
+        d = CommCounters.delta(self.counters.snapshot(), self._start)
+        n = max(1, int(steps))
+        return {"comm_sent_bytes": (d["bytes_sent"] - self._aside["bytes_sent"]) / n,
+                "comm_recv_bytes": (d["bytes_received"] - self._aside["bytes_received"]) / n,
+                "comm_blocked_s": max(0.0, d["blocked_s"] - self._aside["blocked_s"]) / n}

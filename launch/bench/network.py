@@ -14,8 +14,8 @@ Per profile, the link check: ping RTT (user-to-user, `ping -U`) and iperf3 throu
 (`iperf3 -C`, per socket: this container's /proc/sys is read-only, so no per-namespace sysctl).
 Per (profile, option), from the run's metrics.jsonl and the veth's byte counters:
   step_s          median step_time over the logged windows (rank 0)
-  comm_share      the share of the step blocked in communication: median over the logged windows of the mean over
-                  ranks of rank_comm_share (the ranks' timing messages), else of comm_share
+  comm_share      the share of the step blocked in communication: median over the logged windows of comm_blocked_s /
+                  step_time (the transport's own count, rank 0), else of the ranks' rank_comm_share
   bytes_per_step  bytes sent per host per step on the veth ((tx_a + tx_b) / 2 / steps, whole run: start-up and
                   evaluations included), i.e. what really crossed the link
   time_to_target_vs_one_worker   wall time until the validation loss first reaches the target (default: the
@@ -186,10 +186,13 @@ def summarize(records: list[dict]) -> dict:
     if len(train) > 1:
         train = train[1:]
     step = [r["step_time"] for r in train]
-    # the ranks' own timing (rank_comm_share: blocked time over step time per rank) where the record has it; the
-    # record's comm_share holds only the last step's wait of each window, which hides most of it (issue 19)
-    share = [sum(r["rank_comm_share"].values()) / len(r["rank_comm_share"]) if r.get("rank_comm_share")
-             else r["comm_share"] for r in train if r.get("rank_comm_share") or r.get("comm_share") is not None]
+    # the transport's own count of time blocked per step (comm_blocked_s, cluster/comm/counters.py) where the
+    # record has it; else the ranks' timing (rank_comm_share); the record's comm_share holds only the last step's
+    # wait of each window, which hides most of it (issue 19)
+    share = [r["comm_blocked_s"] / r["step_time"] if r.get("comm_blocked_s") is not None and r["step_time"] > 0
+             else sum(r["rank_comm_share"].values()) / len(r["rank_comm_share"]) if r.get("rank_comm_share")
+             else r["comm_share"] for r in train
+             if r.get("comm_blocked_s") is not None or r.get("rank_comm_share") or r.get("comm_share") is not None]
     return {"step_s": statistics.median(step) if step else None,
             "comm_share": statistics.median(share) if share else None}
 

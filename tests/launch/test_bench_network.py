@@ -122,6 +122,8 @@ def test_time_to_target_and_summaries():
     assert network.summarize(recs) == {"step_s": 2.0, "comm_share": 0.6}  # the first window (start-up) left out
     recs[3]["rank_comm_share"] = {"0": 0.8, "1": 0.9}  # the ranks' own timing wins over the window's comm_share
     assert network.summarize(recs)["comm_share"] == pytest.approx((0.5 + 0.85) / 2)
+    recs[1]["comm_blocked_s"] = 0.9  # and the transport's count of time blocked wins over both
+    assert network.summarize(recs)["comm_share"] == pytest.approx((0.9 + 0.85) / 2)
 
 
 def test_rows_and_option_lists(capsys):

@@ -17,7 +17,7 @@ import pytest
 
 from ndtrain.cluster import checkpoint as ckpt
 from ndtrain.cluster.coordinator import Coordinator, Failure
-from ndtrain.cluster.supervise import recovery_settings
+from ndtrain.launch.recovery import recovery_settings
 from ndtrain.launch.launch_ray import _recoverable
 from ndtrain.launch.progress import format_done
 from ndtrain.launch.rundir import RunWriter, read_metrics
