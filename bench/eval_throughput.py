@@ -36,8 +36,8 @@ def main(argv=None) -> int:
 
     from threadpoolctl import threadpool_limits
 
-    from ndtrain.cluster.optimizer_setup import make_optimizer
-    from ndtrain.cluster.task_data import load_task_data, make_loader
+    from ndtrain.launch.optimizer_setup import make_optimizer
+    from ndtrain.launch.task_data import load_task_data, make_loader
     from ndtrain.engine.params import ParamStore
     from ndtrain.launch.config import apply_overrides, load_config, validate
     from ndtrain.launch.models import build_model

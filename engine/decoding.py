@@ -27,6 +27,8 @@ class IncrementalDecoder(Protocol):
                           Returns (logits (B, V) of the last new position, new state). With a KV cache the logits
                           equal those of a full recompute over all tokens so far.
     reorder(state, idx)   idx: (B',) int64 rows to keep/repeat (beam search); returns the selected state.
+    reorder_same_source(state, idx)   optional: reorder() for an idx that only moves rows among the hypotheses of
+                          one source sentence (the source-side state may then stay as it is).
     """
 
     def start(self, src: np.ndarray | None, batch_size: int | None = None) -> Any: ...
@@ -245,16 +247,33 @@ def beam_search(model: IncrementalDecoder, src: np.ndarray | None = None, *, bea
     return tokens, out_scores
 
 
-def _top_candidates(cand: np.ndarray, n: int) -> np.ndarray:
-    """(A, N) scores -> (A, n) column indices of the n best per row, best first, ties to the lower index (as a
-    stable argsort of -cand). Rows longer than 4n are partitioned first (O(N) instead of a full sort)."""
-    A, N = cand.shape
-    if N <= 4 * n:
-        return np.argsort(-cand, axis=-1, kind="stable")[:, :n]
-    part = np.argpartition(-cand, n - 1, axis=-1)[:, :n]  # the n best, unordered
-    vals = np.take_along_axis(cand, part, axis=-1)
-    order = np.lexsort((part, -vals), axis=-1)  # by score, then by index
-    return np.take_along_axis(part, order, axis=-1)
+def _logsumexp64(z: np.ndarray) -> np.ndarray:
+    """(N, V) -> (N,) float64 log sum exp over each row (the exps summed in z's own dtype: one pass, no float64
+    copy of the (N, V) logits)."""
+    m = z.max(axis=-1, keepdims=True)
+    s = np.exp(z - m).sum(axis=-1)
+    return m[:, 0].astype(np.float64) + np.log(s.astype(np.float64))
+
+
+def _candidates(scores: np.ndarray, logits: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n best extensions of each row's K hypotheses: scores (A, K) summed log-probabilities, logits (A*K, V)
+    of the next token. Returns (values (A, n) float64, flat ids (A, n) = beam * V + token), best first, ties to the
+    lower flat id - what a stable sort of all K * V sums gives, without forming them: the n best of a row hold at
+    most n extensions of one hypothesis, so each hypothesis' n best tokens (argpartition over V) suffice, and only
+    their log-probabilities are computed (logit - logsumexp)."""
+    A, K = scores.shape
+    z = np.asarray(logits)
+    V = z.shape[1]
+    c = min(n, V)
+    if c < V:
+        tok = np.argpartition(-z, c - 1, axis=-1)[:, :c]  # (A*K, c), unordered
+    else:
+        tok = np.broadcast_to(np.arange(V), z.shape).copy()
+    logp = np.take_along_axis(z, tok, axis=-1).astype(np.float64) - _logsumexp64(z)[:, None]
+    cand = (scores.reshape(A * K, 1) + logp).reshape(A, K * c)
+    flat = (np.arange(K)[None, :, None] * V + tok.reshape(A, K, c)).reshape(A, K * c)
+    order = np.lexsort((flat, -cand), axis=-1)[:, :min(n, K * c)]  # by value, then by flat id
+    return np.take_along_axis(cand, order, axis=-1), np.take_along_axis(flat, order, axis=-1)
 
 
 def _beam_group(model, src, prefix, K, max_len, alpha, penalty, n_best, eos):
@@ -265,8 +284,8 @@ def _beam_group(model, src, prefix, K, max_len, alpha, penalty, n_best, eos):
     logits, state = model.step(prefix, state)  # (B, V): encode and read the prefix once per row, then expand
     rows = np.repeat(np.arange(B), K)  # (B*K,)
     state = model.reorder(state, rows)
-    logp = log_softmax64(logits)[rows]  # (B*K, V)
-    V = logp.shape[1]
+    logits = logits[rows]  # (B*K, V)
+    V = logits.shape[1]
     active = np.arange(B)  # the group's rows still searching, (A,)
     scores = np.full((B, K), -np.inf)
     scores[:, 0] = 0.0  # only the first copy of each row is live at the start
@@ -279,9 +298,7 @@ def _beam_group(model, src, prefix, K, max_len, alpha, penalty, n_best, eos):
     for t in range(1, max_len + 1):
         A = active.size
         lp = length_penalty(t, alpha, penalty)
-        cand = (scores[:, :, None] + logp.reshape(A, K, V)).reshape(A, K * V)  # (A, K*V)
-        top = _top_candidates(cand, n_cand)  # (A, 2K)
-        cs = np.take_along_axis(cand, top, axis=-1)  # (A, 2K) their scores
+        cs, top = _candidates(scores, logits, n_cand)  # (A, 2K) best first: scores, flat ids beam * V + token
         beam, tok = np.divmod(top, V)
         valid = cs > -np.inf
         # finished: EOS extensions among the best K, in rank order, while the row holds fewer than K
@@ -319,9 +336,11 @@ def _beam_group(model, src, prefix, K, max_len, alpha, penalty, n_best, eos):
         feed = new_tok[keep].reshape(-1, 1)
         hist = np.concatenate([hist[src_rows], feed], axis=1)
         scores = new_scores[keep]
-        state = model.reorder(state, src_rows)
+        if keep.size == A and hasattr(model, "reorder_same_source"):
+            state = model.reorder_same_source(state, src_rows)  # no sentence left: the source side stays put
+        else:
+            state = model.reorder(state, src_rows)
         logits, state = model.step(feed.astype(np.int32), state)
-        logp = log_softmax64(logits)
 
     return [sorted(hyps, key=lambda h: -h[0])[:n_best] for hyps in finished]  # stable: earlier-finished first
 

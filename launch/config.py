@@ -103,7 +103,11 @@ class DataConfig:
     # Variable-length seq2seq batches (data/plan.py). Both keep global batch k a function of (seed, epoch) and the
     # data only, never of run.workers: W=1 and W=2 train on the same batches, and resume holds across W.
     bucket: bool = _f(False, doc="seq2seq: length-bucketed batches of run.batch_size rows (rows of similar length "
-                                 "share a batch: little padding)")
+                                 "share a batch: little padding, faster steps; it can slow learning per step: on the toy "
+                                 "presets and an earlier Multi30k preset it did, see docs/real-runs.md)")
+    bucket_batches: int = _f(50, min=1, doc="with bucket: rows are sorted by length within chunks of "
+                                             "bucket_batches * run.batch_size shuffled rows (smaller: batches mix "
+                                             "lengths more, pad more)")
     max_tokens: int = _f(0, min=0, doc="seq2seq: token-budget batches, rows * longest <= max_tokens and at most "
                                        "run.batch_size rows (0: off; overrides bucket)")
     rows_multiple: int = _f(8, min=1, doc="with max_tokens: batch rows come in multiples of this (>= run.workers, "

@@ -81,9 +81,10 @@ def make_loader(dataset, cfg: Config, rank: int, world: int):
     try:
         if cfg.run.deterministic:
             return MicroBatchLoader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed, cfg.run.micro_batches,
-                                    bucket=d.bucket)
+                                    bucket=d.bucket, bucket_batches=d.bucket_batches)
         return Loader(dataset, cfg.run.batch_size, rank, world, cfg.run.seed, bucket=d.bucket,
-                      max_tokens=d.max_tokens or None, rows_multiple=d.rows_multiple)
+                      bucket_batches=d.bucket_batches, max_tokens=d.max_tokens or None,
+                      rows_multiple=d.rows_multiple)
     except ValueError as e:
         raise ConfigError(f"run.batch_size: {e}") from None
 

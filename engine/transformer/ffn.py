@@ -79,20 +79,29 @@ class PositionWiseFFN(Module):
         return y.reshape(x.shape), backward
 
     def _infer(self, x, x2):
-        """Forward only: the hidden activation is computed in place in the (N, F) pre-activation buffer, with no
-        derivative (no s, no dgelu) and nothing kept; returns y (..., D)."""
-        F = self.d_ff
-        h = x2 @ self.w1.data  # (N, F) or (N, 2F)
-        if self.b1 is not None:
-            kernels.add_row_(h, self.b1.data)
-        if self.activation == "gelu":
-            a = kernels.gelu_tanh_inplace(h)
-        elif self.activation == "relu":
-            a = np.maximum(h, 0, out=h)
-        else:
-            a = kernels.silu(h[:, :F])[0]
-            a *= h[:, F:]
-        y = a @ self.w2.data
+        """Forward only: by blocks of rows as the training GELU path (GEMM -> activation in place -> GEMM while the
+        block's (G, F) hidden activations are in cache), with no derivative (no s, no dgelu) and nothing kept;
+        returns y (..., D)."""
+        D, F = self.d_model, self.d_ff
+        N = x2.shape[0]
+        W1, W2 = self.w1.data, self.w2.data
+        b1 = None if self.b1 is None else self.b1.data
+        y = np.empty((N, D), dtype=np.result_type(x2, W1))
+        G = max(1, FFN_BLOCK_ELEMS // W1.shape[1])
+        h_buf = np.empty((min(G, N), W1.shape[1]), dtype=y.dtype)
+        for r0 in range(0, N, G):
+            r1 = min(N, r0 + G)
+            h = np.matmul(x2[r0:r1], W1, out=h_buf[:r1 - r0])  # (G, F) or (G, 2F)
+            if b1 is not None:
+                kernels.add_row_(h, b1)
+            if self.activation == "gelu":
+                a = kernels.gelu_tanh_inplace(h)
+            elif self.activation == "relu":
+                a = np.maximum(h, 0, out=h)
+            else:
+                a = kernels.silu(h[:, :F])[0]
+                a *= h[:, F:]
+            np.matmul(a, W2, out=y[r0:r1])
         if self.b2 is not None:
             kernels.add_row_(y, self.b2.data)
         return y.reshape(x.shape)

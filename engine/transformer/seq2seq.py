@@ -154,12 +154,19 @@ class Seq2SeqTransformer(Module):
     def reorder(self, state: dict, idx) -> dict:
         return reorder_state(state, np.asarray(idx))
 
+    def reorder_same_source(self, state: dict, idx) -> dict:
+        """reorder() for an idx that maps every row to a row of the same source sentence (beam search moving
+        hypotheses among one sentence's beams): the source side (cross-attention K/V, its mask) is the same in both
+        rows, so it is kept as it is instead of copied; only the target side (self-attention K/V) is selected."""
+        return reorder_state(state, np.asarray(idx), keep=("cross", "cross_mask"))
 
-def reorder_state(state: dict, idx: np.ndarray) -> dict:
-    """Select batch rows idx of every cache array (beam search keeps / repeats hypotheses)."""
+
+def reorder_state(state: dict, idx: np.ndarray, keep: tuple = ()) -> dict:
+    """Select batch rows idx of every cache array (beam search keeps / repeats hypotheses); entries named in keep
+    (at any depth) are left as they are."""
     def pick(c):
         if isinstance(c, dict):
-            return {k: pick(v) for k, v in c.items()}
+            return {k: (v if k in keep else pick(v)) for k, v in c.items()}
         if isinstance(c, list):
             return [pick(v) for v in c]
         if isinstance(c, np.ndarray):
@@ -168,4 +175,4 @@ def reorder_state(state: dict, idx: np.ndarray) -> dict:
             return None
         return c.select(idx)  # AttentionMask
 
-    return {k: (v if k == "pos" else pick(v)) for k, v in state.items()}
+    return {k: (v if k == "pos" or k in keep else pick(v)) for k, v in state.items()}

@@ -4,11 +4,14 @@
 
 DATA is an imported directory (holding train/ and val/, as bench/run_multi30k.sh writes), or a raw Multi30k
 directory (train.en.gz, train.de.gz, val.en.gz, val.de.gz), which is imported first into a temporary directory
-(BPE, --vocab-size ids, as run_multi30k.sh does). The model, optimizer and batching come from --config (default the
-Multi30k preset: length-bucketed batches) plus --set overrides. Timed modes, interleaved step by step (the machine's
+(BPE, --vocab-size ids, as run_multi30k.sh does). The model and optimizer come from --config (default the
+Multi30k preset) plus --set overrides. Timed modes, interleaved step by step (the machine's
 drift hits every mode alike), each a full training step (forward, loss, backward, AdamW):
-  real       the config's batches of the training split (bucketed per the preset)
+  real       length-bucketed batches of the training split (data.bucket = true whatever the config says, or its
+             data.max_tokens budget; --set data.bucket=false measures the config's random batches instead)
   plain      the same rows in random batches padded to their longest (no bucketing): what bucketing saves
+  before     the plain batches through the output path before issue 14: the logits of every position, pads included
+             (module forward, then cross_entropy_fused over all rows): what gathering the real rows saves
   synthetic  random ids, no padding, batch_size rows of the training split's mean source / target length
 Target tokens/s counts real (non-PAD) target tokens. pad_fraction: PAD share of the positions computed (source +
 decoder input). Eval: the forward-only teacher-forced loss (module.loss, train=False: output layer on the real rows
@@ -27,23 +30,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ndtrain.launch.cli import main as cli
-from ndtrain.launch.errors import UsageError
-from ndtrain.launch.optimizer_setup import make_optimizer
-from ndtrain.launch.task_data import load_task_data
-from ndtrain.engine import ParamStore
-from ndtrain.launch.config import apply_overrides, load_config, validate
-from ndtrain.launch.models import build_model
-from ndtrain.data.info import PAD
-from ndtrain.data.shards import TOKENIZER_FILE
-from ndtrain.launch.task_data import make_loader
-from ndtrain.data.loader import Loader
-from ndtrain.engine.memory import retain_freed_memory
 from threadpoolctl import threadpool_limits
+
+from ndtrain.data.info import PAD
+from ndtrain.data.loader import Loader
+from ndtrain.data.shards import TOKENIZER_FILE
+from ndtrain.engine import ParamStore
+from ndtrain.engine.losses import cross_entropy_fused
+from ndtrain.engine.memory import retain_freed_memory
+from ndtrain.launch.cli import main as cli
+from ndtrain.launch.config import apply_overrides, load_config, validate
+from ndtrain.launch.errors import UsageError
+from ndtrain.launch.models import build_model
+from ndtrain.launch.optimizer_setup import make_optimizer
+from ndtrain.launch.task_data import load_task_data, make_loader
 
 RAW_FILES = ("train.en.gz", "train.de.gz", "val.en.gz", "val.de.gz")
 TARGET_RATIO = 0.75
-MODES = ("real", "plain", "synthetic")
+MODES = ("real", "plain", "before", "synthetic")
 
 
 def add_arguments(p) -> None:
@@ -53,7 +57,8 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per mode (default 20)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (default 2)")
     p.add_argument("--eval-rows", type=int, default=256, help="validation rows for the trainer's evaluation timing")
-    p.add_argument("--vocab-size", type=int, default=4000, help="BPE ids when DATA is a raw corpus (default 4000)")
+    p.add_argument("--vocab-size", type=int, default=8000,
+                   help="joint BPE ids when DATA is a raw corpus (default 8000, the recipe's)")
     p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
@@ -88,6 +93,7 @@ def _resolve_data(data: str, vocab_size: int, stack: contextlib.ExitStack) -> Pa
 def _setup(args, data_dir: Path):
     """(cfg, model, store, optimizer, train, val) as `ndtrain train` builds them, on one rank."""
     cfg = load_config(args.config or _default_config())
+    cfg.data.bucket = True  # "real" = length-bucketed batches (unless --set says otherwise or max_tokens is set)
     apply_overrides(cfg, [*args.set, f'data.dir="{data_dir}"', 'run.backend="local"', "run.workers=1"])
     validate(cfg)
     info, train, val = load_task_data(cfg)
@@ -107,11 +113,17 @@ def _synthetic_batches(B: int, src_len: int, tgt_len: int, vocab: tuple[int, int
                "tgt_out": rng.integers(4, vocab[1], (B, tgt_len)).astype(np.int32)}
 
 
-def _train_step(model, store, opt, batch) -> tuple[float, int]:
+def _train_step(model, store, opt, batch, full_logits: bool = False) -> tuple[float, int]:
     t0 = time.perf_counter()
     store.zero_grad()
-    _, count, backward = model.loss(batch, train=True)
-    backward(1.0 / max(count, 1))
+    if full_logits:  # every position's logits, then the loss: the training path before the gathered output layer
+        logits, module_backward = model.module(batch["src"], batch["tgt_in"], train=True)  # (B, T, V)
+        _, count, grad_fn = cross_entropy_fused(logits, batch["tgt_out"], ignore_index=PAD,
+                                                label_smoothing=model.label_smoothing, inplace=True)
+        module_backward(grad_fn(1.0 / max(count, 1)))
+    else:
+        _, count, backward = model.loss(batch, train=True)
+        backward(1.0 / max(count, 1))
     opt.step(opt.lr)
     return time.perf_counter() - t0, count
 
@@ -154,6 +166,7 @@ def run(args) -> dict:
         B = cfg.run.batch_size
         sources = {"real": iter(make_loader(train, cfg, 0, 1)),
                    "plain": iter(Loader(train, B, 0, 1, cfg.run.seed)),
+                   "before": iter(Loader(train, B, 0, 1, cfg.run.seed)),
                    "synthetic": _synthetic_batches(B, src_len, tgt_len, (info.src_vocab_size, info.tgt_vocab_size),
                                                    cfg.run.seed)}
         times = {m: [] for m in MODES}
@@ -162,7 +175,7 @@ def run(args) -> dict:
         for i in range(args.warmup + args.steps):
             for mode in (MODES if i % 2 == 0 else MODES[::-1]):  # alternate which mode goes first
                 batch = next(sources[mode])
-                dt, count = _train_step(model, store, opt, batch)
+                dt, count = _train_step(model, store, opt, batch, full_logits=mode == "before")
                 model.pad_stats()  # the model's own counter, reset: counted here per mode instead
                 if i >= args.warmup:
                     times[mode].append(dt)

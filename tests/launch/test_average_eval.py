@@ -236,3 +236,24 @@ def test_wall_time_continues_across_a_resume(tmp_path):
     assert [r["step"] for r in evals] == [10, 20, 30]
     assert evals[-1]["wall_time"] > ck.meta["wall_time"]  # the resumed run's clock starts where the checkpoint's ended
     assert evals[-1]["time"] < evals[-1]["wall_time"]  # `time` counts this process's loop only
+
+
+def test_lm_eval_chunks_give_the_same_sums(monkeypatch):
+    """The LM's eval forward runs by chunks of EVAL_CHUNK_TOKENS tokens: the sums equal one forward of the batch."""
+    from ndtrain.engine.params import ParamStore
+    from ndtrain.launch.models.transformer import LMModel, build_lm
+    from ndtrain.data.info import TaskInfo
+    info = TaskInfo(name="t", kind="lm", tgt_vocab_size=20, max_tgt_len=8)
+    model = build_lm(info, {"d_model": 16, "n_heads": 2, "d_ff": 32, "n_layers": 2})
+    ParamStore.from_module(model.module, dtype=np.float64, seed=0)
+    model.module.eval()
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.integers(4, 20, (13, 8)).astype(np.int32), "y": rng.integers(4, 20, (13, 8)).astype(np.int32)}
+    batch["y"][5, 6:] = 0  # a short row
+    logits, _ = model.module(batch["x"], train=False)
+    want_loss, want_count, _ = losses.cross_entropy_fused(logits.copy(), batch["y"], ignore_index=PAD)
+    want_correct, _ = metrics.token_accuracy_sums(logits, batch["y"])
+    monkeypatch.setattr(LMModel, "EVAL_CHUNK_TOKENS", 24)  # 3 rows a chunk: 5 chunks, the last of 1 row
+    got = model.metric_sums(batch)
+    assert got["loss_sum"] == pytest.approx(want_loss, rel=1e-12) and got["count"] == want_count == 13 * 8 - 2
+    assert got["correct"] == want_correct

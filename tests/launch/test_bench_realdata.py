@@ -40,12 +40,13 @@ def test_bench_realdata_reports_every_field(tmp_path):
     out = run_bench(str(tmp_path), "--json", "--steps", "2", "--warmup", "1", "--eval-rows", "8",
                     "--vocab-size", "300", *TINY)
     r = json.loads(out.strip().splitlines()[-1])
-    assert set(r["train"]) == {"real", "plain", "synthetic"}
+    assert set(r["train"]) == {"real", "plain", "before", "synthetic"}
     for mode, row in r["train"].items():
         assert row["tok_s"] > 0 and row["tokens_per_step"] > 0 and row["step_ms_median"] > 0
         assert 0.0 <= row["pad_fraction"] < 1.0
     assert r["train"]["synthetic"]["pad_fraction"] == 0.0
     assert r["train"]["real"]["pad_fraction"] < r["train"]["plain"]["pad_fraction"]  # the preset buckets
+    assert r["train"]["before"]["pad_fraction"] == r["train"]["plain"]["pad_fraction"]  # the same batches
     assert r["bucket"] is True and r["batch_size"] == 16 and r["pad_fraction"] == r["train"]["real"]["pad_fraction"]
     assert r["synthetic_shape"] == [16, round(r["mean_src_len"]), round(r["mean_tgt_len"]) + 1]
     assert r["real_vs_synthetic"] == pytest.approx(r["train"]["real"]["tok_s"] / r["train"]["synthetic"]["tok_s"])

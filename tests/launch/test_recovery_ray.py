@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from types import SimpleNamespace
 
@@ -22,27 +21,9 @@ from ndtrain.launch.launch_ray import _recoverable
 from ndtrain.launch.progress import format_done
 from ndtrain.launch.rundir import RunWriter, read_metrics
 
+from helpers.procs import Lines
+
 STEPS = 120
-
-
-class _Lines:
-    """A subprocess's stderr, line by line, with the time each line arrived."""
-
-    def __init__(self, stream):
-        self.lines: list[tuple[float, str]] = []
-        self._t = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._t.start()
-
-    def _read(self, stream):
-        for line in stream:
-            self.lines.append((time.monotonic(), line))
-
-    def first(self, pattern: str):
-        return next(((t, line) for t, line in self.lines if re.search(pattern, line)), None)
-
-    def text(self) -> str:
-        self._t.join(timeout=5)
-        return "".join(line for _, line in self.lines)
 
 
 @pytest.mark.timeout(180)
@@ -55,11 +36,11 @@ def test_killed_worker_is_restarted_from_checkpoint_and_run_completes(tmp_path):
             "--workers", "2", "--threads", "1", "--steps", str(STEPS), "--checkpoint-every", "10",
             "--set", "run.log_every=5", "--out", str(out), "-q"]
     p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    err = _Lines(p.stderr)
+    err = Lines(p.stderr)
     try:
         deadline = time.monotonic() + 90
         while not ((out / "ranks.json").exists() and ckpt.latest(out / "checkpoints") is not None):
-            assert time.monotonic() < deadline and p.poll() is None, err.text()
+            assert time.monotonic() < deadline and p.poll() is None, err.text(join=False)
             time.sleep(0.05)
         first_pids = {r["rank"]: r["pid"] for r in json.loads((out / "ranks.json").read_text())}
         killed_after = ckpt.load(out / "checkpoints").step
@@ -68,7 +49,7 @@ def test_killed_worker_is_restarted_from_checkpoint_and_run_completes(tmp_path):
         assert killed_after < STEPS // 2, f"the kill came too late (checkpoint at step {killed_after})"
         os.kill(first_pids[1], signal.SIGKILL)
         t_kill = time.monotonic()
-        # Not p.communicate(): it would also read stderr, racing the _Lines thread for the lines checked below.
+        # Not p.communicate(): it would also read stderr, racing the Lines thread for the lines checked below.
         p.wait(timeout=120)
         stdout = p.stdout.read()
     finally:
