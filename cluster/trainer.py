@@ -292,9 +292,11 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self):
-        if self.local is not None:
-            return save_checkpoint(self.job, self.comm, self.step, self.skipped_steps, self.wall_time(),
-                                   rank_state=self.local.rank_state(), shared_state=self.local.shared_state())
+        if self.local is not None:  # param/ holds the anchor (what eval and generate should see); each rank's own
+            mine = {k: v.copy() for k, v in self.local.rank_state().items()}  # parameters go under rank/<r>/
+            with self.local.anchor_params():
+                return save_checkpoint(self.job, self.comm, self.step, self.skipped_steps, self.wall_time(),
+                                       rank_state=mine, shared_state=self.local.shared_state())
         rank_state = self.reducer.state_dict() if self.reducer is not None else None
         return save_checkpoint(self.job, self.comm, self.step, self.skipped_steps, self.wall_time(),
                                rank_state=rank_state)

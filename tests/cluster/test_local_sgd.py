@@ -46,6 +46,10 @@ def test_diloco_ranks_drift_between_syncs_and_agree_after(tmp_path):
     mid = ckpt.load(tmp_path / "d" / "checkpoints" / "ckpt-00000004.json")  # step 4: one inner step after a sync
     assert not np.array_equal(mid.ranks["0"]["params"], mid.ranks["1"]["params"])
     assert "loop.anchor" in mid.optim and "loop.momentum" in mid.optim
+    # param/ is the anchor (the synchronised model, what eval and generate see), not a rank's local parameters
+    flat = np.concatenate([mid.params[n].reshape(-1) for n in mid.params])
+    assert np.array_equal(np.sort(flat), np.sort(mid.optim["loop.anchor"]))
+    assert not np.array_equal(np.sort(flat), np.sort(mid.ranks["0"]["params"]))
     sync = _run(tmp_path / "s", 2, "run.steps=8", "optim.name=\"adam\"", "optim.lr=0.01")
     assert sync[0]["param_checksum"] != out[0]["param_checksum"]
 
