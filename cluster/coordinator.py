@@ -193,6 +193,10 @@ class Coordinator:
                 self._pending_logs.append(msg)
             else:
                 self._emit(self._agg.add(rank, msg["record"]))
+        elif kind == "notice":
+            notice = getattr(self.writer, "notice", None)
+            if notice is not None and isinstance(msg.get("message"), str):
+                notice(msg["message"])
         elif kind == "summary":
             if self._summary is None or rank == 0:
                 self._summary = msg["summary"]

@@ -152,6 +152,10 @@ class RankReporter:
     def summary(self, summary: dict) -> None:
         self._q.put({"type": "summary", "rank": self.rank, "summary": summary})
 
+    def notice(self, message: str) -> None:
+        """A one-off line for the user (advice, a skipped step): the coordinator hands it to its sink's notice."""
+        self._q.put({"type": "notice", "rank": self.rank, "message": str(message)[:2000]})
+
     def progress(self, step: int) -> None:
         """The training loop is starting step `step` (0-based; = steps done). Carried by the next heartbeat; the
         time since the previous call is this rank's step time, sent as a "timing" message about once a second."""

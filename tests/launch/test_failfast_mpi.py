@@ -332,3 +332,29 @@ def test_heartbeats_carry_the_bytes_moved_and_in_flight():
     assert seen["inflight_bytes"] == 4000 and seen["comm_counted"] is False and seen["link_bps"] == 2.5e7
     after = rep.liveness()
     assert after["comm_bytes"] == 8000 and after["comm_wait_s"] is None and "inflight_bytes" not in after
+
+
+def test_a_rank_notice_reaches_the_console_through_the_coordinator():
+    """The start-up advice (and a skipped step's notice) comes from rank 0's trainer: on MPI and Ray its sink is
+    the reporter, so the line travels to the coordinator and out through the launcher's sinks."""
+    from ndtrain.cluster.metrics_channel import RankReporter
+
+    class Sink:
+        def __init__(self):
+            self.lines = []
+
+        def notice(self, message):
+            self.lines.append(message)
+
+    sink = Sink()
+    c = Coordinator(1, writer=sink).start()
+    rep = RankReporter(c.address, c.token, 0, 1, heartbeat_s=0.05)
+    try:
+        rep.notice("advice: try --compress fp16")
+        deadline = time.monotonic() + 10
+        while not sink.lines and time.monotonic() < deadline:
+            c.poll(0.05)
+        assert sink.lines == ["advice: try --compress fp16"]
+    finally:
+        rep.close()
+        c.close()
