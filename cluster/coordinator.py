@@ -55,8 +55,12 @@ class Failure:
     step: int | None
     reason: str
     traceback: str = ""
+    named: bool = False  # the rank's own one-line message (a run that went bad, a full disk): exit 2, no traceback
 
     def message(self) -> str:
+        if self.named:
+            prefix = "" if self.reason.startswith(f"rank {self.rank}") else f"rank {self.rank}: "
+            return f"ndtrain: {prefix}{self.reason}"
         who = f"rank {self.rank}" if self.rank is not None else "the job"
         at = f" at step {self.step}" if self.step is not None else ""
         text = f"ndtrain: {who} failed{at}: {self.reason}"
@@ -201,7 +205,10 @@ class Coordinator:
             if self._summary is None or rank == 0:
                 self._summary = msg["summary"]
         elif kind == "error":
-            self._fail(rank, msg.get("step"), "raised an exception", msg.get("traceback", ""))
+            if isinstance(msg.get("message"), str):
+                self._fail(rank, msg.get("step"), msg["message"][:4000], named=True)
+            else:
+                self._fail(rank, msg.get("step"), "raised an exception", msg.get("traceback", ""))
         elif kind == "interrupted":
             self.interrupted_at[rank] = int(msg["step"])
             if len(self.interrupted_at) == self.world_size and len(set(self.interrupted_at.values())) > 1:
@@ -297,9 +304,9 @@ class Coordinator:
         """For the launcher: a failure it saw itself (mpiexec exited, a Ray actor died)."""
         self._fail(rank, step, reason, traceback)
 
-    def _fail(self, rank, step, reason, traceback="") -> None:
+    def _fail(self, rank, step, reason, traceback="", named: bool = False) -> None:
         if self.failure is None:
-            self.failure = Failure(rank, step, reason, traceback)
+            self.failure = Failure(rank, step, reason, traceback, named)
 
     # -- outputs -----------------------------------------------------------------------------------------------------
     def _all_connected(self) -> None:

@@ -215,9 +215,13 @@ class RankReporter:
 
     def error(self, step: int | None, exc: BaseException | str) -> None:
         """Report a fatal error now (synchronously, after what is queued): the process is about to end."""
-        text = exc if isinstance(exc, str) else "".join(tb_mod.format_exception(type(exc), exc, exc.__traceback__))
-        msg = {"type": "error", "rank": self.rank, "step": self.step if step is None else int(step),
-               "traceback": text}
+        step = self.step if step is None else int(step)
+        if getattr(exc, "one_line", False):  # a failure that names its cause (non-finite run, full disk): no traceback
+            msg = {"type": "error", "rank": self.rank, "step": step, "message": str(exc), "traceback": ""}
+        else:
+            text = exc if isinstance(exc, str) else "".join(tb_mod.format_exception(type(exc), exc,
+                                                                                      exc.__traceback__))
+            msg = {"type": "error", "rank": self.rank, "step": step, "traceback": text}
         self._q.put(msg)
         self.close(done=False)
 

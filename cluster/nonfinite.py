@@ -17,7 +17,10 @@ from ndtrain.engine.debug import NonFiniteError, detect_nonfinite, first_nonfini
 
 
 class WorkerError(RuntimeError):
-    """A failure inside the loop; the message names the rank and step."""
+    """A failure inside the loop; the message names the rank and step. A run that goes bad (non-finite steps or
+    parameters) is the user's to fix, not a bug: one line, no traceback (`one_line`, see RankReporter.error)."""
+
+    one_line = True
 
 
 def locate_nonfinite(model, store, batch, count: float, rank: int) -> dict:

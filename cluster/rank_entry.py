@@ -117,6 +117,11 @@ def run_target(target: str, ctx: RankContext):
             # a target that does not keep ctx.step (train_target: the loop tells the reporter through progress())
             # leaves it at 0; None makes the reporter use the step it last heard of
             ctx.reporter.error(ctx.step or None, e)
+            if not ctx.reporter.lost:
+                try:
+                    e._ndtrain_reported = True  # mpi_main then ends quietly: the coordinator prints it
+                except AttributeError:
+                    pass
         abort = getattr(ctx.comm, "abort_peers", None) or getattr(getattr(ctx.comm, "group", None), "abort", None)
         if abort is not None:
             try:
@@ -146,6 +151,11 @@ def local_ranks() -> int:
     return int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("MPI_LOCALNRANKS", "1")))
 
 
+def reported(e: BaseException) -> bool:
+    """Did this rank's coordinator receive the error (run_target reports it before re-raising)?"""
+    return bool(getattr(e, "_ndtrain_reported", False))
+
+
 def mpi_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ndtrain.cluster.rank_entry")
     p.add_argument("--target", required=True, help="package.module:function called as function(ctx)")
@@ -157,10 +167,17 @@ def mpi_main(argv: list[str] | None = None) -> int:
     comm = MPICommunicator()
     try:
         start_rank(comm, a.target, json.loads(a.args), threads)
-    except BaseException:
+    except BaseException as e:
+        if getattr(e, "one_line", False) and reported(e):
+            # a failure that names its cause, and the coordinator has it: the driver prints it as one line, exits 2
+            # and ends the other ranks (no traceback, no MPI_ABORT banner)
+            return 0
         # the traceback went to the coordinator (and to stderr below); end every rank now rather than leave the
         # others blocked in a collective
-        traceback.print_exc()
+        if getattr(e, "one_line", False):
+            print(f"ndtrain: rank {comm.rank}: {e}", file=sys.stderr)
+        else:
+            traceback.print_exc()
         sys.stderr.flush()
         comm.abort(1)
         return 1

@@ -14,7 +14,7 @@ from .comm.ray_comm import RayCommunicator
 from .comm.shm import ShmGroup
 from .comm.tcp import TcpGroup
 from .metrics_channel import ENV_TOKEN
-from .rank_entry import start_rank
+from .rank_entry import reported, start_rank
 from .worker_process import pin_threads
 
 
@@ -57,4 +57,9 @@ class RankActor:
         self.group.connect([tuple(p) for p in peers])
 
     def run(self, target: str, args: dict):
-        return start_rank(RayCommunicator(self.rank, self.world_size, self.group), target, args, self.threads)
+        try:
+            return start_rank(RayCommunicator(self.rank, self.world_size, self.group), target, args, self.threads)
+        except Exception as e:
+            if getattr(e, "one_line", False) and reported(e):
+                return None  # the coordinator has the one-line reason; a raise would only add Ray's traceback
+            raise

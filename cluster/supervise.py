@@ -78,12 +78,13 @@ def report_failure(failure) -> None:
 
 
 def job_status(coord, failure, run_dir=None) -> int:
-    """The launcher's exit status once supervise returned: 0 (done), 1 (failed; the failure is printed), or
+    """The launcher's exit status once supervise returned: 0 (done), 1 (failed; the failure is printed), 2 (a rank
+    stopped for a reason it names in one line: non-finite steps, a full disk), or
     128 + signal when the ranks stopped on request (the `interrupted at step N; resume with ...` line is printed,
     naming run_dir)."""
     if failure is not None:
         report_failure(failure)
-        return 1
+        return 2 if failure.named else 1  # 2: the run stopped for a reason it names (one line), as a local run
     step = coord.interrupted_step
     if step is not None:
         print(interrupt.interrupted_line(step, run_dir), file=sys.stderr, flush=True)

@@ -77,7 +77,10 @@ class Trainer:
         """Train up to settings.steps; returns the summary (on every rank). An exception is logged to a sink that
         has no error channel of its own (the run directory: its last record) and re-raised."""
         try:
-            return self._run()
+            # overflow / invalid-value warnings would repeat on every rank; non-finite steps are detected, skipped and
+            # diagnosed by the loop itself (cluster/nonfinite.py), which names the layer
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                return self._run()
         except BaseException as e:
             # a coordinator link reports it from the rank's entry point; a requested stop is no error
             if not hasattr(self.sink, "error") and not isinstance(e, interrupt.Interrupted):

@@ -34,6 +34,8 @@ from typing import IO, Iterator
 class DiskFullError(OSError):
     """No space left while writing `path`; the message names it, the space needed and the space free."""
 
+    one_line = True  # reported as its message alone, never as a traceback
+
     def __init__(self, path: str | os.PathLike, needed: int | None, written: int | None = None):
         path = Path(path)
         try:

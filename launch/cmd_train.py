@@ -121,6 +121,6 @@ def main(args) -> int:
         training.train(cfg, console, overwrite=bool(getattr(args, "overwrite", False)), signals=True)
     except training.TrainingStopped as e:
         return e.exit_code  # 128 + signal; the `interrupted at step N; resume with ...` line is printed
-    except training.TrainingFailed:
-        return 1  # the coordinator has said which rank failed, and how to resume
+    except training.TrainingFailed as e:
+        return e.exit_code  # the coordinator has said which rank failed (and, for exit 1, how to resume)
     return 0

@@ -111,8 +111,9 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None,
 
 
 def _recoverable(failure) -> bool:
-    """A dead, silent or hung process: restart. A rank that raised (traceback) or Ctrl-C: do not."""
-    return not failure.traceback and "interrupted" not in failure.reason
+    """A dead, silent or hung process: restart. A rank that raised (traceback, or a one-line reason such as
+    non-finite steps: a restart would meet it again) or Ctrl-C: do not."""
+    return not failure.traceback and not failure.named and "interrupted" not in failure.reason
 
 
 def _run_group(ray, coord, run_dir, target, args, workers, threads, multi_node, global_batch, start_timeout,

@@ -34,7 +34,12 @@ LAUNCHERS = {"mpi": launch_mpi, "ray": launch_ray}  # run.backend -> the module 
 
 
 class TrainingFailed(RuntimeError):
-    """A distributed job ended without finishing (the coordinator printed which rank failed and why)."""
+    """A distributed job ended without finishing (the coordinator printed which rank failed and why). exit_code: 2
+    when a rank stopped for a reason it named in one line (non-finite steps, a full disk), else 1."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class TrainingStopped(RuntimeError):
@@ -159,7 +164,7 @@ def _run(cfg: Config, console: Console, job, data) -> dict:
             newest = ckpt.latest(rundir.checkpoints_dir(cfg.run.out))
             raise _stopped(console, int(newest.stem.split("-")[1]) if newest is not None else None, cfg.run.out)
         if rc != 0:
-            raise TrainingFailed(f"the {cfg.run.backend} job failed (exit status {rc})")
+            raise TrainingFailed(f"the {cfg.run.backend} job failed (exit status {rc})", exit_code=2 if rc == 2 else 1)
         summary = rundir.read_summary(cfg.run.out)
     return summary
 
