@@ -10,6 +10,7 @@ directory being resumed) < run.* values (the CLI's flags) < `section.key=value` 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tomllib
@@ -166,7 +167,23 @@ def _run(cfg: Config, console: Console, job, data) -> dict:
         if rc != 0:
             raise TrainingFailed(f"the {cfg.run.backend} job failed (exit status {rc})", exit_code=2 if rc == 2 else 1)
         summary = rundir.read_summary(cfg.run.out)
+        record_link(cfg.run.out, summary)
     return summary
+
+
+def record_link(out, summary: dict) -> None:
+    """topology.json (written before the ranks started) gets the link they measured at start-up (summary's link:
+    cluster/link_probe.py), so the topology says how fast its hosts talk."""
+    link = summary.get("link") if isinstance(summary, dict) else None
+    path = Path(out) / rundir.TOPOLOGY
+    if not isinstance(link, dict) or not path.exists():
+        return
+    try:
+        topo = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if isinstance(topo, dict):
+        rundir.write_json(out, rundir.TOPOLOGY, {**topo, "link": link})
 
 
 def _stopped(console: Console, step: int | None, out: str) -> TrainingStopped:

@@ -55,3 +55,5 @@ def test_fewer_bytes_with_compression_or_sync_every_under_mpi(tmp_path, mpi_ok, 
     for r in recs:
         assert share * grad_bytes <= r["comm_sent_bytes"] < share * grad_bytes + 4096
     assert summary["link"]["bandwidth_Bps"] > 0
+    import json
+    assert json.loads((out / "topology.json").read_text())["link"] == summary["link"]
