@@ -194,8 +194,11 @@ def test_coordinator_listens_on_localhost_and_requires_the_token(tmp_path):
         for hello in ({"type": "hello", "rank": 0, "host": "h", "pid": 1},  # no token
                       {"type": "hello", "token": coord.token[:-1] + "x", "rank": 0, "host": "h", "pid": 1}):
             raw = socket.create_connection(("127.0.0.1", coord.port))
-            raw.sendall(encode(hello))
-            raw.sendall(encode({"type": "log", "rank": 0, "record": {"step": 1, "loss": 0.5}}))
+            try:
+                raw.sendall(encode(hello))
+                raw.sendall(encode({"type": "log", "rank": 0, "record": {"step": 1, "loss": 0.5}}))
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # the server may already have dropped the unproven connection: that is the point
             deadline = time.monotonic() + 0.5
             while time.monotonic() < deadline:
                 coord.poll(0.05)
