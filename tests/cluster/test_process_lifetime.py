@@ -116,7 +116,9 @@ def test_local_signal_stops_at_a_step_boundary_with_checkpoint_and_resumes_bitwi
     _assert_bitwise_equal(_final(out), _final(ref))
 
 
-def _distributed_interrupt(tmp_path, backend, sig, reference, bound_s):
+def _distributed_interrupt(tmp_path, backend, sig, bound_s):
+    """Signal the driver after the first checkpoint; (processes left after bound_s, the interrupted step, whether a
+    summary.json was written before the resume, the resume's exit status, the resumed run's final parameters)."""
     out = tmp_path / "run"
     p, err, job = _start(_train_argv(out, backend, DIST_STEPS, *DET), _env(NDTRAIN_TEST_STEP_DELAY="0.05"))
     try:
@@ -124,22 +126,24 @@ def _distributed_interrupt(tmp_path, backend, sig, reference, bound_s):
         _send(p, sig)
         p.wait(timeout=90)
         left, _ = job.wait_gone(bound_s)
-        assert not left, f"still running {bound_s} s after the driver ended: {left}"
     finally:
         job.kill_all()
     n = _assert_interrupted(p, err, sig, out)
-    assert 10 <= n < DIST_STEPS
-    assert not (out / "summary.json").exists()  # the run did not finish
+    finished = (out / "summary.json").exists()
     # resume on one local rank (deterministic mode: the same bits as two ranks)
-    assert cli_main(["train", "--resume", str(out), "--backend", "local", "--workers", "1", "-q"]) == 0
-    _assert_bitwise_equal(_final(out), reference)
+    resumed = cli_main(["train", "--resume", str(out), "--backend", "local", "--workers", "1", "-q"])
+    return left, n, finished, resumed, _final(out)
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_mpi_signal_stops_every_rank_at_one_step_with_checkpoint_and_resumes_bitwise(mpi_ok, tmp_path, sig,
                                                                                     reference):
-    _distributed_interrupt(tmp_path, "mpi", sig, reference, bound_s=30)
+    left, n, finished, resumed, final = _distributed_interrupt(tmp_path, "mpi", sig, bound_s=30)
+    assert not left, f"still running 30 s after the driver ended: {left}"
+    assert 10 <= n < DIST_STEPS and not finished  # stopped before the end
+    assert resumed == 0
+    _assert_bitwise_equal(final, reference)
 
 
 @pytest.mark.timeout(300)
@@ -147,11 +151,16 @@ def test_mpi_signal_stops_every_rank_at_one_step_with_checkpoint_and_resumes_bit
 # replaces the driver's SIGTERM handler; the launcher puts ours back (interrupt.reinstall)
 def test_ray_signal_stops_every_rank_at_one_step_with_checkpoint_and_resumes_bitwise(tmp_path, sig, reference):
     pytest.importorskip("ray")
-    _distributed_interrupt(tmp_path, "ray", sig, reference, bound_s=10)
+    left, n, finished, resumed, final = _distributed_interrupt(tmp_path, "ray", sig, bound_s=10)
+    assert not left, f"still running 10 s after the driver ended: {left}"
+    assert 10 <= n < DIST_STEPS and not finished  # stopped before the end
+    assert resumed == 0
+    _assert_bitwise_equal(final, reference)
 
 
 # -- kill -9 of the driver -----------------------------------------------------------------------------------------
 def _kill_driver(tmp_path, backend, bound_s):
+    """kill -9 the driver after the first checkpoint; the job's processes still running bound_s later."""
     out = tmp_path / "run"
     p, err, job = _start(_train_argv(out, backend, 100000), _env(NDTRAIN_TEST_STEP_DELAY="0.05"))
     try:
@@ -161,22 +170,23 @@ def _kill_driver(tmp_path, backend, bound_s):
         assert len(job.seen) >= 3, job.seen  # the driver and its ranks at least
         p.kill()
         p.wait(timeout=10)
-        left, waited = job.wait_gone(bound_s)
-        assert not left, f"still running {bound_s} s after kill -9 of the driver: {left}"
+        left, _ = job.wait_gone(bound_s)
     finally:
         job.kill_all()
-    return waited
+    return left
 
 
 @pytest.mark.timeout(240)
 def test_mpi_driver_kill9_leaves_no_rank_and_no_mpiexec(mpi_ok, tmp_path):
-    _kill_driver(tmp_path, "mpi", bound_s=30)
+    left = _kill_driver(tmp_path, "mpi", bound_s=30)
+    assert not left, f"still running 30 s after kill -9 of the driver: {left}"
 
 
 @pytest.mark.timeout(240)
 def test_ray_driver_kill9_leaves_nothing_of_the_job_within_10s(tmp_path):
     pytest.importorskip("ray")
-    _kill_driver(tmp_path, "ray", bound_s=10)
+    left = _kill_driver(tmp_path, "ray", bound_s=10)
+    assert not left, f"still running 10 s after kill -9 of the driver: {left}"
 
 
 # -- a second Ctrl-C -----------------------------------------------------------------------------------------------
