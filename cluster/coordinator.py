@@ -24,7 +24,9 @@ a new generation (a new token: messages of the dead group are ignored) that keep
 steps already written (the steps a restarted group replays from its checkpoint) are not written twice.
 
 Each aggregated train record also gets `rank_step_s` {"0": s, "1": s, ...} (each rank's latest measured step time)
-and `rank_comm_share` (its share of that time blocked in collectives), from the ranks' timing messages.
+and `rank_comm_share` (its share of that time blocked in collectives), from the ranks' timing messages. Their
+compute time per step feeds the straggler view (cluster/straggler.py): a rank named there becomes one notice line
+and one {"event": "straggler", ...} record; summary.json lists them under "stragglers".
 
     coord = Coordinator(world_size=2, writer=sinks, ranks_file=out / "ranks.json"); coord.start()
     env = coord.env()                        # NDTRAIN_COORD_ADDR / NDTRAIN_COORD_TOKEN for the ranks
@@ -47,6 +49,7 @@ from .aggregate import StepAggregator, with_rank_timing
 from .comm.progress import stall_timeout
 from .coord_server import CoordServer, coord_key
 from .metrics_channel import ENV_ADDR, ENV_TOKEN
+from .straggler import StragglerWatch, straggler_line
 
 
 @dataclass
@@ -73,7 +76,8 @@ class Coordinator:
     def __init__(self, world_size: int, writer=None, ranks_file: str | os.PathLike | None = None,
                  host: str = "127.0.0.1", port: int = 0,
                  token: str | None = None, heartbeat_timeout: float = 30.0, start_timeout: float = 120.0,
-                 extra_summary: dict | None = None, stall_timeout: float = 20.0):
+                 extra_summary: dict | None = None, stall_timeout: float = 20.0,
+                 straggler_factor: float = 1.5, straggler_steps: int = 20):
         """writer: the sink of the aggregated records and the summary (a cluster.sink.MetricsSink; it may have
         notice(message)); ranks_file: where to write each rank's host and pid once all have connected."""
         self.world_size = int(world_size)
@@ -108,6 +112,7 @@ class Coordinator:
         self._server: CoordServer | None = None
         self.stop_requested = False
         self.interrupted_at: dict[int, int] = {}  # rank -> the step it stopped at on request
+        self.stragglers = StragglerWatch(straggler_factor, straggler_steps)
 
     # -- server ------------------------------------------------------------------------------------------------------
     def start(self) -> "Coordinator":
@@ -175,6 +180,8 @@ class Coordinator:
                 self.training.add(rank)
         if kind == "timing":
             self.rank_timing[rank] = {k: msg.get(k) for k in ("step", "step_s", "comm_s")}
+            self._straggler(self.stragglers.observe(rank, msg.get("step"), msg.get("compute_s"), msg.get("steps"),
+                                                    host=self.ranks.get(rank, {}).get("host")))
             return
         if kind == "hello":
             self.ranks[rank] = {"rank": rank, "host": msg.get("host"), "pid": msg.get("pid"),
@@ -304,6 +311,15 @@ class Coordinator:
         """For the launcher: a failure it saw itself (mpiexec exited, a Ray actor died)."""
         self._fail(rank, step, reason, traceback)
 
+    def _straggler(self, event: dict | None) -> None:
+        """A rank just named a straggler: one line on the progress output, one event record in metrics.jsonl."""
+        if event is None or self.writer is None:
+            return
+        notice = getattr(self.writer, "notice", None)
+        if notice is not None:
+            notice(straggler_line(event, self.stragglers.steps))
+        self.writer.log(event)
+
     def _fail(self, rank, step, reason, traceback="", named: bool = False) -> None:
         if self.failure is None:
             self.failure = Failure(rank, step, reason, traceback, named)
@@ -347,6 +363,7 @@ class Coordinator:
         self.training = set()
         self.done = set()
         self.interrupted_at = {}
+        self.stragglers.reset()
         self._summary = None
         self._pending_logs = []
         self._agg = None
@@ -369,6 +386,8 @@ class Coordinator:
             vals = [r[key] for r in train if isinstance(r.get(key), (int, float))]
             if vals:
                 out[f"mean_{key}"] = sum(vals) / len(vals)
+        if self.world_size > 1:
+            out["stragglers"] = list(self.stragglers.named)
         out.update(self.extra_summary)
         return out
 

@@ -29,8 +29,13 @@ whose coordinator connection closes, or that has no ack for ack_timeout_s, has l
 died, or its host): on_lost(reason) is called once; from_env makes that interrupt.coordinator_lost, which stops the
 loop with a checkpoint and ends the process within a bounded time (so no rank trains on headless).
 
+Each timing message also carries `compute_s`, the median over its steps of the rank's own compute time per step (step
+time minus time blocked in collectives: the larger of WatchedComm's measure and the transport's counters), and
+`steps`, how many steps it covers: the coordinator's straggler view (cluster/straggler.py) compares these.
+
 Test-only fault injection (read once, at construction): NDTRAIN_TEST_HANG="rank:step" makes that rank sleep forever
-when it reaches that step; NDTRAIN_TEST_STEP_DELAY=seconds slows every step (so a test can kill a rank mid-run).
+when it reaches that step; NDTRAIN_TEST_STEP_DELAY=seconds slows every step (so a test can kill a rank mid-run), and
+NDTRAIN_TEST_STEP_DELAY="rank:seconds[,rank:seconds]" only the ranks named (a straggler).
 """
 from __future__ import annotations
 
@@ -67,7 +72,15 @@ def _test_faults(rank: int, env) -> tuple[int | None, float]:
         if not (r.strip().isdigit() and k.strip().isdigit()):
             raise ValueError(f"{ENV_TEST_HANG}={spec!r}: expected 'rank:step'")
         hang = int(k) if int(r) == rank else None
-    delay = float(env.get(ENV_TEST_STEP_DELAY, "0") or 0)
+    delay, spec = 0.0, env.get(ENV_TEST_STEP_DELAY, "") or "0"
+    try:
+        if ":" not in spec:
+            delay = float(spec)
+        for part in spec.split(",") if ":" in spec else ():
+            r, _, sec = part.partition(":")
+            delay = float(sec) if int(r) == rank else delay
+    except ValueError:
+        raise ValueError(f"{ENV_TEST_STEP_DELAY}={spec!r}: expected seconds or 'rank:seconds[,rank:seconds]'") from None
     return hang, delay
 
 
@@ -121,6 +134,9 @@ class RankReporter:
         # liveness and timing (written by the training thread, read by the sender thread's heartbeats)
         self._step_t0 = time.monotonic()  # when the current step began (the last progress() call)
         self._window_s, self._window_comm_s, self._window_n = 0.0, 0.0, 0
+        self._window_compute: list[float] = []  # each step's compute seconds since the last timing message
+        self._blocked0 = 0.0  # the transport's blocked seconds when the current step began
+        self._progress_step = -2  # the step of the last progress() call (the first call times set-up: not counted)
         self._last_timing = self._last_ping = 0.0
         self._comm_depth, self._comm_t0, self._comm_s = 0, 0.0, 0.0  # collective nesting; entry time; this step's
         self._counters = None  # the communicator's CommCounters (watch_counters): bytes moved, for stall detection
@@ -168,15 +184,22 @@ class RankReporter:
                 time.sleep(3600)
         now = time.monotonic()
         self._training = True
-        if step == self.step + 1:
-            self._window_s += now - self._step_t0
+        blocked = self._counters.blocked_s if self._counters is not None else 0.0
+        if step == self._progress_step + 1:  # (not self.step: log() sets it to the steps done, = this step)
+            dt = now - self._step_t0
+            self._window_s += dt
             self._window_comm_s += self._comm_s
             self._window_n += 1
-        self.step, self._step_t0, self._comm_s = step, now, 0.0
+            self._window_compute.append(max(0.0, dt - max(self._comm_s, blocked - self._blocked0)))
+        self.step, self._step_t0, self._comm_s, self._blocked0 = step, now, 0.0, blocked
+        self._progress_step = step
         if self._window_n and now - self._last_timing >= TIMING_EVERY_S:
+            compute = sorted(self._window_compute)
             self._q.put({"type": "timing", "rank": self.rank, "step": step,
-                         "step_s": self._window_s / self._window_n, "comm_s": self._window_comm_s / self._window_n})
+                         "step_s": self._window_s / self._window_n, "comm_s": self._window_comm_s / self._window_n,
+                         "compute_s": compute[len(compute) // 2], "steps": self._window_n})
             self._window_s, self._window_comm_s, self._window_n = 0.0, 0.0, 0
+            self._window_compute = []
             self._last_timing = self._last_ping = now
         elif now - self._last_ping >= STEP_PING_S:
             self._q.put({"type": "step", "rank": self.rank, **self.liveness()})

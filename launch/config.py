@@ -142,6 +142,11 @@ class ClusterConfig:
                                        "all-reduces (0: synchronous training, every step)")
     outer_lr: float = _f(0.7, min=POSITIVE, doc="DiLoCo's outer Nesterov learning rate (cluster.sync_every > 0)")
     outer_momentum: float = _f(0.9, min=0.0, max=0.999999, doc="DiLoCo's outer momentum (cluster.sync_every > 0)")
+    # The live straggler view (cluster/straggler.py, docs/elastic.md "Stragglers"): MPI and Ray runs of W > 1.
+    straggler_factor: float = _f(1.5, min=1.0, doc="name a rank whose compute time per step (step time minus time "
+                                                  "blocked in communication) exceeds this many times the other "
+                                                  "ranks' median (must be > 1)")
+    straggler_steps: int = _f(20, min=1, doc="... for this many consecutive steps (once per episode)")
 
 
 @dataclass
@@ -344,6 +349,8 @@ def validate(cfg: Config) -> Config:
     if c.compress and c.sync_every:
         raise ConfigError("cluster.compress: not available with cluster.sync_every (DiLoCo exchanges parameter "
                           "deltas, not gradients)")
+    if c.straggler_factor <= 1.0:
+        raise ConfigError(f"cluster.straggler_factor: must be > 1 (a multiple of the median), got {c.straggler_factor}")
     if cfg.cluster.iface:
         try:
             interface_address(cfg.cluster.iface)

@@ -124,7 +124,7 @@ def _advertised_ip() -> str:
 def run_mpi(target: str, args: dict, workers: int, writer=None, run_dir=None,
             threads: int = 0, hostfile: str = "", global_batch: int | None = None,
             heartbeat_timeout: float = 30.0, start_timeout: float = 120.0, coord_host: str = "",
-            stall_timeout: float = 20.0, iface: str = "") -> int:
+            stall_timeout: float = 20.0, iface: str = "", straggler: tuple[float, int] = (1.5, 20)) -> int:
     """Run `target` on `workers` MPI ranks; returns the exit status (0: every rank finished and reported).
     The coordinator listens on loopback without a hostfile; with one, on `iface`'s address (cluster.iface), else
     on the address it advertises to the ranks (coord_host, or the default route's interface).
@@ -142,7 +142,8 @@ def run_mpi(target: str, args: dict, workers: int, writer=None, run_dir=None,
         bind = coord_host = coord_host or _advertised_ip()
     coord = Coordinator(workers, writer=writer, ranks_file=rundir.path_in(run_dir, rundir.RANKS), host=bind,
                         heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout,
-                        stall_timeout=stall_timeout).start()
+                        stall_timeout=stall_timeout, straggler_factor=straggler[0],
+                        straggler_steps=straggler[1]).start()
     env = coord.env()
     for k in (ENV_TEST_HANG, ENV_TEST_STEP_DELAY):  # test-only fault injection: passed with -x like the rest
         if k in os.environ:
@@ -195,7 +196,8 @@ def launch(cfg, console=None) -> int:
     continues it (the hint is printed then)."""
     settings = recovery_settings(cfg)
     rc = run_mpi(**train_job(cfg, console), hostfile=cfg.cluster.hostfile, iface=cfg.cluster.iface,
-                 heartbeat_timeout=settings["heartbeat_timeout"], stall_timeout=settings["stall_timeout"])
+                 heartbeat_timeout=settings["heartbeat_timeout"], stall_timeout=settings["stall_timeout"],
+                 straggler=(cfg.cluster.straggler_factor, cfg.cluster.straggler_steps))
     if rc == 1:
         print(f"ndtrain: continue the run from its last checkpoint with the same options and --resume {cfg.run.out}",
               file=sys.stderr, flush=True)

@@ -57,7 +57,7 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None,
             threads: int = 0, address: str = "", global_batch: int | None = None,
             heartbeat_timeout: float = 30.0, start_timeout: float = 120.0, transport: str = "auto",
             shutdown: bool = True, max_restarts: int = 0, on_restart=None, stall_timeout: float = 20.0,
-            iface: str = "") -> int:
+            iface: str = "", straggler: tuple[float, int] = (1.5, 20)) -> int:
     """Run `target` on `workers` Ray actors; returns the exit status (0: every rank finished and reported).
 
     max_restarts: how many times a group whose process died, went silent or hung is torn down and started again
@@ -83,7 +83,8 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None,
         bind = ray.util.get_node_ip_address()
     coord = Coordinator(workers, writer=writer, ranks_file=rundir.path_in(run_dir, rundir.RANKS), host=bind,
                         heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout,
-                        stall_timeout=stall_timeout, extra_summary={"restarts": 0}).start()
+                        stall_timeout=stall_timeout, extra_summary={"restarts": 0}, straggler_factor=straggler[0],
+                        straggler_steps=straggler[1]).start()
     restarts = 0
     try:
         while True:
@@ -205,4 +206,5 @@ def launch(cfg, console=None) -> int:
 
     return run_ray(**train_job(cfg, console), address=cfg.cluster.address, iface=cfg.cluster.iface,
                    on_restart=resume_args, max_restarts=settings["max_restarts"],
-                   heartbeat_timeout=settings["heartbeat_timeout"], stall_timeout=settings["stall_timeout"])
+                   heartbeat_timeout=settings["heartbeat_timeout"], stall_timeout=settings["stall_timeout"],
+                   straggler=(cfg.cluster.straggler_factor, cfg.cluster.straggler_steps))

@@ -14,7 +14,8 @@ The rate and ETA count training time only: the trainer leaves evaluation and che
 --quiet prints neither. JSON mode (`--log-format json`): one JSON object per event on stdout and nothing else there,
 for scripts and CI; --quiet does not silence it. Events: {"event": "topology", ...}, {"event": "train", "step",
 "total_steps", "loss", "lr", "tokens_per_s", "eta_s", ...}, {"event": "eval", "step", "eval": {...}},
-{"event": "notice", "message"}, {"event": "done", ...summary}, {"event": "report", "path"}. Non-finite numbers are
+{"event": "notice", "message"}, {"event": "straggler", "rank", "host", "step", "compute_s", "median_s",
+"factor"} (cluster/straggler.py; its text line is a notice), {"event": "done", ...summary}, {"event": "report", "path"}. Non-finite numbers are
 written as the strings "nan" / "inf" (as in metrics.jsonl).
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ class TensorBoardSink(MetricsSink):
         self._cls = summary_writer_class()  # imported now (~0.5 s), not inside the first timed window of steps
 
     def log(self, record: dict) -> None:
-        if "step" not in record or "error" in record:
+        if "step" not in record or "error" in record or "event" in record:  # events: metrics.jsonl, the console
             return
         if self._tb is None:
             self._tb = self._cls(str(self.path))
@@ -254,6 +255,9 @@ class Console(MetricsSink):
     def log(self, record: dict) -> None:
         if "error" in record:
             return  # the exception itself reaches the user (cmd_train); metrics.jsonl keeps the record
+        if "event" in record:  # straggler, membership: their line came as a notice; JSON mode gets the event too
+            self.emit(str(record["event"]), {k: v for k, v in record.items() if k != "event"})
+            return
         ev = record.get("eval")
         if ev is not None:
             if _num(ev.get("loss")):

@@ -261,7 +261,13 @@ def read_summary(out: str | os.PathLike) -> dict:
 
 
 def train_events(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if "eval" not in r]
+    """The train records (neither evaluations nor events such as {"event": "straggler"} / "membership")."""
+    return [r for r in rows if "eval" not in r and "event" not in r]
+
+
+def run_events(rows: list[dict], kind: str) -> list[dict]:
+    """The event records of one kind: "straggler" (cluster/straggler.py), "membership" (elastic Ray runs)."""
+    return [r for r in rows if r.get("event") == kind]
 
 
 def eval_events(rows: list[dict]) -> list[dict]:
