@@ -7,7 +7,8 @@ evaluation, the error record of a failed run, the plots (launch/report/plots.py)
 windows, text samples made now from the checkpoint (launch/report/samples.py: a few greedy translations beside
 their references, or an LM's greedy continuation of a prompt), an attention heat map for seq2seq Transformers
 (launch/report/attention.py), the topology (topology.json, ranks.json; written by the distributed launchers) and
-the config (config.toml). Each part that cannot be made is replaced by a note, never by a failure of the whole
+the config (config.toml); for a distributed run whose rank group changed or had a straggler, a table of
+membership changes and stragglers (launch/report/elastic.py). Each part that cannot be made is replaced by a note, never by a failure of the whole
 report: write_report is what `ndtrain train` calls at the end, and a report must not break a finished run.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .plots import metric_name, metric_plots
 from ndtrain.launch.restore import load_run
 from .samples import text_samples
 from .attention import attention_map
+from .elastic import elastic_section
 
 REPORT = rundir.REPORT
 PLOTS_DIR = rundir.PLOTS_DIR
@@ -103,6 +105,8 @@ CAPTIONS = {
     "throughput": "Items per second over all ranks, measured over each logging window.",
     "grad_norm": "Global L2 norm of the gradient before clipping.",
     "step_time": "Seconds per optimizer step (in a distributed run the slowest rank's; per rank when recorded).",
+    "world_size": "Workers in the rank group at each step (an elastic Ray run shrinks when a worker leaves and "
+                  "grows when one joins; the global batch, and so the training, stays the same).",
 }
 
 
@@ -128,6 +132,9 @@ def build_report(run_dir: str | Path, *, attention: bool = True, samples: bool =
         sections.append(("Plots", H.grid(figs)))
     else:
         sections.append(("Plots", '<p class="note">No metrics records (metrics.jsonl is missing or empty).</p>'))
+    elastic = elastic_section(rows, _read_json(d / rundir.SUMMARY))
+    if elastic:
+        sections.append(("Workers and stragglers", elastic))
     if attention or samples:
         run, why = _restore(d)
         if run is None:

@@ -3,7 +3,8 @@
     text = compare_page(["runs/a", "runs/b"])       # self-contained HTML, as the single-run report
     (`ndtrain report --run runs/a --run runs/b --out cmp.html` writes it)
 
-Curves, each against the step and against wall-clock seconds since the run started: training loss, every
+The table of final metrics also counts membership changes and stragglers when a run's summary has them (elastic
+and distributed runs). Curves, each against the step and against wall-clock seconds since the run started: training loss, every
 validation metric any run has (loss, accuracy, BLEU, ...), and throughput. One line per run, the same colour for a
 run in every panel.
 """
@@ -92,13 +93,18 @@ def final_table(facts: list[RunFacts], labels: list[str]) -> str:
     metric_keys = list(dict.fromkeys(k for f in facts for k in f.final_eval))
     header = ["run", "status", "task", "model", "steps", "wall time", "final training loss"] + \
         [f"validation {metric_name(k)}" for k in metric_keys]
+    extra = [(key, words) for key, words in (("membership_changes", "membership changes"),
+                                              ("stragglers", "stragglers named"))
+             if any(getattr(f, key) is not None for f in facts)]  # distributed runs that say so
+    header += [words for _, words in extra]
     rows = []
     for f, lab in zip(facts, labels):
         steps = f"{f.steps_done} / {f.steps_total}" if f.steps_total else str(f.steps_done)
         wall = L.seconds_text(f.wall_s) if isinstance(f.wall_s, (int, float)) else "-"
         loss = f"{f.final_loss:.4f}" if isinstance(f.final_loss, (int, float)) else "-"
         rows.append([lab, f.status + (f" ({f.note})" if f.note else ""), f.task, f.model, steps, wall, loss] +
-                    [L.metric_text(k, f.final_eval[k]) if k in f.final_eval else "-" for k in metric_keys])
+                    [L.metric_text(k, f.final_eval[k]) if k in f.final_eval else "-" for k in metric_keys] +
+                    [str(getattr(f, key)) if getattr(f, key) is not None else "-" for key, _ in extra])
     return H.table(header, rows, "final-metrics")
 
 

@@ -54,6 +54,11 @@ SUMMARY = {
     "link": ("Link between ranks", lambda v: f"{float(v['bandwidth_Bps']) / 1e6:,.1f} MB/s, "
                                             f"{1000 * float(v['latency_s']):.2f} ms (all-reduce measured at start-up)"),
     "mean_step_time": ("Time per step", lambda v: f"{1000 * float(v):,.1f} ms (mean over logged steps)"),
+    "membership_changes": ("Membership changes (workers that left or joined)", _int),
+    "restarts": ("Rank-group restarts from a checkpoint", _int),
+    "stragglers": ("Stragglers named", lambda v: "; ".join(
+        f"rank {s['rank']} on {s.get('host') or '?'} from step {s['first_step']} ({float(s['factor']):.1f}x the "
+        f"others' compute)" for s in v) if v else "none"),
     "param_checksum": ("Parameter checksum", str),
     "config_hash": ("Config hash", str),
 }

@@ -15,6 +15,8 @@ Figures (each drawn only when the records carry the series):
     grad_norm     global gradient norm (before clipping)
     step_time     seconds per step (step_s / step_time: the slowest rank in a distributed run), and per rank when
                   the records say (see per_rank_step_times)
+    world_size    workers over steps (elastic Ray runs), only when a membership change happened or the train
+                  records' world_size varies; each change marked (docs/elastic.md)
 Every panel has a title, axis labels and a legend; every linear axis has plain tick labels (no offset, no
 scientific multiplier).
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 import io
 import math
 
-from ndtrain.launch.rundir import eval_events, train_events
+from ndtrain.launch.rundir import eval_events, run_events, train_events
 import numpy as np
 
 FIGSIZE = (6.4, 3.6)
@@ -105,10 +107,10 @@ def _y_limits(ax, values: list[float], fraction: bool) -> None:
 
 
 def panel(title: str, lines: list, ylabel: str, xlabel: str = "step", logy: bool = False,
-          fraction: bool = False) -> dict:
-    """One axes: lines [(label, xs, ys, style)] (empty ones dropped)."""
+          fraction: bool = False, integer_y: bool = False) -> dict:
+    """One axes: lines [(label, xs, ys, style)] (empty ones dropped); integer_y: whole-number y ticks (workers)."""
     return {"title": title, "lines": [ln for ln in lines if ln[1]], "ylabel": ylabel, "xlabel": xlabel,
-            "logy": logy, "fraction": fraction}
+            "logy": logy, "fraction": fraction, "integer_y": integer_y}
 
 
 def _draw_panel(ax, p: dict, legend: bool = True) -> None:
@@ -129,6 +131,11 @@ def _draw_panel(ax, p: dict, legend: bool = True) -> None:
     else:
         _y_limits(ax, values, p["fraction"])
     _plain_ticks(ax)
+    if p.get("integer_y"):
+        from matplotlib.ticker import MaxNLocator  # matplotlib: only when a report is drawn
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        lo = min(values, default=1)
+        ax.set_ylim(max(0, lo - 1), max(values, default=1) + 1)
     if legend:
         ax.legend(fontsize=8)
 
@@ -187,9 +194,35 @@ def per_rank_step_times(rows: list[dict]) -> dict[int, tuple[list[int], list[flo
             elif isinstance(per, list):
                 for rank, v in enumerate(per):
                     add(rank, r["step"], v)
-        if "rank" in r and "error" not in r:
+        if "rank" in r and "error" not in r and "event" not in r:
             add(r["rank"], r["step"], r.get("step_s", r.get("step_time")))
     return out
+
+
+def world_size_lines(rows: list[dict]) -> list:
+    """Panel lines of the workers over steps: the world size as a step curve (from the train records'
+    "world_size" and the membership events) and a marker at each change. [] when W never changed."""
+    changes = [e for e in run_events(rows, "membership") if _num(e.get("step")) is not None
+               and _num(e.get("world_size")) is not None]
+    points = [(int(r["step"]), int(r["world_size"])) for r in train_events(rows)
+              if _num(r.get("step")) is not None and _num(r.get("world_size")) is not None]
+    if not changes and len({w for _, w in points}) < 2:
+        return []
+    if changes and _num(changes[0].get("previous_world_size")) is not None:
+        points.append((0, int(changes[0]["previous_world_size"])))  # the start, before the first change
+    points += [(int(e["step"]), int(e["world_size"])) for e in changes]
+    last_step = max((int(r["step"]) for r in rows if _num(r.get("step")) is not None), default=0)
+    points.sort(key=lambda p: p[0])
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    if xs[-1] < last_step:
+        xs.append(last_step)
+        ys.append(ys[-1])
+    lines = [("workers", xs, ys, {"drawstyle": "steps-post", "linewidth": 2})]
+    for kind, marker, colour in (("shrink", "v", "C3"), ("grow", "^", "C2")):
+        mine = [e for e in changes if e.get("change") == kind]
+        lines.append((kind, [int(e["step"]) for e in mine], [int(e["world_size"]) for e in mine],
+                      {"marker": marker, "linestyle": "none", "color": colour, "markersize": 8}))
+    return lines
 
 
 def eval_rows(rows: list[dict]) -> list[dict]:
@@ -255,6 +288,8 @@ def plot_specs(rows: list[dict]) -> list[dict]:
     for rank, (xs, ys) in sorted(per_rank_step_times(rows).items()):
         lines.append((f"rank {rank}", xs, ys, {"linewidth": 1, "alpha": 0.8}))
     add("step_time", "Seconds per step", [panel("Seconds per step", lines, "seconds")])
+    add("world_size", "Workers over steps", [panel("Workers over steps", world_size_lines(rows), "workers",
+                                                   integer_y=True)])
     return specs
 
 
@@ -289,4 +324,4 @@ def attention_png(weights, src_tokens: list[str], out_tokens: list[str], title: 
 
 
 __all__ = ["metric_plots", "plot_specs", "draw", "panel", "series", "wall_clock", "eval_rows", "metric_name",
-           "per_rank_step_times", "attention_png", "to_png"]
+           "per_rank_step_times", "world_size_lines", "attention_png", "to_png"]

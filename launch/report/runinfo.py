@@ -34,6 +34,8 @@ class RunFacts:
     note: str = ""  # "resumable from step 400", the error text, ...
     config: dict = field(default_factory=dict)
     rows: list = field(default_factory=list)  # metrics.jsonl records
+    membership_changes: int | None = None  # workers that left or joined (elastic Ray runs; summary.json)
+    stragglers: int | None = None  # straggler episodes named (MPI / Ray runs of W > 1; summary.json)
 
     @property
     def name(self) -> str:
@@ -111,6 +113,10 @@ def run_facts(path: str | Path) -> RunFacts:
         f.final_loss = summary.get("final_loss", f.final_loss)
         if isinstance(summary.get("eval"), dict):
             f.final_eval = summary["eval"]
+        if isinstance(summary.get("membership_changes"), int):
+            f.membership_changes = summary["membership_changes"]
+        if isinstance(summary.get("stragglers"), list):
+            f.stragglers = len(summary["stragglers"])
     if isinstance(summary, dict) and (f.steps_total is None or f.steps_done >= f.steps_total):
         f.status = "finished"  # also when an earlier attempt failed and a resume completed the run
     elif errors:
