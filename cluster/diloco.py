@@ -32,6 +32,11 @@ class DiLoCo:
 
     def outer_step(self, params: np.ndarray, delta_sum: np.ndarray, world_size: int) -> None:
         """params <- the new anchor, from the sum over ranks of outer_gradient (in place, every rank alike)."""
+        self.advance(delta_sum, world_size)
+        params[...] = self.anchor
+
+    def advance(self, delta_sum: np.ndarray, world_size: int) -> None:
+        """anchor <- the outer Nesterov step on the mean outer gradient delta_sum / W (every rank alike)."""
         delta = delta_sum / world_size
         if self.momentum:
             self.buf *= self.momentum
@@ -40,7 +45,6 @@ class DiLoCo:
         else:
             step = delta
         self.anchor -= self.lr * step
-        params[...] = self.anchor
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {"anchor": self.anchor.copy(), "momentum": self.buf.copy()}
@@ -52,3 +56,42 @@ class DiLoCo:
                              f"{self.anchor.shape}")
         self.anchor = anchor.astype(self.anchor.dtype, copy=True)
         self.buf = buf.astype(self.buf.dtype, copy=True)
+
+
+class OverlappedDiLoCo:
+    """The outer step applied one round late, so its exchange hides behind the next H inner steps (the delayed outer
+    gradient of Kale, Douillard & Donchev 2025, "Eager Updates For Overlapped Communication and Computation in
+    DiLoCo", and the overlapped sync of Douillard et al. 2025, "Streaming DiLoCo"). Each rank keeps the progress it
+    made while the exchange was in flight, as the eager variant does with its own fresh outer gradient, but the
+    correction every rank applies is the same: the anchor moves by the outer step on the SUM that arrived, which is
+    bitwise equal everywhere.
+
+    Rank i holds x_i (its parameters) and b_i (x_i when it last launched an exchange); A (the anchor) and the outer
+    momentum are shared. At each sync, with D the sum over ranks of the exchange launched at the previous sync
+    (None at the first):
+        d_i = b_i - x_i                    this round's outer gradient (minus the progress since the last launch)
+        if D: A <- Nesterov(A, D / W);  x_i <- A - d_i     (the rank's in-flight progress is replaced by the mean;
+                                                             the progress since the launch is kept)
+        b_i <- x_i;  launch the exchange of d_i
+    At the run's end (finish) the last exchange is waited for and applied with nothing after it: x_i <- A on every
+    rank. The anchor is what evaluation and checkpoints' param/ see. With no progress kept (x_i <- A at each sync)
+    this would be the paper's naive delayed update; keeping it lets a rank build on its own last round at once."""
+
+    def __init__(self, outer: DiLoCo, params: np.ndarray):
+        self.outer = outer
+        self.base = np.array(params, copy=True)  # b_i, (P,)
+
+    def sync(self, params: np.ndarray, delta_sum: np.ndarray | None, world_size: int) -> np.ndarray:
+        """Apply D (when given), in place on params; returns d_i, this rank's outer gradient to exchange now."""
+        d = self.base - params
+        if delta_sum is not None:
+            self.outer.advance(delta_sum, world_size)
+            np.subtract(self.outer.anchor, d, out=params)
+        self.base[...] = params
+        return d
+
+    def finish(self, params: np.ndarray, delta_sum: np.ndarray, world_size: int) -> None:
+        """The last exchange's sum, right after it was launched (no inner step since): params <- the anchor."""
+        self.outer.advance(delta_sum, world_size)
+        params[...] = self.outer.anchor
+        self.base[...] = params

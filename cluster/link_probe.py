@@ -8,7 +8,8 @@ and name the fix, before the run spends hours on it).
 Latency: the median of 5 all-reduces of 8 bytes (after one to warm up). Bandwidth: one all-reduce of probe_bytes,
 timed after a warm-up of the same size; a ring or chain moves 2 (W - 1) / W x N bytes per rank for N, so
 bandwidth = that / (time - latency). Each rank's times are gathered and the slowest taken, so every rank holds the
-same figures (the collective is as slow as its slowest link).
+same figures (the collective is as slow as its slowest link). On the TCP mesh the figures then size the ring's socket
+buffers (TcpGroup.tune_link: bandwidth x latency, the bandwidth-delay product).
 
 The communication share of a step, estimated: t_comm = latency x buckets + 2 (W - 1) / W x gradient bytes /
 bandwidth, against the step's compute time (measured over the first steps): share = t_comm / (t_comm + compute).
@@ -43,7 +44,11 @@ def probe_link(comm, probe_bytes: int = 4 << 20) -> dict:
     t = max(float(x[1]) for x in slowest)
     w = comm.world_size
     moved = 2.0 * (w - 1) / w * big.nbytes
-    return {"latency_s": latency, "bandwidth_Bps": moved / max(t - latency, 1e-9), "probe_bytes": int(big.nbytes)}
+    link = {"latency_s": latency, "bandwidth_Bps": moved / max(t - latency, 1e-9), "probe_bytes": int(big.nbytes)}
+    tune = getattr(getattr(comm, "group", None), "tune_link", None)  # the TCP mesh: buffers for this link's BDP
+    if tune is not None:
+        tune(link)
+    return link
 
 
 def comm_estimate_s(link: dict, grad_bytes: int, world: int, buckets: int = 1) -> float:

@@ -31,11 +31,13 @@ import numpy as np
 
 from ndtrain.cluster import interrupt
 from ndtrain.cluster.deterministic import TreeSum
-from ndtrain.cluster.diloco import DiLoCo
+from ndtrain.cluster.diloco import DiLoCo, OverlappedDiLoCo
 from ndtrain.cluster.nonfinite import WorkerError
+from ndtrain.cluster.outer_exchange import OuterExchange, PendingSum
 from ndtrain.engine.module import seed_rngs
 
 OPTIM = "optim/"
+EF = "ef/"  # the outer exchange's error-feedback residuals (cluster.compress fp16 / bf16)
 
 
 class LocalSGD:
@@ -45,8 +47,19 @@ class LocalSGD:
         self.every, self.steps = int(s.sync_every), int(s.steps)
         self.outer = DiLoCo(self.store.data, lr=s.outer_lr, momentum=s.outer_momentum)
         self.sync_s = 0.0
+        size = self.store.data.size
+        # overlapped: chunks of bucket_mb, all queued within the first half of the round (a log step's small
+        # all-reduce then waits for few of them); otherwise one exchange of the whole vector, at once
+        overlap = bool(getattr(s, "sync_overlap", False))
+        chunk = int(s.bucket_mb * (1 << 20)) if overlap else 4 * max(1, size)
+        self.exchange = OuterExchange(comm, size, scheme=s.compress, chunk_bytes=chunk)
+        self.chunks_per_step = self.exchange.per_step((self.every + 1) // 2)
+        self.overlapped = OverlappedDiLoCo(self.outer, self.store.data) if overlap else None
+        self.pending: PendingSum | None = None  # the exchange in flight (overlapped), applied at the next sync
         if job.shared_state:
             self.outer.load_state_dict(job.shared_state)
+            if self.overlapped is not None and np.size(job.shared_state.get("pending", ())):
+                self.pending = PendingSum.done(np.array(job.shared_state["pending"], dtype=self.store.data.dtype))
         if job.rank_state_world and job.rank_state_world != comm.world_size:
             raise WorkerError(f"rank {comm.rank}: a DiLoCo checkpoint (cluster.sync_every) resumes on the world "
                               f"size it was written with ({job.rank_state_world} workers), not {comm.world_size}")
@@ -105,18 +118,33 @@ class LocalSGD:
         else:
             buf[2] = 0.0
         if sync:
-            self.synchronise()
+            self.synchronise(final=step_done == self.steps)
+        elif self.pending is not None:
+            self.pending.advance()  # the next chunks of the outer gradient in flight, after this step's collectives
         if log_now:
             return float(small[1]), float(small[2])
         return loss, count
 
-    def synchronise(self) -> None:
-        """The outer step: all-reduce anchor - theta_i, then Nesterov on the mean (every rank alike)."""
+    def synchronise(self, final: bool = False) -> None:
+        """The outer step: the sum over ranks of anchor - theta_i, then Nesterov on the mean (every rank alike).
+        Overlapped (cluster.sync_overlap): apply the sum launched at the last sync, launch this round's
+        (cluster/diloco.py OverlappedDiLoCo); at the run's end (final) wait for it and apply it too."""
         t0 = time.perf_counter()
-        delta = self.outer.outer_gradient(self.store.data)
-        if self.comm.world_size > 1:
-            self.comm.allreduce(delta)
-        self.outer.outer_step(self.store.data, delta, self.comm.world_size)
+        x, world = self.store.data, self.comm.world_size
+        if self.overlapped is None:
+            delta = self.outer.outer_gradient(x)
+            if self.exchange.compressor is not None:
+                delta = self.exchange.start(delta).result()
+            elif world > 1:
+                self.comm.allreduce(delta)
+            self.outer.outer_step(x, delta, world)
+        else:
+            total = self.pending.result() if self.pending is not None else None
+            d = self.overlapped.sync(x, total, world)
+            self.pending = self.exchange.start(d, self.chunks_per_step)
+            if final:
+                self.overlapped.finish(x, self.pending.result(), world)
+                self.pending = None
         self.sync_s += time.perf_counter() - t0
 
     @contextlib.contextmanager
@@ -131,11 +159,22 @@ class LocalSGD:
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def shared_state(self) -> dict:
-        return self.outer.state_dict()
+        """The anchor and outer momentum; overlapped, also the sum of the exchange in flight (waited for here: every
+        rank holds the same; it is applied at the next sync as it would have been)."""
+        state = self.outer.state_dict()
+        if self.overlapped is not None:
+            state["pending"] = (self.pending.result().copy() if self.pending is not None
+                                else np.zeros(0, dtype=self.store.data.dtype))
+            if self.pending is not None:
+                self.pending = PendingSum.done(state["pending"])
+        return state
 
     def rank_state(self) -> dict:
         opt = self.job.optimizer
         state = {"params": self.store.data}
+        if self.overlapped is not None:
+            state["base"] = self.overlapped.base
+        state.update({EF + k: v for k, v in self.exchange.state_dict().items()})
         if hasattr(opt, "state_dict"):
             state.update({OPTIM + k: v for k, v in opt.state_dict().items() if isinstance(v, np.ndarray)
                           and v.ndim == 1})
@@ -143,6 +182,9 @@ class LocalSGD:
 
     def load_rank_state(self, state: dict) -> None:
         self.store.data[...] = state["params"]
+        if self.overlapped is not None and "base" in state:
+            self.overlapped.base[...] = state["base"]
+        self.exchange.load_state_dict({k[len(EF):]: v for k, v in state.items() if k.startswith(EF)})
         opt = self.job.optimizer
         if hasattr(opt, "load_state_dict"):
             mine = {k[len(OPTIM):]: v for k, v in state.items() if k.startswith(OPTIM)}

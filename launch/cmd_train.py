@@ -87,6 +87,8 @@ def add_parser(sub) -> None:
                    help="gradient compression with error feedback (cluster.compress; docs/network.md)")
     p.add_argument("--sync-every", type=int, metavar="H",
                    help="DiLoCo: H local steps per rank between parameter all-reduces (cluster.sync_every)")
+    p.add_argument("--sync-overlap", action="store_true", default=None,
+                   help="DiLoCo: exchange the outer gradient while the next H steps run (cluster.sync_overlap)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="text (default) or json: one JSON object per event on stdout, for scripts and CI")
@@ -106,7 +108,8 @@ def resolve_config(args) -> Config:
                                             "address": getattr(args, "address", None),
                                             "iface": getattr(args, "iface", None),
                                             "compress": getattr(args, "compress", None),
-                                            "sync_every": getattr(args, "sync_every", None)},
+                                            "sync_every": getattr(args, "sync_every", None),
+                                            "sync_overlap": getattr(args, "sync_overlap", None)},
                                    overrides=args.overrides)
 
 

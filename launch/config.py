@@ -142,6 +142,9 @@ class ClusterConfig:
                                        "all-reduces (0: synchronous training, every step)")
     outer_lr: float = _f(0.7, min=POSITIVE, doc="DiLoCo's outer Nesterov learning rate (cluster.sync_every > 0)")
     outer_momentum: float = _f(0.9, min=0.0, max=0.999999, doc="DiLoCo's outer momentum (cluster.sync_every > 0)")
+    sync_overlap: bool = _f(False, doc="DiLoCo: exchange the outer gradient in the background while the next H inner "
+                                       "steps run, and apply the outer step one round later (cluster.sync_every > 0; "
+                                       "docs/network.md)")
     # The live straggler view (cluster/straggler.py, docs/elastic.md "Stragglers"): MPI and Ray runs of W > 1.
     straggler_factor: float = _f(1.5, min=1.0, doc="name a rank whose compute time per step (step time minus time "
                                                   "blocked in communication) exceeds this many times the other "
@@ -346,9 +349,11 @@ def validate(cfg: Config) -> Config:
     if c.compress and cfg.run.deterministic:
         raise ConfigError("cluster.compress: not available with run.deterministic (each rank rounds its own share "
                           "of the gradient, so the result depends on the number of workers)")
-    if c.compress and c.sync_every:
-        raise ConfigError("cluster.compress: not available with cluster.sync_every (DiLoCo exchanges parameter "
-                          "deltas, not gradients)")
+    if c.compress == "powersgd" and c.sync_every:
+        raise ConfigError("cluster.compress: powersgd is not available with cluster.sync_every (DiLoCo's outer "
+                          "gradient goes as fp16 or bf16)")
+    if c.sync_overlap and not c.sync_every:
+        raise ConfigError("cluster.sync_overlap: needs cluster.sync_every > 0 (it overlaps DiLoCo's outer sync)")
     if c.straggler_factor <= 1.0:
         raise ConfigError(f"cluster.straggler_factor: must be > 1 (a multiple of the median), got {c.straggler_factor}")
     if cfg.cluster.iface:

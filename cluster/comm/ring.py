@@ -93,7 +93,8 @@ def tune_socket(sock: socket.socket, bdp_bytes: int = 0, congestion: str | None 
             try:
                 sock.setsockopt(socket.SOL_SOCKET, force, want)  # SO_{SND,RCV}BUFFORCE: beyond rmem_max (root)
             except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, opt, want)
+                if core_max(name) >= autotune_max(name):  # else the unprivileged cap would shrink the buffer
+                    sock.setsockopt(socket.SOL_SOCKET, opt, want)
     out = {"sndbuf": sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
            "rcvbuf": sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)}
     if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -112,6 +113,15 @@ def autotune_max(name: str) -> int:
             return int(f.read().split()[2])
     except (OSError, IndexError, ValueError):
         return 4 << 20
+
+
+def core_max(name: str) -> int:
+    """The largest buffer an unprivileged SO_SNDBUF / SO_RCVBUF may set (net.core.wmem_max / rmem_max)."""
+    try:
+        with open(f"/proc/sys/net/core/{name}_max") as f:
+            return int(f.read().split()[0])
+    except (OSError, IndexError, ValueError):
+        return 208 << 10
 
 
 # -- the sender thread -------------------------------------------------------------------------------------------------
@@ -169,6 +179,7 @@ class _Sender:
 # -- the all-reduce ------------------------------------------------------------------------------------------------------
 class RingHandle(Handle):
     def __init__(self, counters: CommCounters):
+        self.value = None  # what wait() returns (an all-gather's rows)
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._counters = counters
@@ -188,6 +199,7 @@ class RingHandle(Handle):
         self._counters.add(blocked_s=time.perf_counter() - t0)
         if self._error is not None:
             raise self._error
+        return self.value
 
 
 class RingAllreduce:
@@ -295,17 +307,76 @@ class RingAllreduce:
                 if r < W - 2:
                     self._send(p)
 
+    # -- all-gather ----------------------------------------------------------------------------------------------------
+    def allgather(self, mine: np.ndarray) -> np.ndarray:
+        """(N,) array, the same size and dtype on every rank -> (W, N), row r = rank r's array, bitwise (after every
+        all-reduce queued before it)."""
+        with self.counters.blocking():
+            self.drain()
+            return self._allgather_array(mine)
+
+    def allgather_rows(self, rows: list) -> None:
+        """rows: W contiguous uint8 arrays, rows[rank] holding this rank's bytes and the others allocated to their
+        (known) lengths; fills the others in place."""
+        with self.counters.blocking():
+            self.drain()
+            self._allgather_rows(rows)
+
+    def _allgather_array(self, mine: np.ndarray) -> np.ndarray:
+        mine = np.ascontiguousarray(mine).reshape(-1)
+        out = np.empty((self.world_size, mine.size), dtype=mine.dtype)
+        out[self.rank] = mine
+        self._allgather_rows([row.view(np.uint8) for row in out])
+        return out
+
+    def _allgather_rows(self, rows: list) -> None:
+        """The ring all-gather: each rank sends its row to rank r+1, then forwards what it received from rank r-1,
+        W-1 hops in all; in pieces, through the sender thread, so a host's uplink and downlink are busy at once.
+        Every rank sends (W-1)/W of the total and receives as much (a star through rank 0 moved (W-1) rows each way
+        on rank 0's link). No arithmetic: each row arrives bitwise."""
+        W, r = self.world_size, self.rank
+        self.counters.add(payload=int(rows[r].nbytes), collectives=1)
+        if W == 1:
+            return
+        per = self.piece_bytes
+
+        def pieces(row):
+            return [row[i:i + per] for i in range(0, row.size, per)]
+
+        with self._lock:
+            for p in pieces(rows[r]):
+                self._send(p)
+            for s in range(W - 1):                   # hop s: the row of rank r-s-1 arrives from rank r-1
+                for p in pieces(rows[(r - s - 1) % W]):
+                    self._recv(p)
+                    if s < W - 2:
+                        self._send(p)
+            self._sender.flush(self.timeout)
+
     # -- non-blocking ------------------------------------------------------------------------------------------------
     def iallreduce(self, flat: np.ndarray) -> RingHandle:
         """Queue an in-place all-reduce on the transport thread (in call order: every rank must start the same
         all-reduces in the same order); the result is in `flat` after handle.wait(). Do not touch `flat` until then."""
+        return self._queue(lambda: self._allreduce(flat))
+
+    def iallgather(self, mine: np.ndarray) -> RingHandle:
+        """Queue allgather(mine) on the transport thread, in call order with the all-reduces; handle.wait() returns
+        the (W, N) rows."""
+        mine = np.array(mine, copy=True).reshape(-1)
+        out = np.empty((self.world_size, mine.size), dtype=mine.dtype)
+        out[self.rank] = mine
+        h = self._queue(lambda: self._allgather_rows([row.view(np.uint8) for row in out]))
+        h.value = out
+        return h
+
+    def _queue(self, job) -> RingHandle:
         if self._worker is None:
             self._jobs = queue.Queue()
             self._worker = threading.Thread(target=self._transport, name=f"ring-transport-r{self.rank}",
                                             daemon=True)
             self._worker.start()
         h = RingHandle(self.counters)
-        self._jobs.put((flat, h))
+        self._jobs.put((job, h))
         self._last = h
         return h
 
@@ -315,12 +386,12 @@ class RingAllreduce:
             job = self._jobs.get()
             if job is None:
                 return
-            flat, h = job
+            fn, h = job
             if failed is not None:  # the links are in an unknown state after an error: fail what follows too
                 h._finish(failed)
                 continue
             try:
-                self._allreduce(flat)
+                fn()
                 h._finish(None)
             except BaseException as e:
                 failed = e

@@ -31,7 +31,7 @@ import numpy as np
 from .counters import CommCounters
 from .mesh import HANDSHAKE_S, MeshListener
 from .ring import DEFAULT_PIECE_BYTES as RING_PIECE_BYTES
-from .ring import ring_over_peers
+from .ring import ring_over_peers, tune_socket
 
 DEFAULT_PIECE_BYTES = 4 << 20
 MAX_GATHER_BYTES = 16 << 20  # one rank's allgather record (small JSON: hashes, checksums, metric sums)
@@ -55,6 +55,7 @@ class TcpGroup:
         self.peers: dict = {}
         self.counters = CommCounters()
         self._ring = None
+        self.bdp_bytes = 0  # the bandwidth-delay product the buffers were sized for (tune_link)
 
     @property
     def refused(self) -> int:
@@ -146,6 +147,47 @@ class TcpGroup:
         self.counters.add(payload=flat.nbytes, blocked_s=time.perf_counter() - t0, collectives=1)
 
     def allgather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's bytes, in rank order, on the ring (ring.RingAllreduce.allgather_rows): first the lengths,
+        each checked against max_gather_bytes before anything is allocated, then the records, W-1 hops round the
+        ring. Bitwise what the star through rank 0 (_allgather_bytes_star) returns."""
+        if len(data) > self.max_gather_bytes:
+            raise ValueError(f"rank {self.rank}: allgather record of {len(data)} bytes exceeds "
+                             f"{self.max_gather_bytes}")
+        if self.world_size == 1:
+            return [bytes(data)]
+        ring = self._connected()
+        lengths = ring.allgather(np.array([len(data)], dtype=np.int64))[:, 0]
+        for r, n in enumerate(lengths):
+            if not 0 <= n <= self.max_gather_bytes:
+                raise ProtocolError(f"rank {self.rank}: rank {r} sent a message length of {n} bytes; "
+                                    f"expected 0 to {self.max_gather_bytes}")
+        rows = [np.empty(int(n), dtype=np.uint8) for n in lengths]
+        rows[self.rank][:] = np.frombuffer(data, dtype=np.uint8)
+        ring.allgather_rows(rows)
+        return [row.tobytes() for row in rows]
+
+    def allgather_array(self, x: np.ndarray) -> np.ndarray:
+        """(N,) array, the same size and dtype on every rank -> (W, N) on the ring (compressed payloads)."""
+        return self._connected().allgather(x)
+
+    def iallgather_array(self, x: np.ndarray):
+        """allgather_array on the ring's transport thread, in order with the queued all-reduces; handle.wait()
+        returns the (W, N) rows."""
+        return self._connected().iallgather(x)
+
+    def tune_link(self, link: dict) -> list[dict]:
+        """Size the ring's socket buffers to the bandwidth-delay product of the link measured at start-up
+        (cluster/link_probe.py: bandwidth_Bps x latency_s, the all-reduce round trip); ring.tune_socket sets them only
+        where autotuning could not reach 2 x BDP. Returns each neighbour socket's resulting options."""
+        bdp = int(float(link.get("bandwidth_Bps", 0.0)) * float(link.get("latency_s", 0.0)))
+        self.bdp_bytes = bdp
+        out = []
+        for r in sorted({(self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size} - {self.rank}):
+            out.append(tune_socket(self.peers[r], bdp))
+        return out
+
+    def _allgather_bytes_star(self, data: bytes) -> list[bytes]:
+        """The star through rank 0 that allgather_bytes used before the ring (kept as the ring's reference)."""
         if len(data) > self.max_gather_bytes:
             raise ValueError(f"rank {self.rank}: allgather record of {len(data)} bytes exceeds "
                              f"{self.max_gather_bytes}")
