@@ -105,3 +105,82 @@ def test_tcp_iallreduce_in_the_background_then_other_collectives_in_order():
         for r in range(W):
             assert out[r][0][k].tobytes() == want.tobytes()
     assert all((o[1] == 2).all() and o[2] == [0, 1, 2] for o in out)
+
+
+@pytest.mark.parametrize("W", [2, 3, 4])
+def test_ring_allgather_is_bitwise_the_star_and_halves_rank_0s_traffic(W):
+    """allgather_bytes goes round the ring (W-1 hops, every rank sending and receiving at once); the records, of
+    different lengths per rank (one empty), come back bitwise as the star through rank 0 returns them. The array
+    all-gather (compressed payloads) and its queued form agree, and rank 0 sends (W-1) rows, not (W-1) x W."""
+    rng = np.random.default_rng(W)
+    records = [rng.integers(0, 256, size=0 if r == 1 else 1000 * r + 17, dtype=np.uint8).tobytes()
+               for r in range(W)]
+    payloads = [rng.integers(0, 65535, size=30_001, dtype=np.uint16) for _ in range(W)]
+
+    def fn(r, g):
+        before = g.counters.snapshot()["bytes_sent"]
+        ring = g.allgather_bytes(records[r])
+        sent = g.counters.snapshot()["bytes_sent"] - before
+        star = g._allgather_bytes_star(records[r])
+        rows = g.allgather_array(payloads[r])
+        queued = g.iallgather_array(payloads[r]).wait()
+        return ring, star, rows, queued, sent
+
+    out = run_mesh(W, fn)
+    for r in range(W):
+        ring, star, rows, queued, sent = out[r]
+        assert ring == star == records
+        assert np.array_equal(rows, np.stack(payloads)) and np.array_equal(queued, rows)
+        # every rank forwards every record but its successor's own: sum(records) - len(records[r+1]) + lengths
+        assert sent == sum(map(len, records)) - len(records[(r + 1) % W]) + 8 * (W - 1)
+
+
+def test_ring_allgather_over_socketpairs_with_small_pieces():
+    from ndtrain.cluster.comm.ring import RingAllreduce, socketpair_ring
+    W = 3
+    links = socketpair_ring(W)
+    rings = [RingAllreduce(r, W, *links[r], piece_bytes=64) for r in range(W)]
+    mine = [np.arange(1000, dtype=np.float32) * (r + 1) - 0.0 for r in range(W)]
+    out = [None] * W
+
+    def body(r):
+        out[r] = rings[r].allgather(mine[r])
+
+    ts = [threading.Thread(target=body, args=(r,)) for r in range(W)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    for ring in rings:
+        ring.close()
+    for r in range(W):
+        assert np.array_equal(out[r], np.stack(mine))
+
+
+def test_measured_link_sizes_the_ring_buffers_to_its_bdp(monkeypatch):
+    """TcpGroup.tune_link (called by link_probe.probe_link) hands bandwidth x latency to ring.tune_socket, and the
+    neighbour sockets' buffers grow to 2 x BDP where autotuning would not reach it (here: its limit patched low)."""
+    import socket as socket_mod
+    from ndtrain.cluster.comm import ring as ring_mod
+    from ndtrain.cluster.comm.ray_comm import RayCommunicator
+    from ndtrain.cluster.link_probe import probe_link
+
+    monkeypatch.setattr(ring_mod, "autotune_max", lambda name: 64 << 10)
+    link = {"bandwidth_Bps": 50e6, "latency_s": 0.01}  # 500 KB in flight
+
+    def fn(r, g):
+        sock = g.peers[1 - r]
+        before = sock.getsockopt(socket_mod.SOL_SOCKET, socket_mod.SO_RCVBUF)
+        g.tune_link(link)
+        after = (sock.getsockopt(socket_mod.SOL_SOCKET, socket_mod.SO_RCVBUF),
+                 sock.getsockopt(socket_mod.SOL_SOCKET, socket_mod.SO_SNDBUF))
+        bdp = g.bdp_bytes
+        probed = probe_link(RayCommunicator(r, 2, g), probe_bytes=1 << 16)
+        return before, after, bdp, probed, g.bdp_bytes
+
+    for before, (rcv, snd), bdp, probed, measured in run_mesh(2, fn):
+        assert bdp == 500_000
+        assert measured == int(probed["bandwidth_Bps"] * probed["latency_s"]) > 0  # the start-up probe tunes too
+        want = min(2 * bdp, ring_mod.core_max("rmem"))  # root: SO_RCVBUFFORCE reaches 2 x BDP; else rmem_max
+        assert rcv >= want and rcv > before and snd >= min(2 * bdp, ring_mod.core_max("wmem"))
+        assert probed["bandwidth_Bps"] > 0
