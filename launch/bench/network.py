@@ -20,7 +20,11 @@ Per (profile, option), from the run's metrics.jsonl and the veth's byte counters
                   evaluations included), i.e. what really crossed the link
   time_to_target_vs_one_worker   wall time until the validation loss first reaches the target (default: the
                   one-worker run's final validation loss) over the one worker's time to it
-Options: plain, compress-fp16, compress-bf16, compress-powersgd (`--compress`), sync-every (`--sync-every 8`, DiLoCo).
+Options: plain, compress-fp16, compress-bf16, compress-powersgd (`--compress`), sync-every (`--sync-every 16`,
+DiLoCo), sync-every-overlap (`--sync-every 16 --sync-overlap`: the outer exchange hidden behind the next 16 steps),
+sync-every-fp16 (the same with the outer gradient as fp16). Models (--model): s, the issue's S model (default), or lm,
+the tinyshakespeare char LM at d 256 (--data input.txt or an imported directory). The one-worker reference and the
+2-host runs get identical `ndtrain train` arguments except the option's flags, the backend and --workers.
 """
 from __future__ import annotations
 
@@ -46,11 +50,25 @@ SUBNET = "10.213.19"
 TRAIN_ARGS = ("--task reverse --model transformer --batch-size 64 --seed 3 --threads 1 -q "
               "--set model.d_model=128 --set model.n_heads=4 --set model.d_ff=512 --set model.n_enc_layers=2 "
               "--set model.n_dec_layers=2 --set model.dropout=0.0 --set data.rows=20000 --set run.log_every=10")
+# The issue's LM: the tinyshakespeare character LM of configs/shakespeare.toml (nanoGPT's small CPU configuration) at
+# d 256 (4 layers, ~3.2 M parameters, ~13 MB of float32 gradients); DATA is filled in by prepare_lm_data. Evaluated
+# on the first 256 validation rows (the same rows for every run), so an evaluation does not dwarf the steps.
+LM_ARGS = ("--task shakespeare --data {data} --batch-size 12 --seed 3 --threads 1 -q --set model.d_model=256 "
+           "--set model.d_ff=1024 --set data.eval_rows=256 --set run.log_every=5")
+MODELS = {"s": TRAIN_ARGS, "lm": LM_ARGS}
+# DiLoCo's H for the sync-every options: 16. The outer gradient is the whole model (4 MB for S): on good Wi-Fi the
+# ring moves it in ~0.18 s, 5-6 of S's ~0.034 s two-worker steps, so H = 8 would leave the overlapped exchange barely
+# hidden on a loaded link and H = 16 hides it with room (poor Wi-Fi, ~5 MB/s with loss: ~0.8 s, hidden by 16 steps
+# only with fp16's 2 MB). Fewer syncs slow DiLoCo's progress per step, so H stays as small as hides the exchange.
+SYNC_H = "16"
 # option name -> extra `ndtrain train` flags, or None while the training loop lacks it (reason in NOT_YET)
 OPTIONS: dict[str, list[str] | None] = {"plain": [], "compress-fp16": ["--compress", "fp16"],
                                          "compress-bf16": ["--compress", "bf16"],
                                          "compress-powersgd": ["--compress", "powersgd"],
-                                         "sync-every": ["--sync-every", "8"]}  # DiLoCo, H = 8
+                                         "sync-every": ["--sync-every", SYNC_H],  # DiLoCo, blocking outer sync
+                                         "sync-every-overlap": ["--sync-every", SYNC_H, "--sync-overlap"],
+                                         "sync-every-fp16": ["--sync-every", SYNC_H, "--sync-overlap",
+                                                             "--compress", "fp16"]}
 NOT_YET: dict[str, str] = {}  # option -> why it cannot run yet (every option runs today)
 
 
@@ -69,10 +87,15 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", choices=("mpi", "ray"), default="mpi",
                    help="2-worker training across the hosts: MPI (a two-host hostfile) or Ray (a node per host, "
                         "gradients over the TCP mesh)")
-    p.add_argument("--steps", type=int, default=200, help="training steps per run")
-    p.add_argument("--eval-every", type=int, default=20, help="steps between validation losses")
+    p.add_argument("--model", choices=tuple(MODELS), default="s",
+                   help="s: the issue's S model (reverse task); lm: the tinyshakespeare char LM at d 256 (needs --data)")
+    p.add_argument("--data", help="--model lm: tinyshakespeare's input.txt (split 90/10 and imported into the work "
+                                  "directory) or a directory already imported (train/, val/)")
+    p.add_argument("--steps", type=int, help="training steps per run (default: 600 for s, 300 for lm: long enough "
+                                             "for DiLoCo's syncs to show in the loss)")
+    p.add_argument("--eval-every", type=int, help="steps between validation losses (default: steps / 15)")
     p.add_argument("--target-loss", type=float, help="validation loss target (default: the 1-worker final loss)")
-    p.add_argument("--train-args", default=TRAIN_ARGS, help="`ndtrain train` arguments of every run")
+    p.add_argument("--train-args", help="`ndtrain train` arguments of every run (default: those of --model)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per training run")
     p.add_argument("--keep-dirs", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object per (profile, option) line")
@@ -202,6 +225,52 @@ def veth_tx_bytes(net: TwoHosts, host: str) -> int:
     return int(json.loads(r.stdout)[0]["stats64"]["tx"]["bytes"])
 
 
+def prepare_lm_data(path: str, work: Path, env: dict) -> Path:
+    """A directory with train/ and val/ for the LM: `path` itself when it is one, else tinyshakespeare's input.txt
+    split as nanoGPT's prepare.py does (first 90% of the characters train, the last 10% validate; the vocabulary of
+    the whole file) and imported (`ndtrain data import`, block size 64), as bench/run_shakespeare.sh does."""
+    src = Path(path)
+    if src.is_dir():
+        if not ((src / "train").is_dir() and (src / "val").is_dir()):
+            raise RuntimeError(f"--data {src}: expected an imported directory with train/ and val/")
+        return src
+    if not src.is_file():
+        raise RuntimeError(f"--data {src}: no such file or directory")
+    text = src.read_text(encoding="utf-8")
+    n = int(0.9 * len(text))
+    data = work / "lm-data"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "train.txt").write_text(text[:n], encoding="utf-8")
+    (data / "val.txt").write_text(text[n:], encoding="utf-8")
+    nd = str(BIN / "ndtrain")
+    steps = [[nd, "data", "import", "--text", str(src), "--tokenizer", "char", "--block-size", "64",
+              "--out", str(data / "vocab")]]
+    for split in ("train", "val"):
+        steps.append([nd, "data", "import", "--text", str(data / f"{split}.txt"), "--tokenizer-file",
+                      str(data / "vocab" / "tokenizer.json"), "--block-size", "64", "--out", str(data / split)])
+    for cmd in steps:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"--data {src}: `{' '.join(cmd[1:4])}` failed: {(r.stderr or r.stdout).strip()[-300:]}")
+    return data
+
+
+def resolve_run_args(args, work: Path, env: dict) -> None:
+    """Fill args.train_args, args.steps and args.eval_every from --model (explicit values win). Every run, the
+    one-worker reference included, gets the same arguments; only the option's flags and the backend differ."""
+    if args.steps is None:
+        args.steps = 600 if args.model == "s" else 300
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // 15)
+    if args.train_args is None:
+        if args.model == "lm":
+            if not args.data:
+                raise RuntimeError("--model lm needs --data (tinyshakespeare's input.txt or an imported directory)")
+            args.train_args = LM_ARGS.format(data=shlex.quote(str(prepare_lm_data(args.data, work, env))))
+        else:
+            args.train_args = TRAIN_ARGS
+
+
 def train_command(args, backend: str, out: Path, extra: list[str]) -> list[str]:
     return [str(BIN / "ndtrain"), "train", *shlex.split(args.train_args), "--steps", str(args.steps),
             "--set", f"run.eval_every={args.eval_every}", "--backend", backend, "--out", str(out), *extra]
@@ -276,6 +345,8 @@ def main(args) -> int:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     try:
+        if not args.link_only:
+            resolve_run_args(args, work, env)
         ok = _run(args, profiles, options, ccs, schedules, work, env)
     except RuntimeError as e:  # a failed set-up or reference run: one line (everything is torn down already)
         print(f"bench network: {e}", file=sys.stderr)
@@ -298,6 +369,7 @@ def _run(args, profiles, options, ccs, schedules, work: Path, env: dict) -> bool
         one["time_to_target_s"] = time_to_target(one["records"], target) if target is not None else None
         emit(args, {"profile": "local", "option": "one-worker", "step_s": one["step_s"], "comm_share": None,
                     "bytes_per_step": 0, "time_to_target_s": one["time_to_target_s"], "target_loss": target,
+                    "final_eval_loss": final_eval_loss(one["records"]), "model": args.model, "steps": args.steps,
                     "time_to_target_vs_one_worker": 1.0})
     ok = True
     for name in profiles:
@@ -354,7 +426,11 @@ def emit(args, rec: dict) -> None:
 
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
+    ratio = rec["time_to_target_vs_one_worker"]
+    reached = (f"time to target x{ratio:.2f} of one worker" if ratio is not None
+               else "time to target: not reached" if "error" not in rec else "")
+    final = rec.get("final_eval_loss")
     print(f"{rec['profile']:10s} {rec['option']:18s} step {f(rec['step_s'], '.3f')} s  comm "
           f"{f(rec['comm_share'] and 100 * rec['comm_share'], '.0f')}%  {f(rec['bytes_per_step'] and rec['bytes_per_step'] / 1e6, '.2f')} MB/step  "
-          f"time to target x{f(rec['time_to_target_vs_one_worker'], '.2f')} of one worker"
+          f"{reached}" + (f" (final validation loss {final:.4f})" if final is not None else "")
           + (f"  ERROR {rec['error']}" if "error" in rec else ""), flush=True)

@@ -2,6 +2,7 @@
 the NFQUEUE messages of the delay program, the parsers and the result rows, all without root; then, only as root
 with `ip netns`, a real shaped link (RTT from the delay program, rate from tbf) that is always torn down."""
 import json
+import os
 import shutil
 import socket
 import struct
@@ -130,7 +131,9 @@ def test_rows_and_option_lists(capsys):
     # every option now runs, with the training flag it names
     assert network.OPTIONS["compress-fp16"] == ["--compress", "fp16"]
     assert network.OPTIONS["compress-powersgd"] == ["--compress", "powersgd"]
-    assert network.OPTIONS["sync-every"] == ["--sync-every", "8"]
+    assert network.OPTIONS["sync-every"] == ["--sync-every", "16"]
+    assert network.OPTIONS["sync-every-overlap"] == ["--sync-every", "16", "--sync-overlap"]
+    assert network.OPTIONS["sync-every-fp16"] == ["--sync-every", "16", "--sync-overlap", "--compress", "fp16"]
     from ndtrain.launch.cmd_train import add_parser
     import argparse
     sub = argparse.ArgumentParser().add_subparsers()
@@ -147,6 +150,37 @@ def test_rows_and_option_lists(capsys):
     assert json.loads(capsys.readouterr().out) == row
     with pytest.raises(ValueError, match="unknown"):
         network.parse_list("lan,moon", network.PROFILES, "profiles")
+
+
+def test_model_choice_gives_every_run_the_same_arguments_but_the_option(tmp_path, capsys):
+    """--model s|lm: defaults for steps and evaluation; the LM's data from tinyshakespeare's input.txt (split 90/10
+    and imported) or an imported directory; the one-worker and 2-host commands differ only in backend, output,
+    --workers and the option's flags. A run that never reaches the target prints "not reached" and its final loss."""
+    import argparse
+    p = argparse.ArgumentParser()
+    network.add_arguments(p)
+    env = dict(os.environ)
+    args = p.parse_args([])
+    network.resolve_run_args(args, tmp_path, env)
+    assert (args.model, args.steps, args.eval_every, args.train_args) == ("s", 600, 40, network.TRAIN_ARGS)
+    text = tmp_path / "input.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200)
+    args = p.parse_args(["--model", "lm", "--data", str(text), "--steps", "30"])
+    network.resolve_run_args(args, tmp_path / "w", env)
+    data = tmp_path / "w" / "lm-data"
+    assert (data / "train" / "manifest.json").is_file() and (data / "val" / "manifest.json").is_file()
+    assert f"--data {data}" in args.train_args and "model.d_model=256" in args.train_args
+    one = network.train_command(args, "local", tmp_path / "one", [])
+    two = network.train_command(args, "mpi", tmp_path / "two", ["--workers", "2", *network.OPTIONS["sync-every-fp16"]])
+    differ = [a for a in two if a not in one]
+    assert differ == ["mpi", str(tmp_path / "two"), "--workers", "2", "--sync-every", "16", "--sync-overlap",
+                      "--compress", "fp16"]
+    with pytest.raises(RuntimeError, match="needs --data"):
+        network.resolve_run_args(p.parse_args(["--model", "lm"]), tmp_path, env)
+    network.emit(SimpleNamespace(json=False), {"profile": "wifi-poor", "option": "plain", "step_s": 1.0,
+                                               "comm_share": 0.5, "bytes_per_step": 1e6, "final_eval_loss": 2.5,
+                                               "time_to_target_vs_one_worker": None})
+    assert "not reached (final validation loss 2.5000)" in capsys.readouterr().out
 
 
 def test_main_refuses_unknown_profiles(capsys):
