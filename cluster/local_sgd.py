@@ -20,6 +20,12 @@ Checkpoints: the shared state (anchor, outer momentum) once; each rank's own par
 under rank/<r>/ (cluster/checkpoint_meta.py). A resume continues bitwise on the same world size; another world
 size is refused (each rank's inner trajectory belongs to its share of the batch).
 Evaluation uses the anchor (the last synchronised parameters), the same on every rank.
+
+cluster.sync_overlap: the outer gradient's exchange runs while the next H inner steps do, queued a few chunks per
+step (cluster/outer_exchange.py), and its outer step is applied at the next sync (cluster/diloco.py
+OverlappedDiLoCo); at the run's end the last one is waited for and applied. A checkpoint waits for the sum in flight
+and saves it (shared: it is applied at the next sync, as without the checkpoint). cluster.compress fp16 / bf16: the
+outer gradient goes as 2-byte payloads with error feedback (residuals per rank, in checkpoints).
 """
 from __future__ import annotations
 

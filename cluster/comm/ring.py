@@ -22,6 +22,9 @@ before the whole chunk has arrived.
 A sent buffer is never written before the bytes have reached the next rank: a slot is overwritten only by a value
 that could not exist before the next rank had received what this rank sent from it.
 
+All-gather (allgather, allgather_rows; iallgather queued on the transport thread): each rank sends its row to rank
+r+1 and forwards what it receives, W-1 hops, no arithmetic (the TCP mesh's allgather_bytes and compressed payloads).
+
 `iallreduce` runs all-reduces in order on a background transport thread (handle.wait() for the result), so buckets
 move while backward runs: NumPy additions and socket calls release the GIL.
 """

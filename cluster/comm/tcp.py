@@ -13,7 +13,10 @@ direction at a time), and the sockets get TCP_NODELAY and BBR where the kernel h
 shaped 200 Mbit/s link a 4 MB all-reduce took 0.40 s as a star and 0.18 s as a ring (docs/network.md). Every socket
 has a timeout without progress; a stalled peer raises an error naming the rank. iallreduce queues the all-reduce on
 the ring's transport thread (overlaps_compute: buckets move while backward runs); the mesh's other collectives
-first wait for the queued ones, so the sockets carry the same byte order on every rank. `counters` (counters.CommCounters)
+first wait for the queued ones, so the sockets carry the same byte order on every rank. allgather_bytes (every
+allgather_obj record) and allgather_array / iallgather_array go round the ring too (W-1 hops; the star through rank 0
+they replaced is kept as _allgather_bytes_star). tune_link sizes the ring's buffers to the measured link's
+bandwidth-delay product (called by cluster/link_probe.py). `counters` (counters.CommCounters)
 holds the bytes sent and received on the sockets and the time blocked in collectives. Nothing a peer sends decides how
 much memory is taken: all-reduce and broadcast read exactly the caller's buffer, and the length prefixes of
 allgather_bytes are checked against `max_gather_bytes` before anything is allocated.
