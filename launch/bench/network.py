@@ -247,7 +247,7 @@ def prepare_lm_data(path: str, work: Path, env: dict) -> Path:
               "--out", str(data / "vocab")]]
     for split in ("train", "val"):
         steps.append([nd, "data", "import", "--text", str(data / f"{split}.txt"), "--tokenizer-file",
-                      str(data / "vocab" / "tokenizer.json"), "--block-size", "64", "--out", str(data / split)])
+                      str(data / "vocab" / rundir.TOKENIZER), "--block-size", "64", "--out", str(data / split)])
     for cmd in steps:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
