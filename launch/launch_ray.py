@@ -49,7 +49,9 @@ def ensure_ray(address: str = "", num_cpus: int | None = None):
     if address:
         ray.init(address=address, **kw)
     else:
-        ray.init(num_cpus=num_cpus, **kw)
+        # "local": always a new Ray runtime of our own, never one a `ray start` left on this machine (ray.init()
+        # with no address would attach to it, and refuse num_cpus); a cluster is joined only through --address
+        ray.init(address="local", num_cpus=num_cpus, **kw)
     return ray, True
 
 

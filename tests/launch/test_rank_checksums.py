@@ -161,7 +161,7 @@ def ray_session(hooks):
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         ray.shutdown()  # a session started elsewhere has workers without the probe
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
