@@ -5,7 +5,8 @@ The default mode sums each rank's share in one backward and then lets the commun
 whatever order its algorithm picks: results depend on W. Here:
 
 1. Fixed micro-batches. Global batch k (B rows) is cut into M micro-batches of B/M rows (M a power of two, fixed by
-   the config, never by W). Rank r of W owns micro-batches [r*M/W, (r+1)*M/W): a contiguous block, exactly its
+   the config, never by W). Rank r of W owns micro-batches [r*M/W, (r+1)*M/W) (W <= M; when W does not divide M the
+   first M % W ranks own one more, as data.plan.rank_share splits rows): a contiguous block, exactly its
    loader share. Each micro-batch is padded and built from its own rows only (never from the rank's share), so its
    arrays — hence its BLAS calls, with 1 thread — are the same whatever W is.
 2. One gradient per micro-batch (backward(1.0): the gradient of its loss SUM), leaves of a fixed balanced binary
@@ -16,10 +17,12 @@ whatever order its algorithm picks: results depend on W. Here:
         g01   g23   g45   g67           level 1
        g0 g1 g2 g3 g4 g5 g6 g7          level 0  (micro-batches)
 
-   A rank reduces its block locally — a complete subtree, since M/W is a power of two and the block is aligned —
+   A rank reduces its block locally — a complete subtree when W divides M (M/W is a power of two and the block is
+   aligned), else a few aligned subtrees (`dyadic_nodes`: W = 3, M = 8 gives rank 1 the nodes g23 and g4) —
    with `TreeSum` (a binary counter: O(log M) partial sums alive, never all M gradients). Then the W subtree roots
-   are exchanged (`allgather_rows`: every rank gets all W, bitwise) and combined by `tree_sum` in the same order.
-   For W = 1, 2, 4 every addition is the same: the same bits.
+   are exchanged (`allgather_rows`: every rank gets all of them, bitwise) and the levels above them are added
+   pairwise as one rank would. For any W <= M every addition is the same: the same bits (so an elastic run that
+   changes W mid-run stays bitwise equal to an undisturbed one: docs/elastic.md).
 3. The 1/global_count scale is applied once, at the end, by every rank alike.
 
 Zeros: -0.0 + +0.0 is +0.0, so an exchange that pads with zeros could flip the sign of a zero the W=1 run keeps.
@@ -44,11 +47,26 @@ def is_power_of_two(n: int) -> bool:
 
 
 def block_of(rank: int, world_size: int, micro_batches: int) -> range:
-    """The micro-batch indices rank r owns: a contiguous, aligned block of M/W."""
-    if micro_batches % world_size:
-        raise ValueError(f"{micro_batches} micro-batches do not split evenly over {world_size} ranks")
-    per = micro_batches // world_size
-    return range(rank * per, (rank + 1) * per)
+    """The micro-batch indices rank r owns: a contiguous block, M/W of them when W divides M, else the first M % W
+    ranks one more (the rule of data.plan.rank_share, so the block is exactly the rank's loader share)."""
+    if not 1 <= world_size <= micro_batches:
+        raise ValueError(f"{micro_batches} micro-batches cannot feed {world_size} ranks (one at least each)")
+    q, rem = divmod(micro_batches, world_size)
+    lo = rank * q + min(rank, rem)
+    return range(lo, lo + q + (1 if rank < rem else 0))
+
+
+def dyadic_nodes(block: range) -> list[tuple[int, int]]:
+    """The block as maximal aligned power-of-two runs, left to right: (level, index) nodes of the fixed tree
+    (node (l, i) covers leaves [i 2^l, (i+1) 2^l)). An aligned block of 2^j leaves is one node."""
+    out, i = [], block.start
+    while i < block.stop:
+        level = 0
+        while i % (2 << level) == 0 and i + (2 << level) <= block.stop:
+            level += 1
+        out.append((level, i >> level))
+        i += 1 << level
+    return out
 
 
 def split_rows(rows: np.ndarray, parts: int) -> list[np.ndarray]:
@@ -112,12 +130,28 @@ def allgather_rows(comm, mine: np.ndarray) -> np.ndarray:
     return out
 
 
-def global_tree_sum(comm, local_root: np.ndarray) -> np.ndarray:
-    """The W ranks' subtree roots combined along the top of the tree (same result, same bits, on every rank)."""
-    if not is_power_of_two(comm.world_size):
-        raise ValueError(f"deterministic mode needs a power-of-two world size, got {comm.world_size}")
-    rows = allgather_rows(comm, canonical_zeros(local_root))
-    return tree_sum(list(rows)).reshape(local_root.shape)
+def global_tree_sum(comm, local_roots: list[np.ndarray], micro_batches: int) -> np.ndarray:
+    """The whole tree's root from every rank's subtree roots (this rank's: `local_roots`, the nodes of
+    dyadic_nodes(block_of(rank, W, M)) in order), the same bits on every rank and for every W <= M: the nodes are
+    exchanged (allgather_rows) and the levels above them added pairwise, left + right, as one rank would."""
+    W = comm.world_size
+    layout = [n for r in range(W) for n in dyadic_nodes(block_of(r, W, micro_batches))]
+    mine = dyadic_nodes(block_of(comm.rank, W, micro_batches))
+    shape = local_roots[0].shape
+    first = layout.index(mine[0])
+    flat = np.zeros((len(layout), local_roots[0].size), dtype=local_roots[0].dtype)
+    for j, root in enumerate(local_roots):
+        flat[first + j] = canonical_zeros(root).ravel()
+    if W > 1:
+        comm.allreduce(flat)  # one value and zeros per column: exact
+    known = {node: flat[j] for j, node in enumerate(layout)}
+
+    def node(level: int, i: int) -> np.ndarray:
+        if (level, i) not in known:
+            known[(level, i)] = node(level - 1, 2 * i) + node(level - 1, 2 * i + 1)
+        return known[(level, i)]
+
+    return canonical_zeros(node(int(math.log2(micro_batches)), 0).copy()).reshape(shape)
 
 
 class MicroBatchLoader(Loader):
@@ -143,31 +177,39 @@ class MicroBatchLoader(Loader):
 
 
 def deterministic_gradient(model, store, comm, micro: list, block: range, seed: int, step: int,
-                           buf: np.ndarray, vote: float = 0.0) -> bool:
+                           buf: np.ndarray, vote: float = 0.0, micro_batches: int = 0) -> bool:
     """store.grad = gradient of the global mean loss, bitwise independent of W; buf = [global loss sum, global
-    count, stop votes] (this rank's `vote` rides in the exchange: cluster/interrupt.py). `micro` is this rank's block (`block`: micro-batch indices) of the fixed micro-batches; dropout is seeded
-    per (seed, step, micro-batch index), not per rank. False (no gradient, on every rank alike) when the global loss
-    is not finite. The caller checks buf[1] > 0."""
+    count, stop votes, membership votes] (this rank's `vote` (stop) and buf[3] on entry (a membership change this
+    rank knows of: cluster/elastic_rank.py) ride in the exchange: cluster/interrupt.py). `micro` is this rank's
+    block (`block`: micro-batch indices) of the M = micro_batches fixed micro-batches; dropout is seeded per (seed,
+    step, micro-batch index), not per rank. False (no gradient, on every rank alike) when the global loss is not
+    finite. The caller checks buf[1] > 0."""
     module = model.module
-    backwards, sums = [], np.zeros((2, len(block)), dtype=np.float64)
-    for j, (i, mb) in enumerate(zip(block, micro)):
+    M = micro_batches or len(block) * comm.world_size
+    backwards = []
+    row = np.zeros(2 * M + 2, dtype=np.float64)  # [loss sums (M), counts (M), stop vote, membership vote]
+    for i, mb in zip(block, micro):
         seed_rngs(module, int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0]))
         loss_sum, count, backward = model.loss(mb, train=True)
-        sums[:, j] = loss_sum, count
+        row[i], row[M + i] = loss_sum, count
         backwards.append(backward)
-    rows = allgather_rows(comm, canonical_zeros(np.append(sums.ravel(), vote)))  # (W, 2 * M/W + 1)
-    buf[2] = rows[:, -1].sum()  # stop votes
-    per_rank = rows[:, :-1].reshape(comm.world_size, 2, len(block))  # rank order = micro-batch order
-    buf[0] = float(tree_sum(list(per_rank[:, 0, :].ravel())))
-    buf[1] = float(per_rank[:, 1, :].sum())  # integers: exact in any order
+    row[-2], row[-1] = vote, (buf[3] if len(buf) > 3 else 0.0)
+    total = allgather_rows(comm, canonical_zeros(row)).sum(axis=0)  # one value and zeros per column: exact
+    buf[2] = total[-2]
+    if len(buf) > 3:
+        buf[3] = total[-1]
+    buf[0] = float(tree_sum(list(total[:M])))  # micro-batch order
+    buf[1] = float(total[M:2 * M].sum())  # integers: exact in any order
     if buf[1] <= 0 or not math.isfinite(buf[0]):
         return False
-    tree = TreeSum()
-    for backward in backwards:
-        store.zero_grad()
-        backward(1.0)  # the gradient of this micro-batch's loss SUM
-        tree.push(store.grad)
-    backwards.clear()
-    store.grad[...] = global_tree_sum(comm, tree.result())
+    roots = []
+    for level, index in dyadic_nodes(block):
+        tree = TreeSum()
+        for _ in range(1 << level):
+            store.zero_grad()
+            backwards.pop(0)(1.0)  # the gradient of this micro-batch's loss SUM
+            tree.push(store.grad)
+        roots.append(tree.result())
+    store.grad[...] = global_tree_sum(comm, roots, M)
     store.grad *= store.grad.dtype.type(1.0 / buf[1])  # the mean: scaled once, identically
     return True

@@ -122,3 +122,6 @@ class TrainJob:
     rank_state: dict = field(default_factory=dict)  # this rank's own arrays from the checkpoint (same world only)
     rank_state_world: int = 0  # the world size the resumed checkpoint was written with (0: not resumed)
     shared_state: dict = field(default_factory=dict)  # the loop's shared arrays from the checkpoint (DiLoCo)
+    # reshard(rank, world): replace loader and eval_batches with rank's share for a world of that size (an elastic
+    # run's new group: cluster/elastic_rank.py); launch provides it
+    reshard: Callable[[int, int], None] | None = None

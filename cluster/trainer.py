@@ -28,6 +28,7 @@ from ndtrain.cluster import interrupt
 from ndtrain.cluster.checkpoint_meta import save_checkpoint
 from ndtrain.cluster.comm.counters import CommWindow
 from ndtrain.cluster.deterministic import deterministic_gradient
+from ndtrain.cluster.elastic_rank import GroupBroken, regroup
 from ndtrain.cluster.job import TrainJob
 from ndtrain.cluster.link_probe import advice, probe_link
 from ndtrain.cluster.local_sgd import LocalSGD
@@ -38,7 +39,9 @@ from ndtrain.engine.clip import clip_grad_norm, grad_sq_norm
 
 
 class Trainer:
-    def __init__(self, job: TrainJob, comm, sink=None):
+    def __init__(self, job: TrainJob, comm, sink=None, membership=None):
+        """membership: an elastic Ray rank's cluster.elastic_rank.Membership (None: the group never changes). A
+        joining rank does no collective here: it receives the state when it joins (elastic_rank.regroup)."""
         self.job, self.comm, self.sink = job, comm, sink if sink is not None else NullSink()
         self.model, self.store, self.settings = job.model, job.store, job.settings
         self.rank, self.world = comm.rank, comm.world_size
@@ -46,22 +49,37 @@ class Trainer:
         self._t_start = time.perf_counter()  # the loop's start (reset by run)
         self._nonfinite_in_row = 0
         self.evals: list[dict] = []
+        self.membership = membership
+        self.done_loader = job.loader.state_dict()  # the loader's position after the steps done (elastic regroups)
+        self.link = self.reducer = self.local = None
+        if membership is not None and membership.joining:
+            return
         self._check_same_everywhere({**job.fingerprints, "param_count": self.store.size})
         comm.broadcast(self.store.data, root=0)
         self._check_same_everywhere({"params": self.store.checksum()})
-        self.link = None  # the link between ranks, measured now (cluster/link_probe.py)
+        # the link between ranks, measured now (cluster/link_probe.py)
         if self.world > 1 and self.settings.link_probe_mb > 0:
             self.link = probe_link(comm, int(self.settings.link_probe_mb * (1 << 20)))
-        self.reducer = self.local = None
-        st = self.settings
-        if st.sync_every:  # DiLoCo: local inner steps, a parameter all-reduce every H (cluster/local_sgd.py)
+        if self.settings.sync_every:  # DiLoCo: local inner steps, a parameter all-reduce every H (cluster/local_sgd.py)
             self.local = LocalSGD(job, comm)
-        elif self.world > 1 and not st.deterministic:
-            self.reducer = GradReducer(comm, self.store, self.model.module, bucket_mb=st.bucket_mb,
+        self._make_reducer()
+        if self.reducer is not None and job.rank_state:  # this rank's compression residuals (same world size only)
+            self.reducer.load_state_dict(job.rank_state)
+
+    def _make_reducer(self) -> None:
+        st = self.settings
+        self.reducer = None
+        if self.local is None and self.world > 1 and not st.deterministic:
+            self.reducer = GradReducer(self.comm, self.store, self.model.module, bucket_mb=st.bucket_mb,
                                        overlap=st.overlap, compress=st.compress, powersgd_rank=st.powersgd_rank,
                                        seed=st.seed)
-            if job.rank_state:  # the compression residuals of this rank (same world size only)
-                self.reducer.load_state_dict(job.rank_state)
+
+    def reset_after_regroup(self) -> None:
+        """After elastic_rank.regroup: a reducer on the new communicator (compression residuals start again at
+        zero), a fresh iterator over the re-sliced loader, fresh comm counters."""
+        self._make_reducer()
+        self._batches = iter(self.job.loader)
+        self._regrouped = True
 
     def _check_same_everywhere(self, mine: dict) -> None:
         """Every rank must run the same config and data (and, after the broadcast, hold the same parameters);
@@ -93,81 +111,113 @@ class Trainer:
 
     def _run(self) -> dict:
         s = self.settings
-        t_start = window_t = self._t_start = time.perf_counter()
-        window_loss, window_count, window_steps = 0.0, 0.0, 0
-        last_record: dict = {}
-        grad_norm = 0.0
-        buf = np.zeros(3, dtype=np.float64)  # [loss sum, count, stop votes] of the step, all-reduced
-        batches = iter(self.job.loader)  # endless; its state_dict counts the batches handed out
-        progress = getattr(self.sink, "progress", None)
-        counters = getattr(self.comm, "counters", None)  # bytes and blocked time, counted by the transport
-        window_comm = CommWindow(counters) if counters is not None else None
+        t_start = self._t_start = time.perf_counter()
+        self._window = [0.0, 0.0, 0, t_start]  # loss sum, count, steps, start time of the logging window
+        self._last_record: dict = {}
+        self._grad_norm = 0.0
+        # [loss sum, count, stop votes, membership votes] of the step, all-reduced
+        self._buf = np.zeros(4, dtype=np.float64)
+        self._batches = iter(self.job.loader)  # endless; its state_dict counts the batches handed out
+        self._regrouped = self.membership is not None and self.membership.joining
+        self._window_comm = None
+        self._advised = self.link is None or bool(s.compress or s.sync_every)
         if self.link is not None and hasattr(self.sink, "watch_counters"):
             self.sink.link_bps = self.link["bandwidth_Bps"]  # heartbeats: the stall limit of a call without progress
-        advised = self.link is None or bool(s.compress or s.sync_every)
-        while self.step < s.steps:
-            step = self.step  # the step being taken (0-based); after it, self.step counts steps done
-            if progress is not None:
-                progress(step)  # heartbeats carry it (a failure is reported with its step); the progress bar
-            batch = next(batches)
-            finite = self._gradient(batch, step, buf)
-            lr = self.job.lr_at(step)
-            if finite:
-                grad_norm = self._clip()
-                finite = math.isfinite(grad_norm)  # the same reduced gradient everywhere: every rank agrees
-            if finite:
-                self._nonfinite_in_row = 0
-                self.job.optimizer.step(lr)
-                window_loss += buf[0]
-                window_count += buf[1]
-                window_steps += 1
-            else:
-                self._skip(batch, step, buf)  # raises after max_nonfinite in a row
-            self.step = step + 1  # steps done (skipped ones included: the batch was consumed)
-            log_now = self.step % s.log_every == 0 or self.step == s.steps
-            if self.local is not None:  # the outer step at a sync step; window sums and stop votes all-reduced
-                window_loss, window_count = self.local.after_step(self.step, buf, window_loss, window_count, log_now)
+        while True:
+            try:
+                if self._regrouped:  # a joining rank starts here; the others after a regroup
+                    if self.membership.joining:
+                        regroup(self, "joining")
+                    self._regrouped = False
+                    self._window = [0.0, 0.0, 0, time.perf_counter()]
+                    self._window_comm = None
+                if self._window_comm is None:
+                    counters = getattr(self.comm, "counters", None)  # bytes and blocked time, counted by the transport
+                    self._window_comm = CommWindow(counters) if counters is not None else False
+                if self.step >= s.steps:
+                    return self._finish(t_start)
+                self._one_step(t_start)
+                if self._buf[3] > 0 and self.step < s.steps:  # every rank voted alike: a rank joins now
+                    regroup(self, "a rank joins")
+            except GroupBroken as e:
+                if self.membership is None:
+                    raise
+                regroup(self, str(e))
 
-            if log_now:
-                now = time.perf_counter()
-                dt = now - window_t
-                last_record = {"step": self.step, "loss": window_loss / window_count if window_count else math.nan,
-                               "lr": lr, "time": now - t_start, "grad_norm": grad_norm,
-                               "tokens_per_s": window_count / dt if dt > 0 else 0.0,
-                               "step_time": dt / max(window_steps, 1)}
-                if self.skipped_steps:
-                    last_record["skipped_steps"] = self.skipped_steps
-                if self.reducer is not None:  # blocked on the all-reduce in the last step (after overlap)
-                    last_record["comm_time"] = self.reducer.comm_wait_s
-                if self.local is not None:  # the outer syncs' time in this window, per step
-                    last_record["comm_time"] = self.local.sync_s / max(window_steps, 1)
-                    self.local.sync_s = 0.0
-                last_record.update(self.model.pad_stats(self.comm))  # pad_fraction over the window, all ranks
-                if window_comm is not None:
-                    last_record.update(window_comm.per_step(window_steps))
-                    window_comm.reset()
-                if self.link is not None:
-                    last_record["link_bandwidth_Bps"] = self.link["bandwidth_Bps"]
-                if not advised:
-                    advised = True
-                    self._advise(last_record)
-                self._log(last_record)
-                window_loss, window_count, window_t, window_steps = 0.0, 0.0, now, 0
-            t_aside = time.perf_counter()
+    def _one_step(self, t_start: float) -> None:
+        s, buf = self.settings, self._buf
+        window_comm = self._window_comm or None
+        progress = getattr(self.sink, "progress", None)
+        step = self.step  # the step being taken (0-based); after it, self.step counts steps done
+        if progress is not None:
+            progress(step)  # heartbeats carry it (a failure is reported with its step); the progress bar
+        batch = next(self._batches)
+        buf[3] = self.membership.vote() if self.membership is not None else 0.0
+        finite = self._gradient(batch, step, buf)
+        lr = self.job.lr_at(step)
+        if finite:
+            self._grad_norm = self._clip()
+            finite = math.isfinite(self._grad_norm)  # the same reduced gradient everywhere: every rank agrees
+        w = self._window
+        if finite:
+            self._nonfinite_in_row = 0
+            self.job.optimizer.step(lr)
+            w[0] += buf[0]
+            w[1] += buf[1]
+            w[2] += 1
+        else:
+            self._skip(batch, step, buf)  # raises after max_nonfinite in a row
+        self.step = step + 1  # steps done (skipped ones included: the batch was consumed)
+        self.done_loader = self.job.loader.state_dict()
+        if self.membership is not None and self.membership.resumed_step is not None and self.rank == 0:
+            self.membership.event("stepped", self.step)  # the first step after a regroup is done
+            self.membership.resumed_step = None
+        log_now = self.step % s.log_every == 0 or self.step == s.steps
+        if self.local is not None:  # the outer step at a sync step; window sums and stop votes all-reduced
+            w[0], w[1] = self.local.after_step(self.step, buf, w[0], w[1], log_now)
+
+        if log_now:
+            now = time.perf_counter()
+            dt = now - w[3]
+            rec = {"step": self.step, "loss": w[0] / w[1] if w[1] else math.nan, "lr": lr, "time": now - t_start,
+                   "grad_norm": self._grad_norm, "tokens_per_s": w[1] / dt if dt > 0 else 0.0,
+                   "step_time": dt / max(w[2], 1), "world_size": self.world}
+            if self.skipped_steps:
+                rec["skipped_steps"] = self.skipped_steps
+            if self.reducer is not None:  # blocked on the all-reduce in the last step (after overlap)
+                rec["comm_time"] = self.reducer.comm_wait_s
+            if self.local is not None:  # the outer syncs' time in this window, per step
+                rec["comm_time"] = self.local.sync_s / max(w[2], 1)
+                self.local.sync_s = 0.0
+            rec.update(self.model.pad_stats(self.comm))  # pad_fraction over the window, all ranks
             if window_comm is not None:
-                window_comm.aside_begin()
-            if s.eval_every and self.step % s.eval_every == 0 and self.step != s.steps:
-                self._log(self._eval_record(t_start))
-            if s.checkpoint_every and self.step % s.checkpoint_every == 0 and self.step != s.steps:
+                rec.update(window_comm.per_step(w[2]))
+                window_comm.reset()
+            if self.link is not None:
+                rec["link_bandwidth_Bps"] = self.link["bandwidth_Bps"]
+            if not self._advised:
+                self._advised = True
+                self._advise(rec)
+            self._log(rec)
+            self._last_record = rec
+            self._window = w = [0.0, 0.0, 0, now]
+        t_aside = time.perf_counter()
+        if window_comm is not None:
+            window_comm.aside_begin()
+        if s.eval_every and self.step % s.eval_every == 0 and self.step != s.steps:
+            self._log(self._eval_record(t_start))
+        if s.checkpoint_every and self.step % s.checkpoint_every == 0 and self.step != s.steps:
+            self.save_checkpoint()
+        w[3] += time.perf_counter() - t_aside  # eval and checkpoints are not training time
+        if window_comm is not None:
+            window_comm.aside_end()
+        if interrupt.agreed(buf[2], self.world) and self.step != s.steps:  # Ctrl-C, SIGTERM: every rank
+            if not (s.checkpoint_every and self.step % s.checkpoint_every == 0):
                 self.save_checkpoint()
-            window_t += time.perf_counter() - t_aside  # eval and checkpoints are not training time
-            if window_comm is not None:
-                window_comm.aside_end()
-            if interrupt.agreed(buf[2], self.world) and self.step != s.steps:  # Ctrl-C, SIGTERM: every rank
-                if not (s.checkpoint_every and self.step % s.checkpoint_every == 0):
-                    self.save_checkpoint()
-                raise interrupt.Interrupted(self.step, interrupt.STOP.reason)
+            raise interrupt.Interrupted(self.step, interrupt.STOP.reason)
 
+    def _finish(self, t_start: float) -> dict:
+        """After the last step: final evaluation, checkpoint, summary (on every rank)."""
         check_finite_params(self.store, self.rank, self.step)
         record = self._eval_record(t_start)
         final_eval = record["eval"]
@@ -176,10 +226,10 @@ class Trainer:
         self.save_checkpoint()
         if self.link is not None:
             self.job.summary["link"] = self.link
-        summary = {"steps": self.step, "wall_s": wall, "final_loss": last_record.get("loss"), "eval": final_eval,
-                   **self.job.summary, "world_size": self.world, "params": int(self.store.size),
-                   "param_checksum": self.store.checksum(), "skipped_steps": self.skipped_steps,
-                   "deterministic": bool(s.deterministic)}
+        summary = {"steps": self.step, "wall_s": wall, "final_loss": self._last_record.get("loss"),
+                   "eval": final_eval, **self.job.summary, "world_size": self.world,
+                   "params": int(self.store.size), "param_checksum": self.store.checksum(),
+                   "skipped_steps": self.skipped_steps, "deterministic": bool(self.settings.deterministic)}
         if self.rank == 0:
             self.sink.summary(summary)
         return summary
@@ -192,14 +242,15 @@ class Trainer:
             return self.local.gradient(batch, buf, step)
         if self.settings.deterministic:
             finite = deterministic_gradient(self.model, self.store, self.comm, batch, self.job.loader.block,
-                                            self.settings.seed, step, buf, vote=interrupt.vote())
+                                            self.settings.seed, step, buf, vote=interrupt.vote(),
+                                            micro_batches=self.job.loader.micro_batches)
             self._check_count(buf, step)
             return finite
         if self.reducer is not None:
             self.reducer.begin(sync=True)
         self.store.zero_grad()
         loss_sum, count, backward = self.model.loss(batch, train=True)
-        buf[0], buf[1], buf[2] = loss_sum, count, interrupt.vote()
+        buf[0], buf[1], buf[2] = loss_sum, count, interrupt.vote()  # buf[3]: membership votes (set by the loop)
         self.comm.allreduce(buf)  # global loss sum and count (every rank's share of batch k), stop votes
         self._check_count(buf, step)
         if not math.isfinite(buf[0]):

@@ -77,7 +77,7 @@ class RunConfig:
     deterministic: bool = _f(False, doc="bitwise-identical results for any worker count (fixed micro-batches, "
                                         "fixed summation tree, 1 BLAS thread); slower")
     micro_batches: int = _f(8, min=1, doc="deterministic mode: micro-batches per global batch (a power of two, "
-                                          "divisible by run.workers, dividing run.batch_size)")
+                                          ">= run.workers, dividing run.batch_size)")
 
 
 @dataclass
@@ -130,6 +130,10 @@ class ClusterConfig:
                                                       "(-1: $NDTRAIN_HEARTBEAT_TIMEOUT or 30)")
     stall_timeout: float = _f(-1.0, min=-1.0, doc="seconds peers may wait for a rank in a collective before it is "
                                                   "declared hung; 0 turns the rule off (-1: $NDTRAIN_STALL_TIMEOUT or 20)")
+    # Elastic training (docs/elastic.md): Ray only; 0 = run.workers (not elastic: a dead worker restarts the group).
+    min_workers: int = _f(0, min=0, doc="Ray: fewest workers the run continues with after workers leave; below it the "
+                                        "run stops with a checkpoint (0: run.workers)")
+    max_workers: int = _f(0, min=0, doc="Ray: most workers the run grows to when capacity appears (0: run.workers)")
     # Fewer bytes on a slow link (docs/network.md): opt-in, recorded in config.toml.
     compress: str = _f("", choices=("", "fp16", "bf16", "powersgd"),
                        doc="gradient compression with error feedback ('' = none; fp16, bf16: 2 bytes a value; "
@@ -356,6 +360,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("cluster.sync_overlap: needs cluster.sync_every > 0 (it overlaps DiLoCo's outer sync)")
     if c.straggler_factor <= 1.0:
         raise ConfigError(f"cluster.straggler_factor: must be > 1 (a multiple of the median), got {c.straggler_factor}")
+    _check_elastic(cfg)
     if cfg.cluster.iface:
         try:
             interface_address(cfg.cluster.iface)
@@ -364,14 +369,41 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def worker_bounds(cfg: Config) -> tuple[int, int]:
+    """(min_workers, max_workers) with 0 read as run.workers. min < max: an elastic run (docs/elastic.md)."""
+    c, w = cfg.cluster, cfg.run.workers
+    return (c.min_workers or w), (c.max_workers or w)
+
+
+def _check_elastic(cfg: Config) -> None:
+    lo, hi = worker_bounds(cfg)
+    w = cfg.run.workers
+    if not lo <= w <= hi:
+        raise ConfigError(f"cluster.min_workers / max_workers: need min ({lo}) <= run.workers ({w}) <= max ({hi})")
+    if lo == hi:
+        return
+    if cfg.run.backend != "ray":
+        raise ConfigError(f"cluster.min_workers / max_workers: only the Ray backend changes its world mid-run; "
+                          f"{cfg.run.backend} cannot (MPI's world is fixed: --resume on any number of workers covers it)")
+    if cfg.cluster.sync_every:
+        raise ConfigError("cluster.min_workers / max_workers: not available with cluster.sync_every (DiLoCo's ranks "
+                          "hold their own parameters between syncs)")
+    if cfg.run.batch_size < hi:
+        raise ConfigError(f"run.batch_size: the global batch ({cfg.run.batch_size}) must be >= cluster.max_workers "
+                          f"({hi})")
+    if cfg.run.deterministic and cfg.run.micro_batches < hi:
+        raise ConfigError(f"run.micro_batches: {cfg.run.micro_batches} micro-batches cannot feed "
+                          f"cluster.max_workers ({hi}) ranks in deterministic mode; use at least {hi}")
+
+
 def _check_deterministic(run: RunConfig) -> None:
     """The fixed micro-batch partition (cluster.deterministic) needs M a power of two, W | M and M | B."""
     m = run.micro_batches
     if m & (m - 1):
         raise ConfigError(f"run.micro_batches: must be a power of two in deterministic mode; got {m}")
-    if m % run.workers:
-        raise ConfigError(f"run.micro_batches: {m} micro-batches cannot be split evenly over run.workers "
-                          f"({run.workers}); use a multiple of the worker count")
+    if m < run.workers:
+        raise ConfigError(f"run.micro_batches: {m} micro-batches cannot feed run.workers ({run.workers}) ranks in "
+                          f"deterministic mode; use at least {run.workers}")
     if run.batch_size % m:
         raise ConfigError(f"run.batch_size: the global batch ({run.batch_size}) must be a multiple of "
                           f"run.micro_batches ({m}) in deterministic mode")

@@ -93,6 +93,13 @@ def build_job(cfg: Config, rank: int, world: int, data=None) -> TrainJob:
                          "task_info": task_info_record(info)},
                    summary={"task": run.task, "model": run.model, "global_batch_size": run.batch_size,
                             "config_hash": digest}, world_size=world)
+
+    def reshard(new_rank: int, new_world: int) -> None:
+        job.loader = make_loader(train, cfg, new_rank, new_world)
+        job.eval_batches = lambda: eval_batches(val, cfg, new_rank, new_world)
+        job.world_size = new_world
+
+    job.reshard = reshard
     if run.resume:
         try:
             restore_job(job, str(resume_source(run.resume)), rank)
