@@ -81,6 +81,7 @@ class Coordinator:
         """writer: the sink of the aggregated records and the summary (a cluster.sink.MetricsSink; it may have
         notice(message)); ranks_file: where to write each rank's host and pid once all have connected."""
         self.world_size = int(world_size)
+        self.members: set[int] = set(range(self.world_size))  # the group's ranks (an elastic run's change: membership.py)
         self.writer = writer
         self.ranks_file = Path(ranks_file) if ranks_file is not None else None
         self.host, self.port = host, port
@@ -148,7 +149,7 @@ class Coordinator:
     def interrupted_step(self) -> int | None:
         """The step every rank stopped at on request (None: the job was not interrupted)."""
         steps = set(self.interrupted_at.values())
-        return steps.pop() if len(steps) == 1 and len(self.interrupted_at) == self.world_size else None
+        return steps.pop() if len(steps) == 1 and self.members <= set(self.interrupted_at) else None
 
     # -- main loop ---------------------------------------------------------------------------------------------------
     def poll(self, timeout: float = 0.2) -> None:
@@ -186,7 +187,7 @@ class Coordinator:
         if kind == "hello":
             self.ranks[rank] = {"rank": rank, "host": msg.get("host"), "pid": msg.get("pid"),
                                 "reports": bool(msg.get("reports", True))}
-            if len(self.ranks) == self.world_size:
+            if self._agg is None and self.members <= set(self.ranks):
                 self._all_connected()
         elif kind == "log":
             rec = msg["record"]
@@ -218,15 +219,15 @@ class Coordinator:
                 self._fail(rank, msg.get("step"), "raised an exception", msg.get("traceback", ""))
         elif kind == "interrupted":
             self.interrupted_at[rank] = int(msg["step"])
-            if len(self.interrupted_at) == self.world_size and len(set(self.interrupted_at.values())) > 1:
+            if self.members <= set(self.interrupted_at) and len(set(self.interrupted_at.values())) > 1:
                 self._fail(rank, None, f"ranks stopped at different steps on request: {self.interrupted_at}")
                 return
             self.done.add(rank)
-            if len(self.done) == self.world_size:
+            if self.members <= self.done:
                 self._finish()
         elif kind == "done":
             self.done.add(rank)
-            if len(self.done) == self.world_size:
+            if self.members <= self.done:
                 self._finish()
         elif kind == "eof":
             if rank not in self.done and self.failure is None:
@@ -237,13 +238,13 @@ class Coordinator:
         if self.failure is not None or self.finished:
             return
         now = time.monotonic()
-        if len(self.ranks) < self.world_size:
+        if not self.members <= set(self.ranks):
             if now - self._t0 > self.start_timeout:
-                missing = sorted(set(range(self.world_size)) - set(self.ranks))
+                missing = sorted(self.members - set(self.ranks))
                 self._fail(missing[0] if missing else None, None,
                            f"ranks {missing} did not connect within {self.start_timeout:.0f} s")
             return
-        for r in range(self.world_size):
+        for r in sorted(self.members):
             if r in self.done:
                 continue
             silent = now - self.last_seen.get(r, self._t0)
@@ -287,7 +288,7 @@ class Coordinator:
         if not self.stall_timeout:
             return
         # set-up (loading data, building the model) may keep a rank from the first collective much longer
-        limit = self.stall_timeout if len(self.training) == self.world_size else \
+        limit = self.stall_timeout if self.members <= self.training else \
             max(self.stall_timeout, self.start_timeout)
         judged = self.stall_waits(now, limit)
         if not any(w > lim for w, lim in judged.values()):
@@ -296,7 +297,7 @@ class Coordinator:
         limit = max(lim for w, lim in judged.values() if w > lim)
         waiting = sorted(r for r, (w, lim) in judged.items() if w > lim)
         longest = max(waits.values())
-        stuck = sorted(set(range(self.world_size)) - set(waits) - self.done)
+        stuck = sorted(self.members - set(waits) - self.done)
         if stuck:
             r = stuck[0]
             others = f" (and ranks {stuck[1:]})" if len(stuck) > 1 else ""
@@ -360,6 +361,7 @@ class Coordinator:
         self.finished = False
         self.ranks, self.last_seen, self.last_step, self.liveness, self.rank_timing = {}, {}, {}, {}, {}
         self.progress = {}
+        self.members = set(range(self.world_size))
         self.training = set()
         self.done = set()
         self.interrupted_at = {}

@@ -162,7 +162,7 @@ def regroup(trainer, reason: str) -> bool:
         trainer.save_checkpoint()
         raise BelowMinimum(f"only {trainer.world} worker(s) left, below cluster.min_workers ({info['min_workers']}); "
                            f"checkpoint written at step {trainer.step}: continue with --resume on any number of "
-                           f"workers ({reason})")
+                           f"workers ({info.get('left') or reason})")
     if trainer.rank == 0:
         m.resumed_step = trainer.step
         m.event("resumed", trainer.step)

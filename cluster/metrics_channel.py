@@ -34,7 +34,8 @@ time minus time blocked in collectives: the larger of WatchedComm's measure and 
 `steps`, how many steps it covers: the coordinator's straggler view (cluster/straggler.py) compares these.
 
 Test-only fault injection (read once, at construction): NDTRAIN_TEST_HANG="rank:step" makes that rank sleep forever
-when it reaches that step; NDTRAIN_TEST_STEP_DELAY=seconds slows every step (so a test can kill a rank mid-run), and
+when it reaches that step; NDTRAIN_TEST_DIE="rank:step" SIGKILLs it there (the rank a process started as);
+NDTRAIN_TEST_STEP_DELAY=seconds slows every step (so a test can kill a rank mid-run), and
 NDTRAIN_TEST_STEP_DELAY="rank:seconds[,rank:seconds]" only the ranks named (a straggler).
 """
 from __future__ import annotations
@@ -60,6 +61,7 @@ TIMING_EVERY_S = 1.0  # a rank sends its step time at most this often
 STEP_PING_S = 0.1  # ... and its step at most this often (so a failure names the step it died at)
 ENV_TEST_HANG = "NDTRAIN_TEST_HANG"
 ENV_TEST_STEP_DELAY = "NDTRAIN_TEST_STEP_DELAY"
+ENV_TEST_DIE = "NDTRAIN_TEST_DIE"
 _STOP = object()
 
 
@@ -143,6 +145,7 @@ class RankReporter:
         self._inflight = 0  # bytes handed to the blocking collective this rank is in
         self.link_bps: float | None = None  # the link's bandwidth measured at start-up (bytes/s; cluster/link_probe.py)
         self._hang_at, self._step_delay = _test_faults(rank, os.environ)
+        self._die_at = _test_faults(rank, {ENV_TEST_HANG: os.environ.get(ENV_TEST_DIE, "")})[0]
         self._training = False  # progress() called: set-up (data, model, first broadcast) is over
         self._thread = threading.Thread(target=self._run, name=f"ndtrain-reporter-{rank}", daemon=True)
         self._thread.start()
@@ -168,6 +171,10 @@ class RankReporter:
     def summary(self, summary: dict) -> None:
         self._q.put({"type": "summary", "rank": self.rank, "summary": summary})
 
+    def event(self, msg: dict) -> None:
+        """A small message of the launcher's protocol (an elastic run's {"type": "membership", ...})."""
+        self._q.put({**msg, "rank": self.rank})
+
     def notice(self, message: str) -> None:
         """A one-off line for the user (advice, a skipped step): the coordinator hands it to its sink's notice."""
         self._q.put({"type": "notice", "rank": self.rank, "message": str(message)[:2000]})
@@ -178,6 +185,8 @@ class RankReporter:
         step = int(step)
         if self._step_delay > 0:
             time.sleep(self._step_delay)
+        if self._die_at is not None and step == self._die_at:
+            os.kill(os.getpid(), 9)  # test-only: kill -9 of this rank at this step (NDTRAIN_TEST_DIE)
         if self._hang_at is not None and step == self._hang_at:
             self.step = step
             while True:  # test-only: a hung rank (NDTRAIN_TEST_HANG); the heartbeat thread keeps running

@@ -36,6 +36,7 @@ class RankContext:
     threads: int
     args: dict = field(default_factory=dict)  # the target's arguments (JSON-able), e.g. {"config": path}
     step: int = 0  # the target updates it, so an exception is reported with the step it happened at
+    membership: Any = None  # an elastic Ray rank's cluster.elastic_rank.Membership (None: a fixed group)
 
 
 class _WatchedHandle:
@@ -139,10 +140,17 @@ def reports(args: dict, rank: int) -> bool:
     return args.get("_reporting", "all") == "all" or rank == 0
 
 
-def start_rank(comm, target: str, args: dict, threads: int):
-    """Link this rank to the coordinator (when the environment names one) and run target(ctx); returns its result."""
-    reporter = RankReporter.from_env(comm.rank, comm.world_size, reports=reports(args, comm.rank))
-    ctx = RankContext(watched(comm, reporter), reporter, comm.rank, comm.world_size, threads, dict(args))
+def start_rank(comm, target: str, args: dict, threads: int, membership=None, member: int | None = None):
+    """Link this rank to the coordinator (when the environment names one) and run target(ctx); returns its result.
+    membership (elastic Ray ranks): gets the reporter, and wraps the communicators of later groups alike; member:
+    the rank's id at the coordinator when it differs from comm.rank (a rank that joined an elastic run)."""
+    member = comm.rank if member is None else member
+    reporter = RankReporter.from_env(member, comm.world_size, reports=reports(args, member))
+    if membership is not None:
+        membership.reporter = reporter
+        membership.wrap = lambda c: watched(c, reporter)
+    ctx = RankContext(watched(comm, reporter), reporter, comm.rank, comm.world_size, threads, dict(args),
+                      membership=membership)
     return run_target(target, ctx)
 
 

@@ -64,6 +64,11 @@ def add_parser(sub) -> None:
     p.add_argument("--log-every", type=int, metavar="N", help="steps between metrics records (run.log_every)")
     p.add_argument("--backend", choices=("local", "mpi", "ray"), help="where workers run (default local)")
     p.add_argument("--workers", type=int, help="number of workers (mpi, ray)")
+    p.add_argument("--min-workers", type=int, metavar="N",
+                   help="Ray: continue with as few as N workers when workers leave (cluster.min_workers; "
+                        "docs/elastic.md)")
+    p.add_argument("--max-workers", type=int, metavar="M",
+                   help="Ray: grow up to M workers when capacity appears (cluster.max_workers)")
     p.add_argument("--threads", type=int, help="BLAS threads per worker (default cores // workers)")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--out", help="run directory")
@@ -109,7 +114,9 @@ def resolve_config(args) -> Config:
                                             "iface": getattr(args, "iface", None),
                                             "compress": getattr(args, "compress", None),
                                             "sync_every": getattr(args, "sync_every", None),
-                                            "sync_overlap": getattr(args, "sync_overlap", None)},
+                                            "sync_overlap": getattr(args, "sync_overlap", None),
+                                            "min_workers": getattr(args, "min_workers", None),
+                                            "max_workers": getattr(args, "max_workers", None)},
                                    overrides=args.overrides)
 
 

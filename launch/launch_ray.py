@@ -35,6 +35,9 @@ from ndtrain.cluster import checkpoint as ckpt
 from ndtrain.cluster.supervise import Topology, job_status, supervise
 from ndtrain.cluster.worker_process import THREAD_ENV, default_threads
 from ndtrain.launch import rundir
+from ndtrain.launch.config import worker_bounds
+from ndtrain.launch.elastic import ElasticSpec, run_elastic
+from ndtrain.cluster.membership import ElasticCoordinator
 from ndtrain.launch.recovery import recovery_settings
 from ndtrain.launch.launch_mpi import train_job
 
@@ -59,17 +62,23 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None,
             threads: int = 0, address: str = "", global_batch: int | None = None,
             heartbeat_timeout: float = 30.0, start_timeout: float = 120.0, transport: str = "auto",
             shutdown: bool = True, max_restarts: int = 0, on_restart=None, stall_timeout: float = 20.0,
-            iface: str = "", straggler: tuple[float, int] = (1.5, 20)) -> int:
+            iface: str = "", straggler: tuple[float, int] = (1.5, 20), min_workers: int = 0,
+            max_workers: int = 0) -> int:
     """Run `target` on `workers` Ray actors; returns the exit status (0: every rank finished and reported).
 
     max_restarts: how many times a group whose process died, went silent or hung is torn down and started again
     (a rank that raised is not restarted: it would raise again). on_restart(args) -> args gives the next group's
     arguments (training: resume from the run's last checkpoint). The count is `restarts` in summary.json.
     writer: the sink of the aggregated records (launch.worker.run_sinks); run_dir: where topology.json and
-    ranks.json go (default: writer.dir)."""
+    ranks.json go (default: writer.dir). min_workers < max_workers: an elastic run (launch/elastic.py): the group
+    shrinks and grows in place, no restart."""
     run_dir = run_dir if run_dir is not None else getattr(writer, "dir", None)
     threads = threads or default_threads(workers)
-    ray, started = ensure_ray(address, num_cpus=max(workers * threads, os.cpu_count() or 1))
+    min_workers, max_workers = (min_workers or workers), (max_workers or workers)
+    elastic = min_workers < max_workers
+    # an elastic run grows when CPUs free up: a Ray started here offers exactly the starting workers' CPUs
+    ray, started = ensure_ray(address, num_cpus=workers * threads if elastic else
+                              max(workers * threads, os.cpu_count() or 1))
     interrupt.reinstall()  # ray.init replaced our SIGTERM handler (with one that exits)
     reaper = Reaper.start() if started and shutdown else None  # the Ray runtime started here ends with this process
     if reaper is not None:
@@ -83,13 +92,18 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None,
         bind = interface_address(iface)
     else:
         bind = ray.util.get_node_ip_address()
-    coord = Coordinator(workers, writer=writer, ranks_file=rundir.path_in(run_dir, rundir.RANKS), host=bind,
-                        heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout,
-                        stall_timeout=stall_timeout, extra_summary={"restarts": 0}, straggler_factor=straggler[0],
-                        straggler_steps=straggler[1]).start()
+    kw = dict(writer=writer, ranks_file=rundir.path_in(run_dir, rundir.RANKS), host=bind,
+              heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout, stall_timeout=stall_timeout,
+              extra_summary={"restarts": 0}, straggler_factor=straggler[0], straggler_steps=straggler[1])
+    coord = (ElasticCoordinator(workers, max_workers, **kw) if elastic else Coordinator(workers, **kw)).start()
     restarts = 0
     try:
-        while True:
+        while elastic:
+            spec = ElasticSpec(target, args, workers, min_workers, max_workers, threads, run_dir, multi_node,
+                               global_batch, start_timeout, transport, iface, reaper)
+            failure = run_elastic(ray, coord, spec)
+            break
+        while not elastic:
             failure = _run_group(ray, coord, run_dir, target, args, workers, threads, multi_node, global_batch,
                                  start_timeout, transport, iface, reaper)
             if failure is None or restarts >= max_restarts or not _recoverable(failure) or coord.stop_requested \
@@ -206,7 +220,9 @@ def launch(cfg, console=None) -> int:
     def resume_args(args: dict) -> dict:
         return {**args, "resume": str(ckpt_dir.resolve())} if ckpt.latest(ckpt_dir) is not None else args
 
+    min_workers, max_workers = worker_bounds(cfg)
     return run_ray(**train_job(cfg, console), address=cfg.cluster.address, iface=cfg.cluster.iface,
+                   min_workers=min_workers, max_workers=max_workers,
                    on_restart=resume_args, max_restarts=settings["max_restarts"],
                    heartbeat_timeout=settings["heartbeat_timeout"], stall_timeout=settings["stall_timeout"],
                    straggler=(cfg.cluster.straggler_factor, cfg.cluster.straggler_steps))

@@ -46,7 +46,7 @@ def run_sinks(cfg: Config, console=None, append: bool = False) -> MetricsSink:
 
 
 def run_worker(cfg: Config, comm, sink: MetricsSink | None = None, *, write_config: bool = False, console=None,
-               on_ready=None, job=None, data=None) -> dict:
+               on_ready=None, job=None, data=None, membership=None) -> dict:
     """Train per cfg on this rank. Returns the summary (on every rank).
 
     The data, model and optimizer are built (and so every config error raised) before anything is written.
@@ -55,12 +55,13 @@ def run_worker(cfg: Config, comm, sink: MetricsSink | None = None, *, write_conf
     console: a launch.progress.Console that rank 0's own sink feeds (local runs).
     on_ready(trainer): called on rank 0 once everything is built and the run files are written, before step 1.
     Rank 0 always writes run.out/task_info.json (+ tokenizer.json), so the run directory is self-contained.
-    job, data: this rank's job and its task data when the caller built them already (the gate, local runs)."""
+    job, data: this rank's job and its task data when the caller built them already (the gate, local runs).
+    membership: an elastic Ray rank's (cluster/elastic_rank.py), handed to the Trainer."""
     set_up_process_memory()
     with threadpoolctl.threadpool_limits(limits=resolved_threads(cfg), user_api="blas"):
         data = data if data is not None else load_task_data(cfg)
         job = job if job is not None else build_job(cfg, comm.rank, comm.world_size, data)
-        trainer = Trainer(job, comm)
+        trainer = Trainer(job, comm, membership=membership)
         own_sink = sink is None
         if own_sink:
             if comm.rank == 0 and cfg.run.resume:
@@ -92,6 +93,6 @@ def train_target(ctx) -> dict:
     if args.get("resume"):
         cfg.run.resume = str(args["resume"])
     if ctx.reporter is not None:
-        return run_worker(cfg, ctx.comm, ctx.reporter)
+        return run_worker(cfg, ctx.comm, ctx.reporter, membership=ctx.membership)
     console = Console(cfg.run.steps, "text", quiet=bool(args.get("quiet"))) if ctx.rank == 0 else None
     return run_worker(cfg, ctx.comm, None, write_config=True, console=console)

@@ -22,10 +22,12 @@ from .mpi import _flat_view
 
 
 class RayCommunicator(Communicator):
-    """group: a transport with allreduce(flat), broadcast(flat, root), barrier(), allgather_bytes(b), close()."""
+    """group: a transport with allreduce(flat), broadcast(flat, root), barrier(), allgather_bytes(b), close().
+    elastic: any failure of a collective raises `broken` (cluster.elastic_rank.GroupBroken: the loop regroups)."""
 
-    def __init__(self, rank: int, world_size: int, group):
+    def __init__(self, rank: int, world_size: int, group, elastic: bool = False, broken=ConnectionError):
         self.rank, self.world_size, self.group = rank, world_size, group
+        self.elastic, self._broken = elastic, broken
         # the transport's (shm.ShmGroup, tcp.TcpGroup): bytes on the wire and time blocked (counters.CommCounters)
         self.counters = getattr(group, "counters", None) or CommCounters()
 
@@ -35,22 +37,31 @@ class RayCommunicator(Communicator):
         shared-memory group reduces inside the call."""
         return bool(getattr(self.group, "overlaps_compute", False))
 
+    def _call(self, fn, *args):
+        if not self.elastic:
+            return fn(*args)
+        try:
+            return fn(*args)
+        except (OSError, RuntimeError, ValueError) as e:  # ConnectionError, TimeoutError, ShmTimeout, an abort
+            raise self._broken(f"rank {self.rank} of {self.world_size}: the group broke: {e}") from e
+
     def allreduce(self, buf: np.ndarray) -> None:
         if self.world_size > 1:
-            self.group.allreduce(_flat_view(buf, f"RayCommunicator.allreduce on rank {self.rank}"))
+            self._call(self.group.allreduce, _flat_view(buf, f"RayCommunicator.allreduce on rank {self.rank}"))
 
     def iallreduce(self, buf: np.ndarray):
         if self.world_size > 1 and hasattr(self.group, "iallreduce"):
-            return self.group.iallreduce(_flat_view(buf, f"RayCommunicator.iallreduce on rank {self.rank}"))
+            h = self._call(self.group.iallreduce, _flat_view(buf, f"RayCommunicator.iallreduce on rank {self.rank}"))
+            return _ElasticHandle(h, self) if self.elastic else h
         return super().iallreduce(buf)
 
     def broadcast(self, buf: np.ndarray, root: int = 0) -> None:
         if self.world_size > 1:
-            self.group.broadcast(_flat_view(buf, f"RayCommunicator.broadcast on rank {self.rank}"), root)
+            self._call(self.group.broadcast, _flat_view(buf, f"RayCommunicator.broadcast on rank {self.rank}"), root)
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            self.group.barrier()
+            self._call(self.group.barrier)
 
     def allgather_obj(self, obj: Any) -> list:
         if self.world_size == 1:
@@ -58,7 +69,7 @@ class RayCommunicator(Communicator):
         # JSON, not pickle: these bytes come off our own shared-memory / TCP transport (possibly from another host),
         # and the records are small JSON-able dicts by contract (config hashes, checksums, metric sums, RNG states).
         blob = json.dumps(obj, default=_json_default).encode()
-        return [json.loads(b) for b in self.group.allgather_bytes(blob)]
+        return [json.loads(b) for b in self._call(self.group.allgather_bytes, blob)]
 
     def abort(self) -> None:
         if hasattr(self.group, "abort"):
@@ -68,6 +79,14 @@ class RayCommunicator(Communicator):
         if self.group is not None:
             self.group.close()
             self.group = None
+
+
+class _ElasticHandle:
+    def __init__(self, handle, comm):
+        self._handle, self._comm = handle, comm
+
+    def wait(self) -> None:
+        self._comm._call(self._handle.wait)
 
 
 def form_group(actors: list, token: str, slot_bytes: int = 4 << 20, timeout: float = 60.0,

@@ -223,6 +223,14 @@ class TcpGroup:
     def barrier(self) -> None:
         self.allgather_bytes(b"")
 
+    def abort(self) -> None:
+        """From another thread: end every blocked call on this group now (its sockets are shut down)."""
+        for s in list(self.peers.values()):
+            try:
+                s.shutdown(2)  # SHUT_RDWR
+            except OSError:
+                pass
+
     def close(self) -> None:
         if self._ring is not None:
             self._ring.close()
