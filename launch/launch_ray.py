@@ -84,6 +84,8 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None,
     if reaper is not None:
         reaper.track_descendants()
     multi_node = len([n for n in ray.nodes() if n.get("Alive")]) > 1
+    if elastic and address:  # a node that joins the cluster later must reach the coordinator
+        multi_node = True
     # across nodes the coordinator listens on iface's address (cluster.iface) or this node's Ray address, which is
     # also what it advertises; on one node on loopback (docs/security.md)
     if not multi_node:
