@@ -46,6 +46,8 @@ class ElasticCoordinator(Coordinator):
 
     # -- failures that are membership changes -------------------------------------------------------------------------
     def _fail(self, rank, step, reason, traceback="", named: bool = False) -> None:
+        if rank in self._leaving and not traceback and not named:
+            return  # lost already (its link's eof and its actor's death both report it)
         if rank in self.members and not traceback and not named and "interrupted" not in reason \
                 and self.failure is None and rank not in self.done:
             if rank not in self._leaving:
@@ -61,6 +63,8 @@ class ElasticCoordinator(Coordinator):
     def retire(self, member: int) -> None:
         """Forget a member that left (its link may still deliver an eof: ignored)."""
         self.members.discard(member)
+        if member in self.ranks:
+            self.ranks[member]["reports"] = False  # records still in flight from it are not the job's
         for table in (self.liveness, self.progress, self.rank_timing):
             table.pop(member, None)
         self.training.discard(member)

@@ -100,11 +100,10 @@ def run_ray(target: str, args: dict, workers: int, writer=None, run_dir=None,
     coord = (ElasticCoordinator(workers, max_workers, **kw) if elastic else Coordinator(workers, **kw)).start()
     restarts = 0
     try:
-        while elastic:
-            spec = ElasticSpec(target, args, workers, min_workers, max_workers, threads, run_dir, multi_node,
-                               global_batch, start_timeout, transport, iface, reaper)
-            failure = run_elastic(ray, coord, spec)
-            break
+        if elastic:  # the group shrinks and grows in place: no restart (launch/elastic.py)
+            failure = run_elastic(ray, coord, ElasticSpec(target, args, workers, min_workers, max_workers, threads,
+                                                          run_dir, multi_node, global_batch, start_timeout,
+                                                          transport, iface, reaper))
         while not elastic:
             failure = _run_group(ray, coord, run_dir, target, args, workers, threads, multi_node, global_batch,
                                  start_timeout, transport, iface, reaper)

@@ -85,6 +85,8 @@ def test_elastic_coordinator_turns_a_lost_rank_into_a_membership_change(tmp_path
     c.handle({"type": "eof", "rank": 0, "_gen": 0})  # the Ray actor's death, reported again: one loss
     assert c.failure is None and [m for m, _ in c.take_lost()] == [0]
     c.retire(0)
+    c.fail(0, 9, "its Ray actor process died (ActorDiedError)")  # the same loss, seen by the driver after retire
+    assert c.failure is None and c.lost == []
     c.regroup([1, 2])
     t0 = time.monotonic()
     c.begin_change("shrink", 0, "h", "killed", 3, t0)
