@@ -167,16 +167,27 @@ def _supervise(ray, coord, g: _Group, spec: ElasticSpec, new_actor):
                 coord.admit(m)
                 g.actors[m] = new_actor(m, m, m + 1, True)
                 g.futures[m] = g.actors[m].run.remote(spec.target, spec.args)
-                joining = (m, now)
+                joining = [m, now, g.actors[m].is_waiting.remote()]
         elif joining is not None:
-            m, t0 = joining
+            m, t0, ref = joining
             if m in g.returned or m not in g.actors:
                 joining = None
-            elif _all_waiting(ray, [g.actors[m]]):
+                continue
+            ready, _ = ray.wait([ref], timeout=0)  # the joiner may still be starting: never block on it
+            if not ready:
+                continue
+            try:
+                waiting = bool(ray.get(ref))
+            except Exception:  # it died while starting: its run() future reports it
                 joining = None
-                failure = _grow(ray, coord, g, spec, m, t0)
-                if failure is not None:
-                    return failure
+                continue
+            if not waiting:
+                joining[2] = g.actors[m].is_waiting.remote()
+                continue
+            joining = None
+            failure = _grow(ray, coord, g, spec, m, t0)
+            if failure is not None:
+                return failure
 
 
 def _check_futures(ray, coord, g: _Group) -> str | None:
@@ -213,7 +224,12 @@ def _drop(ray, coord, g: _Group, m: int) -> None:
 
 
 def _all_waiting(ray, actors, timeout: float = 10.0) -> bool:
-    return all(ray.get([a.is_waiting.remote() for a in actors], timeout=timeout))
+    try:
+        return all(ray.get([a.is_waiting.remote() for a in actors], timeout=timeout))
+    except Exception as e:
+        if type(e).__name__ == "GetTimeoutError":
+            return False  # busy: asked again on the next round
+        raise
 
 
 def _wait_until_waiting(ray, coord, g: _Group, order: list[int], deadline: float) -> str | None:
