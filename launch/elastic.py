@@ -8,7 +8,7 @@ killed, the survivors are woken out of any collective (abort_group), and once ea
 driver connects them (form_group: shared memory on one node, the TCP mesh across nodes) with ranks 0..W-2 in their
 old order; they take the most advanced survivor's state (cluster/elastic_rank.py). Fewer than min_workers left: the
 same, and the new group writes a checkpoint and stops with one line (exit 2; --resume on any W continues).
-Grow: every few seconds, while W < max_workers, the driver looks for a free CPU slot in the Ray cluster
+Grow: every second, while W < max_workers, the driver looks for a free CPU slot in the Ray cluster
 (ray.available_resources); a new rank actor is started there and builds its job; once it waits, the members are
 asked to vote for the change (the 4th slot of the step's all-reduce), so all of them leave after the same step; the
 group is formed with the joiner as the last rank and it receives the state like a survivor.
@@ -31,7 +31,7 @@ from ndtrain.cluster.worker_process import THREAD_ENV
 from ndtrain.launch import rundir
 
 DIED = ("ActorDiedError", "RayActorError", "ActorUnavailableError")
-GROW_EVERY_S = 3.0  # how often the driver looks for capacity
+GROW_EVERY_S = 1.0  # how often the driver looks for capacity (one small GCS query)
 REGROUP_TIMEOUT_S = 60.0
 
 

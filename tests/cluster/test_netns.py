@@ -40,3 +40,21 @@ def test_two_host_ray_and_mpi_jobs_equal_one_worker(tmp_path):
     # torn down: none of the script's namespaces is left
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "ndh1" not in listed
+
+
+@pytest.mark.timeout(600)
+def test_an_elastic_ray_run_survives_host_b_and_grows_back_when_it_returns(tmp_path):
+    """--elastic: host b's Ray node killed at step 40, started again; the run shrinks 2 -> 1, grows 1 -> 2, ends
+    bitwise equal to a 1-worker run (docs/elastic.md, Proof)."""
+    if not SCRIPT.exists():
+        pytest.skip(f"{SCRIPT} not found (tests run outside the source tree)")
+    out = tmp_path / "netns.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--elastic", "--json", str(out)], capture_output=True,
+                          text=True, timeout=550)
+    assert out.exists(), proc.stdout[-2000:] + proc.stderr[-4000:]
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["ok"] and r["bitwise_equal"], f"{r}\n{proc.stderr[-4000:]}"
+    assert [(e["change"], e["world_size"]) for e in r["events"]] == [("shrink", 1), ("grow", 2)]
+    assert r["summary"]["restarts"] == 0 and r["death_to_shrink_event_s"] < 30
+    assert proc.returncode == 0
+    assert "ndh1" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
