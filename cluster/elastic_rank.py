@@ -21,6 +21,7 @@ so nothing rank-specific is carried; otherwise a rank keeps its own stream and a
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -28,6 +29,8 @@ import time
 import numpy as np
 
 from ndtrain.cluster.nonfinite import WorkerError
+
+ENV_TEST_DIE_REGROUP = "NDTRAIN_TEST_DIE_REGROUP"  # test-only: "member": that member is SIGKILLed inside a regroup
 
 
 class GroupBroken(ConnectionError):
@@ -79,8 +82,7 @@ class Membership:
         finally:
             self.waiting = False
         self._pending.clear()
-        self.joining = False
-        return self.wrap(comm), info
+        return self.wrap(comm), info  # a joiner stays `joining` until it has the state (regroup)
 
     def event(self, phase: str, step: int) -> None:
         """Tell the coordinator (launch/elastic.py) the new group resumed at `step` / completed it."""
@@ -117,13 +119,27 @@ def transfer_state(job, comm, mine: dict) -> dict:
             raise WorkerError(f"rank {r}: config or data {rec.get('fingerprints')} differ from rank {root}'s "
                               f"{want.get('fingerprints')}")
     arrays = state_arrays(job)
+    # A rank whose own state is older than the root's receives into copies and takes them only once every array has
+    # arrived: if the group breaks mid-transfer (another rank lost), its state is still that of its own step count,
+    # so the next regroup can choose its root from honest records. A joiner (nothing to keep) and a rank at the
+    # root's step (the same bits) receive in place.
+    staged = 0 <= mine["step"] < want["step"] and comm.rank != root
+    into = {k: np.empty_like(v) for k, v in arrays.items()} if staged else arrays
     for name in sorted(arrays):
-        comm.broadcast(arrays[name], root)  # in place (parameters and buffers are the job's own arrays)
+        comm.broadcast(into[name], root)  # in place (parameters and buffers are the job's own arrays)
+    if staged:
+        for k, v in into.items():
+            np.copyto(arrays[k], v)
     optim = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
     if optim:
         optim["step"] = np.array(int(want["optim_step"]), dtype=np.int64)
         job.optimizer.load_state_dict(optim)
     return {"root": root, **want}
+
+
+def _test_die_here(member: int) -> bool:
+    spec = os.environ.get(ENV_TEST_DIE_REGROUP, "").strip()
+    return spec.isdigit() and int(spec) == member
 
 
 def my_record(trainer) -> dict:
@@ -143,14 +159,21 @@ def regroup(trainer, reason: str) -> bool:
     BelowMinimum after a checkpoint when the driver says fewer than cluster.min_workers ranks are left."""
     m = trainer.membership
     rep = getattr(m, "reporter", None)
-    old = trainer.comm
-    try:
-        old.close()
-    except Exception:
-        pass  # a broken transport may fail to close; its resources go with the group
-    comm, info = m.wait_group(lost=lambda: bool(getattr(rep, "lost", False)))
-    trainer.comm, trainer.rank, trainer.world = comm, comm.rank, comm.world_size
-    root = transfer_state(trainer.job, comm, my_record(trainer))
+    while True:
+        try:
+            trainer.comm.close()
+        except Exception:
+            pass  # a broken transport may fail to close; its resources go with the group
+        comm, info = m.wait_group(lost=lambda: bool(getattr(rep, "lost", False)))
+        trainer.comm, trainer.rank, trainer.world = comm, comm.rank, comm.world_size
+        if _test_die_here(m.member):
+            os.kill(os.getpid(), 9)  # test-only: this member dies inside a regroup (NDTRAIN_TEST_DIE_REGROUP)
+        try:
+            root = transfer_state(trainer.job, comm, my_record(trainer))
+            break
+        except GroupBroken:  # a rank of the new group was lost during the transfer: wait for the next group
+            continue
+    m.joining = False
     trainer.step, trainer.skipped_steps = int(root["step"]), int(root["skipped_steps"])
     trainer._nonfinite_in_row = int(root["nonfinite_in_row"])
     trainer.job.wall_before = float(root["wall_time"]) - (time.perf_counter() - trainer._t_start)

@@ -90,6 +90,18 @@ class ElasticCoordinator(Coordinator):
 
     # -- events ------------------------------------------------------------------------------------------------------
     def begin_change(self, change: str, member: int, host: str, reason: str, previous: int, t0: float) -> None:
+        """A change whose record is written once the new group resumed (grow) or completed a step (shrink). A shrink
+        while another change was still pending (a rank lost during a regroup) is one event with the first one: from
+        the world that last trained, naming the first rank lost (the later one in its reason), timed from the first
+        detection."""
+        was = self.pending_change
+        if was is not None and change == "shrink":
+            previous, t0 = was["previous_world_size"], was["_t0"]
+            if was["change"] == "shrink":
+                reason = f"{was['reason']}; then rank {member} on {host} during the regroup: {reason}"
+                member, host = was["rank"], was["host"]
+            else:
+                reason = f"{reason} (while rank {was['rank']} was joining: cancelled)"
         self.pending_change = {"event": "membership", "step": None, "change": change, "world_size": self.world_size,
                                "previous_world_size": previous, "rank": member, "host": host, "reason": reason,
                                "_t0": t0}

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ndtrain.cluster import interrupt
 from ndtrain.cluster.comm.ray_comm import form_group
+from ndtrain.cluster.elastic_rank import ENV_TEST_DIE_REGROUP
 from ndtrain.cluster.metrics_channel import ENV_TEST_DIE, ENV_TEST_HANG, ENV_TEST_STEP_DELAY
 from ndtrain.cluster.ray_rank import RankActor
 from ndtrain.cluster.supervise import Topology
@@ -70,7 +71,8 @@ def run_elastic(ray, coord, spec: ElasticSpec):
         env["NDTRAIN_COORD_ADDR"] = coord.address
     for k in THREAD_ENV:
         env[k] = str(spec.threads)
-    for k in (ENV_TEST_HANG, ENV_TEST_STEP_DELAY, ENV_TEST_DIE):  # test-only fault injection reaches the actors
+    # test-only fault injection reaches the actors
+    for k in (ENV_TEST_HANG, ENV_TEST_STEP_DELAY, ENV_TEST_DIE, ENV_TEST_DIE_REGROUP):
         if k in os.environ:
             env[k] = os.environ[k]
     spec.env = env
@@ -80,7 +82,7 @@ def run_elastic(ray, coord, spec: ElasticSpec):
     def new_actor(member: int, rank: int, world: int, joining: bool):
         e = dict(env)
         if joining:
-            e[ENV_TEST_DIE] = ""  # a fault is injected into the first process of a member only
+            e[ENV_TEST_DIE] = e[ENV_TEST_DIE_REGROUP] = ""  # a fault is injected into the first process of a member only
         return cls.options(num_cpus=spec.threads, max_restarts=0, max_concurrency=4).remote(
             rank, world, e, spec.threads, True, member, joining)
 
@@ -274,7 +276,7 @@ def _shrink(ray, coord, g: _Group, spec: ElasticSpec, lost: list[tuple[int, str]
         _form(ray, g, g.order, spec, release=True, info={"below_min": below, "min_workers": spec.min_workers,
                                                           "left": f"rank {member} on {g.hosts.get(member, '?')}: {reason}"})
     except Exception as e:
-        more = coord.take_lost()
+        more = _lost_meanwhile(ray, coord, g)
         if more:
             return _shrink(ray, coord, g, spec, more)
         coord.fail(None, None, f"could not re-form the group: {type(e).__name__}: {e}")
@@ -298,12 +300,22 @@ def _grow(ray, coord, g: _Group, spec: ElasticSpec, m: int, t0: float):
         _form(ray, g, order, spec, release=True, info={"below_min": False})
         coord.pending_change["host"] = g.hosts.get(m, "?")
     except Exception as e:
-        more = coord.take_lost()
+        more = _lost_meanwhile(ray, coord, g)
         if more:
             return _shrink(ray, coord, g, spec, more)
         coord.fail(m, None, f"could not grow the group: {type(e).__name__}: {e}")
         return coord.failure
     return None
+
+
+def _lost_meanwhile(ray, coord, g: _Group, wait_s: float = 5.0) -> list[tuple[int, str]]:
+    """Forming a group failed: was a member lost meanwhile? Its link's eof or its actor's death may take a moment
+    to arrive; pump both for up to wait_s. The lost members (empty: the failure was something else)."""
+    deadline = time.monotonic() + wait_s
+    while not coord.lost and coord.failure is None and time.monotonic() < deadline:
+        coord.poll(0.05)
+        _check_futures(ray, coord, g)
+    return coord.take_lost()
 
 
 def _has_capacity(ray, threads: int) -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ndtrain.cluster.deterministic import MicroBatchLoader
-from ndtrain.cluster.elastic_rank import Membership, transfer_state
+from ndtrain.cluster.elastic_rank import GroupBroken, Membership, state_arrays, transfer_state
 from ndtrain.cluster.membership import ElasticCoordinator
 from ndtrain.data import tasks
 from ndtrain.data.dataset import as_dataset
@@ -111,7 +111,8 @@ def test_membership_release_reaches_the_waiting_loop():
     assert m.vote() == 1.0
     threading.Timer(0.2, m.release, args=("comm", {"below_min": False})).start()
     comm, info = m.wait_group(poll_s=0.05)
-    assert comm == "comm" and info == {"below_min": False} and not m.joining and m.vote() == 0.0
+    assert comm == "comm" and info == {"below_min": False} and m.vote() == 0.0
+    assert m.joining  # until it holds the state (elastic_rank.regroup): a transfer that breaks is tried again
 
 
 @pytest.mark.parametrize("run, cluster, field", [
@@ -127,3 +128,35 @@ def test_worker_bounds_are_checked(tmp_path, run, cluster, field):
                                  cluster={"min_workers": 1, "max_workers": 3}))
     assert (ok.cluster.min_workers, ok.cluster.max_workers) == (1, 3)
     assert json.dumps(ok.to_dict())  # recorded in config.toml
+
+
+class _BreaksMidTransfer:
+    """A comm whose group breaks in the last broadcast, after the root's values arrived (another rank lost during
+    the state transfer)."""
+    rank, world_size = 0, 2
+
+    def __init__(self, records, n_arrays):
+        self.records, self.calls, self.n = records, 0, n_arrays
+
+    def allgather_obj(self, mine):
+        return [mine, *self.records]
+
+    def broadcast(self, arr, root):
+        self.calls += 1
+        arr[...] = 7.0  # the root's values arrive
+        if self.calls == self.n:
+            raise GroupBroken("a peer was lost")
+
+
+def test_a_transfer_that_breaks_leaves_an_older_rank_its_own_state(tmp_path):
+    """A rank one step behind the root keeps its own (consistent) state when the group breaks mid-transfer, so the
+    next regroup chooses its root from honest records."""
+    job = build_job(_cfg(tmp_path, workers=2, backend="ray"), 0, 2)
+    job.store.data[...] = 1.0
+    before = {k: v.copy() for k, v in state_arrays(job).items()}
+    rec = {"step": 7, "loader": {}, "fingerprints": {"config": "x"}}
+    comm = _BreaksMidTransfer([{**rec, "step": 8}], len(before))
+    with pytest.raises(GroupBroken):
+        transfer_state(job, comm, rec)
+    assert comm.calls == len(before) and "param" in before
+    assert all(v.tobytes() == before[k].tobytes() for k, v in state_arrays(job).items())

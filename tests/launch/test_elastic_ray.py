@@ -162,3 +162,26 @@ def test_shrink_3_to_2_then_grow_back_to_3_stays_bitwise_equal(tmp_path, referen
     assert [r["step"] for r in train] == list(range(5, STEPS + 1, 5))
     assert train[-1]["world_size"] == 3
     assert _same_bits(ckpt.load(out / "checkpoints"), reference)
+
+
+@pytest.mark.timeout(120)
+def test_a_survivor_lost_during_the_regroup_is_one_more_shrink(tmp_path, reference):
+    """Rank 1 is killed at step 10; member 2, a survivor, is killed inside the regroup that follows (after the new
+    group formed, before the state transfer: test-only NDTRAIN_TEST_DIE_REGROUP). Rank 0 waits for the next group
+    and goes on alone: no restart, bitwise equal."""
+    pytest.importorskip("ray")
+    out = tmp_path / "run"
+    p = _train(out, "--backend", "ray", "--workers", "3", "--min-workers", "1", "--max-workers", "3",
+               env=_env(NDTRAIN_TEST_DIE="1:10", NDTRAIN_TEST_DIE_REGROUP="2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["restarts"] == 0 and summary["steps"] == STEPS
+    changes = _membership(out)
+    assert changes[0] == ("shrink", 3, 1), changes  # one event: a loss during a regroup joins the pending change
+    assert all(c[0] == "grow" for c in changes[1:]), changes  # the freed CPUs may grow it back before the end
+    ev = [r for r in read_metrics(out) if r.get("event") == "membership"][0]
+    assert ev["rank"] == 1 and ev["step"] in (10, 11) and "then rank 2 on" in ev["reason"]
+    assert "3 -> 1 workers" in p.stderr
+    train = [r for r in read_metrics(out) if "loss" in r and "eval" not in r]
+    assert [r["step"] for r in train] == list(range(5, STEPS + 1, 5))
+    assert _same_bits(ckpt.load(out / "checkpoints"), reference)
