@@ -82,7 +82,7 @@ def run_elastic(ray, coord, spec: ElasticSpec):
     def new_actor(member: int, rank: int, world: int, joining: bool):
         e = dict(env)
         if joining:
-            e[ENV_TEST_DIE] = e[ENV_TEST_DIE_REGROUP] = ""  # a fault is injected into the first process of a member only
+            e[ENV_TEST_DIE] = e[ENV_TEST_DIE_REGROUP] = ""  # a fault is injected into a member's first process only
         return cls.options(num_cpus=spec.threads, max_restarts=0, max_concurrency=4).remote(
             rank, world, e, spec.threads, True, member, joining)
 
@@ -273,8 +273,9 @@ def _shrink(ray, coord, g: _Group, spec: ElasticSpec, lost: list[tuple[int, str]
         coord.regroup(g.order)
         member, reason = lost[0]
         coord.begin_change("shrink", member, g.hosts.get(member, "?"), reason, previous, t0)
-        _form(ray, g, g.order, spec, release=True, info={"below_min": below, "min_workers": spec.min_workers,
-                                                          "left": f"rank {member} on {g.hosts.get(member, '?')}: {reason}"})
+        left = f"rank {member} on {g.hosts.get(member, '?')}: {reason}"
+        _form(ray, g, g.order, spec, release=True,
+              info={"below_min": below, "min_workers": spec.min_workers, "left": left})
     except Exception as e:
         more = _lost_meanwhile(ray, coord, g)
         if more:
