@@ -321,22 +321,81 @@ class MultiHeadAttention(Module):
         return y, backward
 
     # -- incremental decoding (inference only) ------------------------------------------------------------------------
-    def step(self, x, cache: dict, mask: AttentionMask | None = None) -> tuple[np.ndarray, dict]:
-        """x: (B, t, D) new positions. Self-attention: cache {"k", "v"} (B, H, t_past, dh) (empty dict at first) is
-        extended with the new keys/values; cross-attention: cache holds project_kv(memory). Returns (y, new cache):
-        the old cache is not modified (beam search may still hold it)."""
+    def step(self, x, cache, mask: AttentionMask | None = None) -> tuple[np.ndarray, dict]:
+        """x: (B, t, D) new positions. Self-attention: cache is a KVCache of the past positions (an empty dict at
+        first; a dict of "k", "v" (B, H, t_past, dh) arrays is taken too), extended with the new keys/values;
+        cross-attention: cache holds project_kv(memory) for B / g source rows, g >= 1: the g consecutive rows of x
+        that decode one source (beam search's hypotheses) attend to its keys together, one matmul per source and
+        head. Returns (y, new cache): the old cache still reads the same (beam search may hold it)."""
         B, t, D = x.shape
+        H, dh = self.n_heads, self.d_head
         if self.cross:
-            (q,) = self._heads(self._project(x.reshape(B * t, D), self.w_q, self.b_q), B, t, 1)
             k, v, new_cache = cache["k"], cache["v"], cache
+            Bc = k.shape[0]
+            if B % Bc:
+                raise ValueError(f"{self.path or 'MultiHeadAttention'}: {B} query rows for {Bc} source rows")
+            (q,) = self._heads(self._project(x.reshape(B * t, D), self.w_q, self.b_q), Bc, B // Bc * t, 1)
         else:
             q, k, v = self._heads(self._project(x.reshape(B * t, D), self.w_qkv, self.b_qkv), B, t, 3)
-            if cache.get("k") is not None:
-                k = np.concatenate([cache["k"], k], axis=2)
-                v = np.concatenate([cache["v"], v], axis=2)
-            new_cache = {"k": k, "v": v}
-        ctx_bthd = np.empty((B, t, self.n_heads, self.d_head), dtype=x.dtype)
-        scaled_dot_product_attention(q, k, v, mask, out=ctx_bthd.transpose(0, 2, 1, 3), need_weights=False,
-                                     need_backward=False)
+            if isinstance(cache, KVCache):
+                new_cache = cache.append(k, v)
+            elif cache.get("k") is not None:
+                new_cache = KVCache.of(cache["k"], cache["v"]).append(k, v)
+            else:
+                new_cache = KVCache.of(k, v)
+            k, v = new_cache["k"], new_cache["v"]
+        ctx_bthd = np.empty((B, t, H, dh), dtype=x.dtype)
+        Bq = q.shape[0]
+        scaled_dot_product_attention(q, k, v, mask, out=ctx_bthd.reshape(Bq, -1, H, dh).transpose(0, 2, 1, 3),
+                                     need_weights=False, need_backward=False)
         y = self._project(ctx_bthd.reshape(B * t, D), self.w_o, self.b_o).reshape(B, t, D)
         return y, new_cache
+
+
+class KVCache:
+    """Self-attention keys and values of the positions decoded so far: cache["k"], cache["v"] (B, H, n, dh), views
+    of buffers with room for more positions. A step writes its new keys and values into that room (append) instead
+    of copying the whole cache into a new array each step (np.concatenate); select (beam search's reorder) gathers
+    rows with their room. Appending to an older view of the buffers (a state decoded from twice) copies instead, so
+    every KVCache keeps reading what it read when it was made."""
+
+    ROOM = 8  # positions of room added when the buffers are (re)allocated
+
+    __slots__ = ("kbuf", "vbuf", "n", "_tip")
+
+    def __init__(self, kbuf: np.ndarray, vbuf: np.ndarray, n: int, tip: list):
+        self.kbuf, self.vbuf, self.n = kbuf, vbuf, n
+        self._tip = tip  # [positions written into these buffers so far], shared by every view of them
+
+    @classmethod
+    def of(cls, k: np.ndarray, v: np.ndarray) -> "KVCache":
+        """A cache holding k, v (B, H, n, dh) (copied, with room)."""
+        return cls._empty(k, k.shape[2] + cls.ROOM).append(k, v)
+
+    @classmethod
+    def _empty(cls, like: np.ndarray, capacity: int) -> "KVCache":
+        B, H, _, dh = like.shape
+        return cls(np.empty((B, H, capacity, dh), like.dtype), np.empty((B, H, capacity, dh), like.dtype), 0, [0])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        buf = {"k": self.kbuf, "v": self.vbuf}[name]
+        return buf[:, :, :self.n]
+
+    def append(self, k: np.ndarray, v: np.ndarray) -> "KVCache":
+        """The cache extended by k, v (B, H, t, dh)."""
+        n, t = self.n, k.shape[2]
+        if self._tip[0] == n and n + t <= self.kbuf.shape[2]:
+            out = KVCache(self.kbuf, self.vbuf, n, self._tip)  # the newest view: write into the room
+        else:
+            out = KVCache._empty(k, n + t + self.ROOM)
+            out.kbuf[:, :, :n] = self.kbuf[:, :, :n]
+            out.vbuf[:, :, :n] = self.vbuf[:, :, :n]
+            out.n = out._tip[0] = n
+        out.kbuf[:, :, n:n + t] = k
+        out.vbuf[:, :, n:n + t] = v
+        out.n = out._tip[0] = n + t
+        return out
+
+    def select(self, idx: np.ndarray) -> "KVCache":
+        """Rows idx of the cache (one gather of each buffer, its room included)."""
+        return KVCache(self.kbuf[idx], self.vbuf[idx], self.n, [self.n])

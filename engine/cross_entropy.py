@@ -50,11 +50,14 @@ def check_targets(t: np.ndarray, valid: np.ndarray, K: int, fn: str, ignore_inde
 
 
 def softmax_xent_rows(x: np.ndarray, t: np.ndarray, eps: float = 0.0, bias: np.ndarray | None = None,
-                      block_elems: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      block_elems: int | None = None, argmax: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """In place, block by block: x (N, K) C-contiguous float logits -> e = exp(x + bias - rowmax) (unnormalized
     probabilities, p = e / s). t: (N,) int targets in [0, K) (callers put any safe id on ignored rows).
     Returns s (N,) float64 row sums of e (>= 1) and per (N,) float64 per-row loss lse - (1 - eps) z_t - eps/K sum z.
-    bias: optional (K,) added to every row first (the untied output layer's bias, fused into the same pass)."""
+    bias: optional (K,) added to every row first (the untied output layer's bias, fused into the same pass).
+    argmax: optional (N,) int array that receives each row's argmax (the first on ties, as np.argmax), found in the
+    pass that finds the row max (the max is then read at the argmax: no extra pass)."""
     N, K = x.shape
     R = min(N, block_rows(K, block_elems)) if N else 1
     ones = np.ones(K, dtype=x.dtype)
@@ -67,7 +70,12 @@ def softmax_xent_rows(x: np.ndarray, t: np.ndarray, eps: float = 0.0, bias: np.n
         xb = x[r0:r1]  # (R, K) view, in cache from here to the last sum
         if bias is not None:
             row_op(np.add, xb, bias, out=xb)
-        m = xb.max(axis=1, keepdims=True)  # (R, 1)
+        if argmax is None:
+            m = xb.max(axis=1, keepdims=True)  # (R, 1)
+        else:
+            am = xb.argmax(axis=1)  # (R,)
+            argmax[r0:r1] = am
+            m = xb[cols[:r1 - r0], am][:, None]
         xb -= m
         z_t[r0:r1] = xb[cols[:r1 - r0], t[r0:r1]]
         if eps:
@@ -98,6 +106,21 @@ def softmax_xent_grad_(e: np.ndarray, s: np.ndarray, t: np.ndarray, valid: np.nd
     rows = np.flatnonzero(valid)
     e[rows, t[rows]] -= e.dtype.type(scale * (1.0 - eps))
     return e
+
+
+def xent_rows_argmax(x: np.ndarray, t: np.ndarray, block_elems: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Forward only, for evaluation: x (N, K) logits (overwritten in place) and t (N,) int targets in [0, K) ->
+    the per-row cross-entropy (N,) float64 and the per-row argmax (N,) int64 (what logits.argmax(-1) gives), both
+    from one blocked pass over x (softmax_xent_rows)."""
+    N, K = x.shape
+    if not (x.flags.c_contiguous and x.flags.writeable):
+        x = np.array(x, order="C")
+    t = np.asarray(t)
+    check_targets(t, np.ones(N, dtype=bool), K, "xent_rows_argmax", -1)
+    pred = np.empty(N, dtype=np.int64)
+    _, per = softmax_xent_rows(x, t, 0.0, None, block_elems, argmax=pred)
+    return per, pred
 
 
 def linear_cross_entropy(h: np.ndarray, weight: np.ndarray, targets: np.ndarray, *, bias: np.ndarray | None = None,
@@ -155,4 +178,4 @@ def linear_cross_entropy(h: np.ndarray, weight: np.ndarray, targets: np.ndarray,
     return loss_sum, count, backward
 
 
-__all__ = ["CE_BLOCK_ELEMS", "softmax_xent_rows", "softmax_xent_grad_", "linear_cross_entropy", "check_targets"]
+__all__ = ["CE_BLOCK_ELEMS", "softmax_xent_rows", "xent_rows_argmax", "softmax_xent_grad_", "linear_cross_entropy", "check_targets"]

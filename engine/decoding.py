@@ -75,11 +75,11 @@ class _Stepper:
     embeddings) it restarts from the last `window` tokens once the context is full, as nanoGPT's generate() crops
     its input. Without a window every step is incremental (KV cache / RNN state)."""
 
-    def __init__(self, model, src, prefix: np.ndarray, window: int | None):
+    def __init__(self, model, src, prefix: np.ndarray, window: int | None, start_state=None):
         self.model, self.src, self.window = model, src, window
         self.B = prefix.shape[0]
         self.context = prefix  # (B, n): everything fed so far (only kept when a window is set)
-        self.state = model.start(src, batch_size=self.B)
+        self.state = model.start(src, batch_size=self.B) if start_state is None else start_state
         feed = prefix if window is None else prefix[:, -window:]
         self.logits, self.state = model.step(feed, self.state)
 
@@ -97,11 +97,11 @@ class _Stepper:
         return self.logits
 
 
-def _decode(model, src, prefix, batch_size, max_len, bos, eos, window, pick) -> np.ndarray:
+def _decode(model, src, prefix, batch_size, max_len, bos, eos, window, pick, start_state=None) -> np.ndarray:
     """The loop greedy and sampling share: `pick(logits (B, V)) -> (B,)` chooses the next tokens."""
     prefix = _prefix(src, prefix, batch_size, bos)
     B = prefix.shape[0]
-    stepper = _Stepper(model, src, prefix, window)
+    stepper = _Stepper(model, src, prefix, window, start_state)
     finished = np.zeros(B, dtype=bool)
     out: list[np.ndarray] = []
     for t in range(max_len):
@@ -118,9 +118,11 @@ def _decode(model, src, prefix, batch_size, max_len, bos, eos, window, pick) -> 
 # -- greedy -----------------------------------------------------------------------------------------------------------
 def greedy(model: IncrementalDecoder, src: np.ndarray | None = None, *, max_len: int,
            prefix: np.ndarray | None = None, batch_size: int | None = None, bos: int = BOS, eos: int = EOS,
-           window: int | None = None) -> np.ndarray:
-    """Argmax at every step (ties: the lowest id). Returns (B, L) int32, L <= max_len."""
-    return _decode(model, src, prefix, batch_size, max_len, bos, eos, window, lambda lg: np.argmax(lg, axis=-1))
+           window: int | None = None, start_state=None) -> np.ndarray:
+    """Argmax at every step (ties: the lowest id). Returns (B, L) int32, L <= max_len. start_state: what
+    model.start(src) would return, when the caller has it already (a seq2seq eval that encoded src once)."""
+    return _decode(model, src, prefix, batch_size, max_len, bos, eos, window, lambda lg: np.argmax(lg, axis=-1),
+                   start_state)
 
 
 # -- sampling ---------------------------------------------------------------------------------------------------------
@@ -202,7 +204,8 @@ BEAM_GROUP_ELEMS = 1 << 22
 
 def beam_search(model: IncrementalDecoder, src: np.ndarray | None = None, *, beam_size: int = 4, max_len: int,
                 alpha: float = 0.6, penalty: str = "gnmt", n_best: int = 1, prefix: np.ndarray | None = None,
-                batch_size: int | None = None, bos: int = BOS, eos: int = EOS, group: int | None = None):
+                batch_size: int | None = None, bos: int = BOS, eos: int = EOS, group: int | None = None,
+                start_state=None):
     """Beam search as in fairseq's SequenceGenerator, batched across sentences.
 
     Each step scores every (beam, next id) extension by its summed log-probability and takes the best 2K (K =
@@ -215,6 +218,9 @@ def beam_search(model: IncrementalDecoder, src: np.ndarray | None = None, *, bea
     array operations for all rows at once; a row that is done leaves the batch (its cache rows are dropped), so the
     step shrinks as sentences finish. `group` sentences at most are searched at once (default: as many as keep the
     candidate arrays under BEAM_GROUP_ELEMS). The result equals searching each sentence alone.
+
+    start_state: what model.start(src) would return, when the caller has it already (a seq2seq eval that encoded
+    src once for its teacher-forced pass); the groups take their rows of it (model.reorder).
 
     Returns (tokens, scores): tokens (B, L) int32 and scores (B,) float64 for n_best = 1, else (B, n_best, L) and
     (B, n_best).
@@ -234,7 +240,10 @@ def beam_search(model: IncrementalDecoder, src: np.ndarray | None = None, *, bea
     for g0 in range(0, B, group):
         g1 = min(B, g0 + group)
         g_src = None if src is None else np.asarray(src)[g0:g1]
-        best += _beam_group(model, g_src, prefix[g0:g1], K, max_len, alpha, penalty, n_best, eos)
+        g_state = start_state
+        if start_state is not None and (g0, g1) != (0, B):
+            g_state = model.reorder(start_state, np.arange(g0, g1))
+        best += _beam_group(model, g_src, prefix[g0:g1], K, max_len, alpha, penalty, n_best, eos, g_state)
     L = max((len(h[2]) for hyps in best for h in hyps), default=0)
     tokens = np.full((B, n_best, L), PAD, dtype=np.int32)
     out_scores = np.full((B, n_best), -np.inf)
@@ -247,40 +256,84 @@ def beam_search(model: IncrementalDecoder, src: np.ndarray | None = None, *, bea
     return tokens, out_scores
 
 
-def _logsumexp64(z: np.ndarray) -> np.ndarray:
-    """(N, V) -> (N,) float64 log sum exp over each row (the exps summed in z's own dtype: one pass, no float64
-    copy of the (N, V) logits)."""
-    m = z.max(axis=-1, keepdims=True)
-    s = np.exp(z - m).sum(axis=-1)
-    return m[:, 0].astype(np.float64) + np.log(s.astype(np.float64))
+def _logsumexp64(z: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+    """(N, V) -> (N,) float64 log sum exp over each row (the exps summed in z's own dtype: no float64 copy of the
+    (N, V) logits), by cache-sized row blocks (one read of z from memory). m: the row maxima (N,), if known."""
+    N, V = z.shape
+    if m is None:
+        m = z.max(axis=-1)
+    s = np.empty(N, dtype=z.dtype)
+    R = max(1, LSE_BLOCK_ELEMS // max(V, 1))
+    buf = np.empty((min(R, N), V), dtype=z.dtype)
+    for r0 in range(0, N, R):
+        r1 = min(N, r0 + R)
+        e = np.subtract(z[r0:r1], m[r0:r1, None], out=buf[:r1 - r0])
+        np.exp(e, out=e)
+        s[r0:r1] = e.sum(axis=-1)
+    return m.astype(np.float64) + np.log(s.astype(np.float64))
+
+
+# Elements per row block of _logsumexp64's pass (128K float32 = 512 KB: the L2 cache), and the chunk width of the
+# top-token search (_top_tokens): a row of V logits is seen as V / TOP_CHUNK chunks.
+LSE_BLOCK_ELEMS = 131072
+TOP_CHUNK = 64
+
+
+def _top_tokens(z: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """The c largest logits of each row of z (N, V): (token ids (N, c) unordered, row maxima (N,)).
+
+    Not by a selection over all V (np.argpartition costs as much as the output GEMM at V = 8,000): the row is cut
+    into chunks of TOP_CHUNK ids, each chunk's max is taken (one reduction pass, which also gives the row max), and
+    the c best tokens are selected among the tokens of the c chunks with the largest maxima. That is exact: each of
+    the c best tokens lies in a chunk whose max is at least the c-th best value, and at most c chunks have such a
+    max. (Values tied with the c-th best may be taken in any order, as np.argpartition does.)"""
+    N, V = z.shape
+    G = TOP_CHUNK
+    nb = V // G
+    if c >= V or nb <= c:  # a short row: select over all of it
+        tok = (np.argpartition(-z, c - 1, axis=-1)[:, :c] if c < V
+               else np.broadcast_to(np.arange(V), z.shape).copy())
+        return tok, z.max(axis=-1)
+    main = z[:, :nb * G].reshape(N, nb, G)  # a view (z is C-contiguous)
+    cmax = main.max(axis=2)  # (N, nb)
+    tail = z[:, nb * G:]  # (N, V - nb*G) ids past the last whole chunk: always candidates
+    m = cmax.max(axis=1)
+    if tail.shape[1]:
+        m = np.maximum(m, tail.max(axis=1))
+    ch = np.argpartition(-cmax, c - 1, axis=1)[:, :c]  # (N, c) the chunks with the c largest maxima
+    vals = main[np.arange(N)[:, None], ch].reshape(N, c * G)  # their logits
+    ids = (ch[:, :, None] * G + np.arange(G)).reshape(N, c * G)
+    if tail.shape[1]:
+        vals = np.concatenate([vals, tail], axis=1)
+        ids = np.concatenate([ids, np.broadcast_to(np.arange(nb * G, V), tail.shape)], axis=1)
+    pick = np.argpartition(-vals, c - 1, axis=1)[:, :c]
+    return np.take_along_axis(ids, pick, axis=1), m
 
 
 def _candidates(scores: np.ndarray, logits: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The n best extensions of each row's K hypotheses: scores (A, K) summed log-probabilities, logits (A*K, V)
     of the next token. Returns (values (A, n) float64, flat ids (A, n) = beam * V + token), best first, ties to the
     lower flat id - what a stable sort of all K * V sums gives, without forming them: the n best of a row hold at
-    most n extensions of one hypothesis, so each hypothesis' n best tokens (argpartition over V) suffice, and only
+    most n extensions of one hypothesis, so each hypothesis' n best tokens (_top_tokens) suffice, and only
     their log-probabilities are computed (logit - logsumexp)."""
     A, K = scores.shape
-    z = np.asarray(logits)
+    z = np.ascontiguousarray(logits)
     V = z.shape[1]
     c = min(n, V)
-    if c < V:
-        tok = np.argpartition(-z, c - 1, axis=-1)[:, :c]  # (A*K, c), unordered
-    else:
-        tok = np.broadcast_to(np.arange(V), z.shape).copy()
-    logp = np.take_along_axis(z, tok, axis=-1).astype(np.float64) - _logsumexp64(z)[:, None]
+    tok, m = _top_tokens(z, c)  # (A*K, c), (A*K,)
+    logp = np.take_along_axis(z, tok, axis=-1).astype(np.float64) - _logsumexp64(z, m)[:, None]
     cand = (scores.reshape(A * K, 1) + logp).reshape(A, K * c)
     flat = (np.arange(K)[None, :, None] * V + tok.reshape(A, K, c)).reshape(A, K * c)
     order = np.lexsort((flat, -cand), axis=-1)[:, :min(n, K * c)]  # by value, then by flat id
     return np.take_along_axis(cand, order, axis=-1), np.take_along_axis(flat, order, axis=-1)
 
 
-def _beam_group(model, src, prefix, K, max_len, alpha, penalty, n_best, eos):
-    """Beam search over the rows of one group; returns per row its n_best (norm score, logprob, tokens), best
-    first."""
+def _beam_group(model, src, prefix, K, max_len, alpha, penalty, n_best, eos, state=None):
+    """Beam search over the rows of one group (state: model.start(src), if the caller has it); returns per row its
+    n_best (norm score, logprob, tokens), best first."""
     B = prefix.shape[0]
-    state = model.start(src, batch_size=B)
+    if state is None:
+        state = model.start(src, batch_size=B)
     logits, state = model.step(prefix, state)  # (B, V): encode and read the prefix once per row, then expand
     rows = np.repeat(np.arange(B), K)  # (B*K,)
     state = model.reorder(state, rows)

@@ -84,6 +84,20 @@ class Seq2SeqTransformer(Module):
         """src (B, S), tgt_in (B, T) -> the decoder's last hidden states h (B, T, D) and backward(dh) -> None
         (None for train=False)."""
         memory, cross_mask, enc_backward = self.encode(src, record=record, train=train)
+        h, dec_backward = self.decode_hidden(memory, cross_mask, tgt_in, record=record, train=train)
+        if not train:
+            return h, None  # forward only: nothing kept
+
+        def backward(dh):
+            enc_backward(dec_backward(dh))
+            return None
+
+        return h, backward
+
+    def decode_hidden(self, memory, cross_mask, tgt_in, *, record: dict | None = None, train: bool):
+        """The decoder over an encoded source: memory (B, S, D) and its cross-attention mask (from encode), tgt_in
+        (B, T) -> h (B, T, D) and backward(dh) -> dmemory (None for train=False). Lets an eval encode a source once
+        for its teacher-forced pass and its decode (start_from)."""
         T = tgt_in.shape[1]
         self_mask = make_attention_mask(padding_mask(tgt_in, self.cfg.pad_id), causal=True, tq=T, tk=T,
                                         dtype=self.dtype)
@@ -91,13 +105,12 @@ class Seq2SeqTransformer(Module):
         h, dec_backward = self.decoder(x, memory, self_mask=self_mask, cross_mask=cross_mask, record=record,
                                        train=train)
         if not train:
-            return h, None  # forward only: nothing kept
+            return h, None
 
         def backward(dh):
             dx, dmemory = dec_backward(dh)
             emb_backward(dx)
-            enc_backward(dmemory)
-            return None
+            return dmemory
 
         return h, backward
 
@@ -134,6 +147,11 @@ class Seq2SeqTransformer(Module):
     # -- IncrementalDecoder -------------------------------------------------------------------------------------------
     def start(self, src, batch_size: int | None = None) -> dict:
         memory, cross_mask, _ = self.encode(np.asarray(src), train=False)
+        return self.start_from(memory, cross_mask)
+
+    def start_from(self, memory, cross_mask) -> dict:
+        """The decoding state of an encoded source (encode(src, train=False)'s memory (B, S, D) and mask): what
+        start(src) returns, without encoding again."""
         caches = [{"cross": dict(zip(("k", "v"), layer.cross_attn.project_kv(memory)))}
                   for layer in self.decoder.layers]
         B = memory.shape[0]
@@ -152,13 +170,50 @@ class Seq2SeqTransformer(Module):
                               "pos": offset + t}
 
     def reorder(self, state: dict, idx) -> dict:
-        return reorder_state(state, np.asarray(idx))
+        """Rows idx of the state. The source side (cross-attention K/V, its mask) is kept per source sentence: when
+        the new rows come in equal-sized blocks that each decode one source (beam search's K hypotheses per
+        sentence), it keeps one row per block (cross-attention then serves a block with one matmul per head), and
+        is not copied at all when those sources are the ones it holds already."""
+        idx = np.asarray(idx)
+        src_rows = _source_rows(state)
+        if not src_rows:
+            return reorder_state(state, idx)
+        g = state["self_pad"].shape[0] // src_rows  # target rows per source row now
+        g_new, src = _grouping(idx // g)
+        out = reorder_state(state, idx, keep=("cross", "cross_mask"))
+        if len(src) == src_rows and np.array_equal(src, np.arange(src_rows)):
+            return out  # the same sources in the same order: kept as they are
+        side = reorder_state({"caches": [{"cross": c["cross"]} for c in state["caches"]],
+                              "cross_mask": state["cross_mask"]}, src)
+        for c, sc in zip(out["caches"], side["caches"]):
+            c["cross"] = sc["cross"]
+        out["cross_mask"] = side["cross_mask"]
+        return out
 
     def reorder_same_source(self, state: dict, idx) -> dict:
         """reorder() for an idx that maps every row to a row of the same source sentence (beam search moving
-        hypotheses among one sentence's beams): the source side (cross-attention K/V, its mask) is the same in both
-        rows, so it is kept as it is instead of copied; only the target side (self-attention K/V) is selected."""
+        hypotheses among one sentence's beams, rows keeping their places in the blocks): the source side is kept
+        as it is instead of copied; only the target side (self-attention K/V) is selected."""
         return reorder_state(state, np.asarray(idx), keep=("cross", "cross_mask"))
+
+
+def _source_rows(state: dict) -> int:
+    """Rows of the source-side state (cross-attention K/V): the target rows, or fewer (one per block)."""
+    caches = state.get("caches") or []
+    return int(caches[0]["cross"]["k"].shape[0]) if caches and "cross" in caches[0] else 0
+
+
+def _grouping(src_of: np.ndarray) -> tuple[int, np.ndarray]:
+    """src_of (N,): the source row of each new row. Returns (g, src): src_of is src repeated g times per entry
+    (blocks of g consecutive rows with one source), g = 1 if it has no such blocks."""
+    n = len(src_of)
+    if n == 0:
+        return 1, src_of
+    starts = np.flatnonzero(np.r_[True, src_of[1:] != src_of[:-1]])
+    g = n // len(starts)
+    if g > 1 and n % len(starts) == 0 and np.array_equal(starts, np.arange(0, n, g)):
+        return g, src_of[::g]
+    return 1, src_of
 
 
 def reorder_state(state: dict, idx: np.ndarray, keep: tuple = ()) -> dict:
