@@ -313,18 +313,47 @@ def _top_tokens(z: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
 def _candidates(scores: np.ndarray, logits: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The n best extensions of each row's K hypotheses: scores (A, K) summed log-probabilities, logits (A*K, V)
     of the next token. Returns (values (A, n) float64, flat ids (A, n) = beam * V + token), best first, ties to the
-    lower flat id - what a stable sort of all K * V sums gives, without forming them: the n best of a row hold at
-    most n extensions of one hypothesis, so each hypothesis' n best tokens (_top_tokens) suffice, and only
-    their log-probabilities are computed (logit - logsumexp)."""
+    lower flat id - what a stable sort of all K * V sums gives, without forming them.
+
+    The logits are seen as chunks of TOP_CHUNK ids (as _top_tokens): a chunk's best extension scores
+    score + chunk max - logsumexp, so the n best extensions of a row lie in the n chunks (of all K * V / TOP_CHUNK)
+    with the best such scores; only those chunks' log-probabilities are computed. (Values tied with the n-th best
+    may be taken in any order, as np.argpartition does.)"""
     A, K = scores.shape
     z = np.ascontiguousarray(logits)
     V = z.shape[1]
-    c = min(n, V)
-    tok, m = _top_tokens(z, c)  # (A*K, c), (A*K,)
-    logp = np.take_along_axis(z, tok, axis=-1).astype(np.float64) - _logsumexp64(z, m)[:, None]
-    cand = (scores.reshape(A * K, 1) + logp).reshape(A, K * c)
-    flat = (np.arange(K)[None, :, None] * V + tok.reshape(A, K, c)).reshape(A, K * c)
-    order = np.lexsort((flat, -cand), axis=-1)[:, :min(n, K * c)]  # by value, then by flat id
+    G = TOP_CHUNK
+    nb = V // G
+    if K * nb <= n:  # short rows: each hypothesis' best n tokens, from all of its row
+        tok, m = _top_tokens(z, min(n, V))
+        logp = np.take_along_axis(z, tok, axis=-1).astype(np.float64) - _logsumexp64(z, m)[:, None]
+        cand = (scores.reshape(A * K, 1) + logp).reshape(A, -1)
+        flat = (np.arange(K)[None, :, None] * V + tok.reshape(A, K, -1)).reshape(A, -1)
+    else:
+        main = z[:, :nb * G].reshape(A * K, nb, G)  # a view (z is C-contiguous)
+        cmax = main.max(axis=2)  # (A*K, nb)
+        tail = z[:, nb * G:]  # (A*K, V - nb*G): ids past the last whole chunk, always candidates
+        m = cmax.max(axis=1)
+        if tail.shape[1]:
+            m = np.maximum(m, tail.max(axis=1))
+        lse = _logsumexp64(z, m)  # (A*K,)
+        base = scores.reshape(A * K, 1)
+        best = (base + (cmax.astype(np.float64) - lse[:, None])).reshape(A, K * nb)  # each chunk's best extension
+        ch = np.argpartition(-best, n - 1, axis=1)[:, :n]  # (A, n) over beam * nb + chunk
+        beam, chunk = np.divmod(ch, nb)
+        rows = np.arange(A)[:, None] * K + beam  # (A, n) rows of z
+        vals = main[rows, chunk]  # (A, n, G) logits of the chosen chunks
+        cand = (base[rows, 0][..., None] + (vals.astype(np.float64) - lse[rows][..., None])).reshape(A, n * G)
+        flat = (beam[..., None] * V + chunk[..., None] * G + np.arange(G)).reshape(A, n * G)
+        if tail.shape[1]:
+            t_cand = (base + (tail.astype(np.float64) - lse[:, None])).reshape(A, -1)
+            t_flat = (np.arange(K)[:, None] * V + np.arange(nb * G, V)).reshape(1, -1)
+            cand = np.concatenate([cand, t_cand], axis=1)
+            flat = np.concatenate([flat, np.broadcast_to(t_flat, (A, t_flat.shape[1]))], axis=1)
+        if cand.shape[1] > n:
+            part = np.argpartition(-cand, n - 1, axis=1)[:, :n]
+            cand, flat = np.take_along_axis(cand, part, axis=1), np.take_along_axis(flat, part, axis=1)
+    order = np.lexsort((flat, -cand), axis=-1)[:, :min(n, cand.shape[1])]  # by value, then by flat id
     return np.take_along_axis(cand, order, axis=-1), np.take_along_axis(flat, order, axis=-1)
 
 
