@@ -96,22 +96,45 @@ class _Stepper:
             self.logits, self.state = self.model.step(self.context[:, -self.window:], self.state)
         return self.logits
 
+    def keep(self, rows: np.ndarray) -> None:
+        """Continue with these rows only (the others have finished)."""
+        self.state = self.model.reorder(self.state, rows)
+        self.logits = self.logits[rows]
+        self.context = self.context[rows]
+        self.src = None if self.src is None else np.asarray(self.src)[rows]
+        self.B = len(rows)
 
-def _decode(model, src, prefix, batch_size, max_len, bos, eos, window, pick, start_state=None) -> np.ndarray:
-    """The loop greedy and sampling share: `pick(logits (B, V)) -> (B,)` chooses the next tokens."""
+
+# Greedy decoding drops its finished rows from the batch once this share of the rows still in it has finished (each
+# drop copies the decoding state of the rows that stay).
+COMPACT_SHARE = 0.25
+
+
+def _decode(model, src, prefix, batch_size, max_len, bos, eos, window, pick, start_state=None,
+            compact: bool = False) -> np.ndarray:
+    """The loop greedy and sampling share: `pick(logits (b, V)) -> (b,)` chooses the next tokens of the b rows in
+    the batch. compact=True (a pick that treats every row alone, as argmax): finished rows leave the batch
+    (COMPACT_SHARE); otherwise they keep feeding EOS (sampling: its random stream stays what it was)."""
     prefix = _prefix(src, prefix, batch_size, bos)
     B = prefix.shape[0]
     stepper = _Stepper(model, src, prefix, window, start_state)
     finished = np.zeros(B, dtype=bool)
+    live = np.arange(B)  # the rows still in the batch
     out: list[np.ndarray] = []
     for t in range(max_len):
-        tok = pick(stepper.logits).astype(np.int64)
+        tok = np.full(B, PAD, dtype=np.int64)
+        tok[live] = pick(stepper.logits)
         tok[finished] = PAD
         out.append(tok)
         finished |= tok == eos
         if finished.all() or t == max_len - 1:
             break  # no step after the last token: it may not fit the model's positions
-        stepper.feed(np.where(finished, eos, tok))  # finished rows keep feeding EOS (their output is ignored)
+        done = finished[live]
+        if compact and done.sum() >= COMPACT_SHARE * len(live):
+            stay = np.flatnonzero(~done)
+            stepper.keep(stay)
+            live = live[stay]
+        stepper.feed(np.where(finished[live], eos, tok[live]))  # finished rows still in the batch feed EOS
     return _finish(out, B)
 
 
@@ -119,10 +142,11 @@ def _decode(model, src, prefix, batch_size, max_len, bos, eos, window, pick, sta
 def greedy(model: IncrementalDecoder, src: np.ndarray | None = None, *, max_len: int,
            prefix: np.ndarray | None = None, batch_size: int | None = None, bos: int = BOS, eos: int = EOS,
            window: int | None = None, start_state=None) -> np.ndarray:
-    """Argmax at every step (ties: the lowest id). Returns (B, L) int32, L <= max_len. start_state: what
+    """Argmax at every step (ties: the lowest id); finished rows leave the batch. Returns (B, L) int32,
+    L <= max_len. start_state: what
     model.start(src) would return, when the caller has it already (a seq2seq eval that encoded src once)."""
     return _decode(model, src, prefix, batch_size, max_len, bos, eos, window, lambda lg: np.argmax(lg, axis=-1),
-                   start_state)
+                   start_state, compact=True)
 
 
 # -- sampling ---------------------------------------------------------------------------------------------------------

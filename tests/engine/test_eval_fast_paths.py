@@ -153,3 +153,24 @@ def test_beam_search_from_a_given_start_state_equals_starting_itself():
         np.testing.assert_array_equal(s1, s0)
     g0 = decoding.greedy(m, src, max_len=9)
     np.testing.assert_array_equal(decoding.greedy(m, src, max_len=9, start_state=m.start_from(memory, mask)), g0)
+
+
+def test_greedy_drops_finished_rows_and_decodes_the_same(monkeypatch):
+    m, src = _model(seed=4), _src(B=7)
+    seen = []
+    step = m.step
+    monkeypatch.setattr(m, "step", lambda tokens, state: (seen.append(tokens.shape[0]), step(tokens, state))[1],
+                        raising=False)
+    monkeypatch.setattr(decoding, "COMPACT_SHARE", 2.0)  # never compact: the reference
+    ref = decoding.greedy(m, src, max_len=12)
+    n_ref = sum(seen)
+    seen.clear()
+    monkeypatch.setattr(decoding, "COMPACT_SHARE", 0.0)  # drop finished rows at every step
+    got = decoding.greedy(m, src, max_len=12)
+    np.testing.assert_array_equal(got, ref)
+    lengths = (ref != 0).sum(axis=1)
+    assert lengths.min() < lengths.max()  # rows finished at different steps
+    assert sum(seen) < n_ref and seen[-1] < src.shape[0]
+    # sampling keeps every row (its random stream does not depend on who finished): seeded, the same text
+    a = decoding.sample(m, src, max_len=12, rng=3)
+    np.testing.assert_array_equal(decoding.sample(m, src, max_len=12, rng=3), a)
