@@ -54,7 +54,7 @@ TRAIN_ARGS = ("--task reverse --model transformer --batch-size 64 --seed 3 --thr
 # d 256 (4 layers, ~3.2 M parameters, ~13 MB of float32 gradients); DATA is filled in by prepare_lm_data. Evaluated
 # on the first 256 validation rows (the same rows for every run), so an evaluation does not dwarf the steps.
 LM_ARGS = ("--task shakespeare --data {data} --batch-size 12 --seed 3 --threads 1 -q --set model.d_model=256 "
-           "--set model.d_ff=1024 --set data.eval_rows=256 --set run.log_every=5")
+           "--set model.d_ff=1024 --set run.eval_rows=256 --set run.log_every=5")
 MODELS = {"s": TRAIN_ARGS, "lm": LM_ARGS}
 # DiLoCo's H for the sync-every options: 16. The outer gradient is the whole model (4 MB for S): on good Wi-Fi the
 # ring moves it in ~0.18 s, 5-6 of S's ~0.034 s two-worker steps, so H = 8 would leave the overlapped exchange barely
