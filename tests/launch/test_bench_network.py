@@ -3,6 +3,7 @@ the NFQUEUE messages of the delay program, the parsers and the result rows, all 
 with `ip netns`, a real shaped link (RTT from the delay program, rate from tbf) that is always torn down."""
 import json
 import os
+import shlex
 import shutil
 import socket
 import struct
@@ -181,6 +182,22 @@ def test_model_choice_gives_every_run_the_same_arguments_but_the_option(tmp_path
                                                "comm_share": 0.5, "bytes_per_step": 1e6, "final_eval_loss": 2.5,
                                                "time_to_target_vs_one_worker": None})
     assert "not reached (final validation loss 2.5000)" in capsys.readouterr().out
+
+
+def test_every_models_runs_parse_to_a_valid_config(tmp_path):
+    """Each model's `ndtrain train` arguments, with each option's flags, are a config `ndtrain train` accepts (the
+    LM's once named a key that does not exist, and its reference run failed at its first line)."""
+    from ndtrain.launch.cli import build_parser
+    from ndtrain.launch.cmd_train import resolve_config
+    from ndtrain.launch.config import validate
+    parser = build_parser()
+    for model, train_args in network.MODELS.items():
+        for option, flags in network.OPTIONS.items():
+            argv = ["train", *shlex.split(train_args.format(data=tmp_path)), "--steps", "10", "--backend", "ray",
+                    "--workers", "2", "--out", str(tmp_path / "out"), *flags]
+            cfg = validate(resolve_config(parser.parse_args(argv)))
+            assert (cfg.run.steps, cfg.run.workers) == (10, 2), (model, option)
+            assert cfg.run.eval_rows == (256 if model == "lm" else 0), (model, option)
 
 
 def test_main_refuses_unknown_profiles(capsys):
