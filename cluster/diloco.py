@@ -46,6 +46,16 @@ class DiLoCo:
             step = delta
         self.anchor -= self.lr * step
 
+    def peek(self, delta_sum: np.ndarray, world_size: int) -> np.ndarray:
+        """The anchor advance() would give, (P,), with no state changed (evaluation while a sum waits to be applied)."""
+        delta = delta_sum / world_size
+        if self.momentum:
+            buf = self.momentum * self.buf + delta
+            step = delta + self.momentum * buf if self.nesterov else buf
+        else:
+            step = delta
+        return self.anchor - self.lr * step
+
     def state_dict(self) -> dict[str, np.ndarray]:
         return {"anchor": self.anchor.copy(), "momentum": self.buf.copy()}
 
@@ -59,39 +69,50 @@ class DiLoCo:
 
 
 class OverlappedDiLoCo:
-    """The outer step applied one round late, so its exchange hides behind the next H inner steps (the delayed outer
-    gradient of Kale, Douillard & Donchev 2025, "Eager Updates For Overlapped Communication and Computation in
-    DiLoCo", and the overlapped sync of Douillard et al. 2025, "Streaming DiLoCo"). Each rank keeps the progress it
-    made while the exchange was in flight, as the eager variant does with its own fresh outer gradient, but the
-    correction every rank applies is the same: the anchor moves by the outer step on the SUM that arrived, which is
-    bitwise equal everywhere.
+    """The outer step applied tau inner steps after its exchange starts (1 <= tau <= H), so the exchange hides behind
+    those steps (the delayed outer gradient of Kale, Douillard & Donchev 2025, "Eager Updates For Overlapped
+    Communication and Computation in DiLoCo", and the overlap of tau steps of Douillard et al. 2025, "Streaming
+    DiLoCo"). Each rank keeps the progress it made while the exchange was in flight, as the eager variant does with
+    its own fresh outer gradient, but the correction every rank applies is the same: the anchor moves by the outer
+    step on the SUM that arrived, which is bitwise equal everywhere.
 
-    Rank i holds x_i (its parameters) and b_i (x_i when it last launched an exchange); A (the anchor) and the outer
-    momentum are shared. At each sync, with D the sum over ranks of the exchange launched at the previous sync
-    (None at the first):
-        d_i = b_i - x_i                    this round's outer gradient (minus the progress since the last launch)
-        if D: A <- Nesterov(A, D / W);  x_i <- A - d_i     (the rank's in-flight progress is replaced by the mean;
-                                                             the progress since the launch is kept)
-        b_i <- x_i;  launch the exchange of d_i
-    At the run's end (finish) the last exchange is waited for and applied with nothing after it: x_i <- A on every
-    rank. The anchor is what evaluation and checkpoints' param/ see. With no progress kept (x_i <- A at each sync)
-    this would be the paper's naive delayed update; keeping it lets a rank build on its own last round at once."""
+    Rank i holds x_i (its parameters) and b_i (its base); A (the anchor) and the outer momentum are shared.
+        launch (at each sync):  d_i = b_i - x_i;  b_i <- x_i;  start the exchange of d_i (its sum D over ranks)
+        apply (tau steps later): A <- Nesterov(A, D / W);  x_i <- A + (x_i - b_i);  b_i <- A
+                                 (the rank's in-flight progress is replaced by the mean; what it did since the
+                                  launch is kept; the next launch sends x_i's distance from the anchor)
+    tau = H applies at the next sync, just before its launch (`sync`). At the run's end (`finish`) the last exchange
+    is launched and applied with no step between: x_i <- A on every rank. The anchor is what evaluation and
+    checkpoints' param/ see. Rounds stay H steps long whatever tau: tau only moves where the correction lands, and
+    a smaller tau leaves a rank's own share of the round in its parameters for fewer steps."""
 
     def __init__(self, outer: DiLoCo, params: np.ndarray):
         self.outer = outer
         self.base = np.array(params, copy=True)  # b_i, (P,)
 
+    def launch(self, params: np.ndarray) -> np.ndarray:
+        """d_i = b_i - x_i, this rank's outer gradient to exchange now, (P,); b_i <- x_i."""
+        d = self.base - params
+        self.base[...] = params
+        return d
+
+    def apply(self, params: np.ndarray, delta_sum: np.ndarray, world_size: int) -> None:
+        """The outer step on the sum D of the exchange launched last, in place on params (x_i <- A + x_i - b_i)."""
+        self.outer.advance(delta_sum, world_size)
+        params -= self.base
+        params += self.outer.anchor
+        self.base[...] = self.outer.anchor
+
     def sync(self, params: np.ndarray, delta_sum: np.ndarray | None, world_size: int) -> np.ndarray:
-        """Apply D (when given), in place on params; returns d_i, this rank's outer gradient to exchange now."""
+        """tau = H: apply D (when given), then launch; returns d_i (b_i - x_i as it was before the correction: the
+        same value as apply-then-launch, without its rounding)."""
         d = self.base - params
         if delta_sum is not None:
-            self.outer.advance(delta_sum, world_size)
-            np.subtract(self.outer.anchor, d, out=params)
+            self.apply(params, delta_sum, world_size)
         self.base[...] = params
         return d
 
     def finish(self, params: np.ndarray, delta_sum: np.ndarray, world_size: int) -> None:
         """The last exchange's sum, right after it was launched (no inner step since): params <- the anchor."""
-        self.outer.advance(delta_sum, world_size)
-        params[...] = self.outer.anchor
-        self.base[...] = params
+        self.apply(params, delta_sum, world_size)
+        params[...] = self.outer.anchor  # x_i - b_i was 0: the same bits on every rank

@@ -96,7 +96,8 @@ class LoopSettings:
     sync_every: int = 0  # DiLoCo's H (cluster/local_sgd.py); 0: synchronous training
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
-    sync_overlap: bool = False  # DiLoCo: the outer exchange in the background, applied one round later
+    sync_overlap: bool = False  # DiLoCo: the outer exchange in the background, applied sync_delay steps later
+    sync_delay: int = 0  # DiLoCo overlapped: inner steps between an exchange's launch and its outer step (0: H)
     link_probe_mb: float = 4.0  # the start-up link probe's all-reduce (cluster/link_probe.py); 0: none
 
 

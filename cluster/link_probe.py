@@ -13,8 +13,8 @@ buffers (TcpGroup.tune_link: bandwidth x latency, the bandwidth-delay product).
 
 The communication share of a step, estimated: t_comm = latency x buckets + 2 (W - 1) / W x gradient bytes /
 bandwidth, against the step's compute time (measured over the first steps): share = t_comm / (t_comm + compute).
-Above ADVISE_SHARE the advice names --compress (2-byte or low-rank gradients), --sync-every (an all-reduce every H
-steps) or a larger batch (more compute per byte).
+Above ADVISE_SHARE the advice names --compress (2-byte or low-rank gradients), --sync-every with averaging (local
+SGD: a parameter all-reduce every H steps) or a larger batch (more compute per byte).
 """
 from __future__ import annotations
 
@@ -66,4 +66,5 @@ def advice(link: dict, grad_bytes: int, compute_s: float, world: int, buckets: i
     return (f"advice: the link between ranks ({link['bandwidth_Bps'] / 1e6:.1f} MB/s, {link['latency_s'] * 1e3:.2f} ms) "
             f"would take ~{share:.0%} of each step ({grad_bytes / 1e6:.1f} MB of gradients, ~{t:.3f} s against "
             f"{compute_s:.3f} s of compute): try --compress fp16 (half the bytes) or powersgd, --sync-every 8 "
-            f"(DiLoCo: an all-reduce every 8 steps), or a larger --batch-size")
+            f"--outer-lr 1 --outer-momentum 0 (local SGD: the parameters averaged every 8 steps; add --sync-overlap "
+            f"--sync-delay 2 to hide it), or a larger --batch-size")

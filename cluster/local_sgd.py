@@ -21,9 +21,9 @@ under rank/<r>/ (cluster/checkpoint_meta.py). A resume continues bitwise on the 
 size is refused (each rank's inner trajectory belongs to its share of the batch).
 Evaluation uses the anchor (the last synchronised parameters), the same on every rank.
 
-cluster.sync_overlap: the outer gradient's exchange runs while the next H inner steps do, queued a few chunks per
-step (cluster/outer_exchange.py), and its outer step is applied at the next sync (cluster/diloco.py
-OverlappedDiLoCo); at the run's end the last one is waited for and applied. A checkpoint waits for the sum in flight
+cluster.sync_overlap: the outer gradient's exchange runs while the next tau inner steps do (cluster.sync_delay,
+default H), queued a few chunks per step (cluster/outer_exchange.py), and its outer step is applied tau steps
+after the launch (cluster/diloco.py OverlappedDiLoCo); at the run's end the last one is waited for and applied. A checkpoint waits for the sum in flight
 and saves it (shared: it is applied at the next sync, as without the checkpoint). cluster.compress fp16 / bf16: the
 outer gradient goes as 2-byte payloads with error feedback (residuals per rank, in checkpoints).
 """
@@ -59,13 +59,17 @@ class LocalSGD:
         overlap = bool(getattr(s, "sync_overlap", False))
         chunk = int(s.bucket_mb * (1 << 20)) if overlap else 4 * max(1, size)
         self.exchange = OuterExchange(comm, size, scheme=s.compress, chunk_bytes=chunk)
-        self.chunks_per_step = self.exchange.per_step((self.every + 1) // 2)
+        # tau: inner steps from an exchange's launch to its outer step (cluster.sync_delay; 0: H, the next sync)
+        self.delay = min(self.every, int(getattr(s, "sync_delay", 0) or self.every))
+        self.chunks_per_step = self.exchange.per_step((self.delay + 1) // 2)
         self.overlapped = OverlappedDiLoCo(self.outer, self.store.data) if overlap else None
-        self.pending: PendingSum | None = None  # the exchange in flight (overlapped), applied at the next sync
+        self.pending: PendingSum | None = None  # the exchange in flight (overlapped), applied delay steps later
+        self.launched_at = 0  # the sync step that launched self.pending
         if job.shared_state:
             self.outer.load_state_dict(job.shared_state)
             if self.overlapped is not None and np.size(job.shared_state.get("pending", ())):
                 self.pending = PendingSum.done(np.array(job.shared_state["pending"], dtype=self.store.data.dtype))
+                self.launched_at = (int(job.start_step) // self.every) * self.every  # the last sync at or before
         if job.rank_state_world and job.rank_state_world != comm.world_size:
             raise WorkerError(f"rank {comm.rank}: a DiLoCo checkpoint (cluster.sync_every) resumes on the world "
                               f"size it was written with ({job.rank_state_world} workers), not {comm.world_size}")
@@ -124,17 +128,19 @@ class LocalSGD:
         else:
             buf[2] = 0.0
         if sync:
-            self.synchronise(final=step_done == self.steps)
+            self.synchronise(step_done, final=step_done == self.steps)
+        elif self.pending is not None and step_done - self.launched_at >= self.delay:
+            self._apply_pending()  # tau steps after its launch: the outer step, every rank at the same step
         elif self.pending is not None:
             self.pending.advance()  # the next chunks of the outer gradient in flight, after this step's collectives
         if log_now:
             return float(small[1]), float(small[2])
         return loss, count
 
-    def synchronise(self, final: bool = False) -> None:
+    def synchronise(self, step_done: int = 0, final: bool = False) -> None:
         """The outer step: the sum over ranks of anchor - theta_i, then Nesterov on the mean (every rank alike).
-        Overlapped (cluster.sync_overlap): apply the sum launched at the last sync, launch this round's
-        (cluster/diloco.py OverlappedDiLoCo); at the run's end (final) wait for it and apply it too."""
+        Overlapped (cluster.sync_overlap): apply the sum in flight if it is still pending (tau = H), launch this
+        round's (cluster/diloco.py OverlappedDiLoCo); at the run's end (final) wait for it and apply it too."""
         t0 = time.perf_counter()
         x, world = self.store.data, self.comm.world_size
         if self.overlapped is None:
@@ -148,16 +154,33 @@ class LocalSGD:
             total = self.pending.result() if self.pending is not None else None
             d = self.overlapped.sync(x, total, world)
             self.pending = self.exchange.start(d, self.chunks_per_step)
+            self.launched_at = step_done
             if final:
                 self.overlapped.finish(x, self.pending.result(), world)
                 self.pending = None
         self.sync_s += time.perf_counter() - t0
 
+    def _apply_pending(self) -> None:
+        """Overlapped, tau < H: wait for the exchange in flight and apply its outer step (x_i keeps its progress
+        since the launch)."""
+        t0 = time.perf_counter()
+        self.overlapped.apply(self.store.data, self.pending.result(), self.comm.world_size)
+        self.pending = None
+        self.sync_s += time.perf_counter() - t0
+
     @contextlib.contextmanager
-    def anchor_params(self):
-        """The anchor in store.data for the duration (evaluation between syncs), then the local parameters back."""
+    def anchor_params(self, fresh: bool = False):
+        """The anchor in store.data for the duration (evaluation between syncs), then the local parameters back.
+        fresh (evaluation): with an overlapped exchange in flight, the anchor its outer step will give (the sum is
+        waited for now and still applied at its step: the training numbers do not change), so an evaluation sees
+        every round launched so far, as it does without overlap."""
         local = self.store.data.copy()
-        self.store.data[...] = self.outer.anchor
+        if fresh and self.pending is not None:
+            total = self.pending.result()
+            self.pending = PendingSum.done(total)
+            self.store.data[...] = self.outer.peek(total, self.comm.world_size)
+        else:
+            self.store.data[...] = self.outer.anchor
         try:
             yield
         finally:

@@ -325,7 +325,7 @@ class Trainer:
         and added in rank order (the same result on every rank, for any world size)."""
         module = self.model.module
         module.eval()
-        anchor = self.local.anchor_params() if self.local is not None else contextlib.nullcontext()
+        anchor = self.local.anchor_params(fresh=True) if self.local is not None else contextlib.nullcontext()
         try:
             anchor.__enter__()
             local: dict[str, float] = {}

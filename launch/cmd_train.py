@@ -94,6 +94,14 @@ def add_parser(sub) -> None:
                    help="DiLoCo: H local steps per rank between parameter all-reduces (cluster.sync_every)")
     p.add_argument("--sync-overlap", action="store_true", default=None,
                    help="DiLoCo: exchange the outer gradient while the next H steps run (cluster.sync_overlap)")
+    p.add_argument("--outer-lr", type=float, metavar="LR",
+                   help="DiLoCo's outer learning rate (cluster.outer_lr, default 0.7; 1 with --outer-momentum 0: "
+                        "local SGD, the parameters averaged)")
+    p.add_argument("--outer-momentum", type=float, metavar="MU",
+                   help="DiLoCo's outer Nesterov momentum (cluster.outer_momentum, default 0.9)")
+    p.add_argument("--sync-delay", type=int, metavar="TAU",
+                   help="DiLoCo overlapped: apply each outer step TAU inner steps after its exchange starts "
+                        "(cluster.sync_delay; default H)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="text (default) or json: one JSON object per event on stdout, for scripts and CI")
@@ -115,6 +123,9 @@ def resolve_config(args) -> Config:
                                             "compress": getattr(args, "compress", None),
                                             "sync_every": getattr(args, "sync_every", None),
                                             "sync_overlap": getattr(args, "sync_overlap", None),
+                                            "sync_delay": getattr(args, "sync_delay", None),
+                                            "outer_lr": getattr(args, "outer_lr", None),
+                                            "outer_momentum": getattr(args, "outer_momentum", None),
                                             "min_workers": getattr(args, "min_workers", None),
                                             "max_workers": getattr(args, "max_workers", None)},
                                    overrides=args.overrides)

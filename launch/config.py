@@ -149,6 +149,9 @@ class ClusterConfig:
     sync_overlap: bool = _f(False, doc="DiLoCo: exchange the outer gradient in the background while the next H inner "
                                        "steps run, and apply the outer step one round later (cluster.sync_every > 0; "
                                        "docs/network.md)")
+    sync_delay: int = _f(0, min=0, doc="DiLoCo overlapped: inner steps between an outer exchange's launch and its "
+                                       "outer step, tau <= H (0: H, the next sync). Smaller: fresher parameters "
+                                       "(closer to the blocking sync's convergence), less time to hide the exchange")
     # The live straggler view (cluster/straggler.py, docs/elastic.md "Stragglers"): MPI and Ray runs of W > 1.
     straggler_factor: float = _f(1.5, min=1.0, doc="name a rank whose compute time per step (step time minus time "
                                                   "blocked in communication) exceeds this many times the other "
@@ -358,6 +361,11 @@ def validate(cfg: Config) -> Config:
                           "gradient goes as fp16 or bf16)")
     if c.sync_overlap and not c.sync_every:
         raise ConfigError("cluster.sync_overlap: needs cluster.sync_every > 0 (it overlaps DiLoCo's outer sync)")
+    if c.sync_delay and not c.sync_overlap:
+        raise ConfigError("cluster.sync_delay: needs cluster.sync_overlap (it delays the overlapped outer step)")
+    if c.sync_delay > c.sync_every:
+        raise ConfigError(f"cluster.sync_delay: at most cluster.sync_every ({c.sync_every}), got {c.sync_delay} "
+                          f"(an exchange is applied by the next sync at the latest)")
     if c.straggler_factor <= 1.0:
         raise ConfigError(f"cluster.straggler_factor: must be > 1 (a multiple of the median), got {c.straggler_factor}")
     _check_elastic(cfg)

@@ -38,7 +38,7 @@ def loop_settings(cfg: Config) -> LoopSettings:
                         bucket_mb=cfg.cluster.bucket_mb, overlap=cfg.cluster.overlap, compress=cfg.cluster.compress,
                         powersgd_rank=cfg.cluster.powersgd_rank, sync_every=cfg.cluster.sync_every,
                         outer_lr=cfg.cluster.outer_lr, outer_momentum=cfg.cluster.outer_momentum,
-                        sync_overlap=cfg.cluster.sync_overlap,
+                        sync_overlap=cfg.cluster.sync_overlap, sync_delay=cfg.cluster.sync_delay,
                         link_probe_mb=cfg.cluster.link_probe_mb)
 
 

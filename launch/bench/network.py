@@ -22,9 +22,11 @@ Per (profile, option), from the run's metrics.jsonl and the veth's byte counters
                   one-worker run's final validation loss) over the one worker's time to it
 Options: plain, compress-fp16, compress-bf16, compress-powersgd (`--compress`), sync-every (`--sync-every 16`,
 DiLoCo), sync-every-overlap (`--sync-every 16 --sync-overlap`: the outer exchange hidden behind the next 16 steps),
-sync-every-fp16 (the same with the outer gradient as fp16). Models (--model): s, the issue's S model (default), or lm,
-the tinyshakespeare char LM at d 256 (--data input.txt or an imported directory). The one-worker reference and the
-2-host runs get identical `ndtrain train` arguments except the option's flags, the backend and --workers.
+sync-every-fp16 (the same with the outer gradient as fp16), local-sgd (the parameters averaged every 8 steps:
+outer lr 1, no momentum; fp16), local-sgd-overlap (the same, each average applied 2 steps after its exchange
+starts). Models (--model): s, the issue's S model (default), or lm, the tinyshakespeare char LM at d 256 (--data
+input.txt or an imported directory). The one-worker reference and the 2-host runs get identical `ndtrain train`
+arguments except the option's flags, the backend, --workers and --steps (--two-host-steps).
 """
 from __future__ import annotations
 
@@ -61,6 +63,27 @@ MODELS = {"s": TRAIN_ARGS, "lm": LM_ARGS}
 # hidden on a loaded link and H = 16 hides it with room (poor Wi-Fi, ~5 MB/s with loss: ~0.8 s, hidden by 16 steps
 # only with fp16's 2 MB). Fewer syncs slow DiLoCo's progress per step, so H stays as small as hides the exchange.
 SYNC_H = "16"
+# Local SGD (Lin et al. 2020, "Don't Use Large Mini-Batches, Use Local SGD"; PyTorch's PeriodicModelAverager): DiLoCo
+# with outer lr 1 and no momentum, i.e. the ranks' parameters averaged every H = 8 steps, as fp16 with error feedback.
+# Measured on 2 MPI ranks, no link (docs/real-runs.md 5b): with this short H, plain averaging tracks synchronous
+# training (the LM 2.217 against 2.171 after 300 steps; S crosses its plateau ~80 steps sooner) where DiLoCo's
+# Nesterov 0.7 / 0.9 drifts (2.73 at H = 4). Overlapped, the sum is applied tau = 2 steps after its launch: the
+# exchange (2 MB for S, 6.4 MB for the LM) hides behind 2 steps on good Wi-Fi; applied a whole round late (tau = H)
+# the LM ended at 2.348.
+LOCAL_H, LOCAL_TAU = "8", "2"
+AVERAGE = ["--outer-lr", "1", "--outer-momentum", "0"]
+
+
+def local_sgd_options(every: int, delay: int) -> dict[str, list[str]]:
+    """The local-sgd options' flags for H = every and tau = delay (1 <= tau <= H)."""
+    if not 1 <= delay <= every:
+        raise ValueError(f"--local-sgd-delay: need 1 <= tau ({delay}) <= --local-sgd-every ({every})")
+    h, tau = str(every), str(delay)
+    return {"local-sgd": ["--sync-every", h, "--compress", "fp16", *AVERAGE],
+            "local-sgd-overlap": ["--sync-every", h, "--sync-overlap", "--sync-delay", tau, "--compress", "fp16",
+                                  *AVERAGE]}
+
+
 # option name -> extra `ndtrain train` flags, or None while the training loop lacks it (reason in NOT_YET)
 OPTIONS: dict[str, list[str] | None] = {"plain": [], "compress-fp16": ["--compress", "fp16"],
                                          "compress-bf16": ["--compress", "bf16"],
@@ -68,7 +91,8 @@ OPTIONS: dict[str, list[str] | None] = {"plain": [], "compress-fp16": ["--compre
                                          "sync-every": ["--sync-every", SYNC_H],  # DiLoCo, blocking outer sync
                                          "sync-every-overlap": ["--sync-every", SYNC_H, "--sync-overlap"],
                                          "sync-every-fp16": ["--sync-every", SYNC_H, "--sync-overlap",
-                                                             "--compress", "fp16"]}
+                                                             "--compress", "fp16"],
+                                         **local_sgd_options(int(LOCAL_H), int(LOCAL_TAU))}
 NOT_YET: dict[str, str] = {}  # option -> why it cannot run yet (every option runs today)
 
 
@@ -93,6 +117,13 @@ def add_arguments(p) -> None:
                                   "directory) or a directory already imported (train/, val/)")
     p.add_argument("--steps", type=int, help="training steps per run (default: 600 for s, 300 for lm: long enough "
                                              "for DiLoCo's syncs to show in the loss)")
+    p.add_argument("--local-sgd-every", type=int, default=int(LOCAL_H),
+                   help="H of the local-sgd options (steps between averages)")
+    p.add_argument("--local-sgd-delay", type=int, default=int(LOCAL_TAU),
+                   help="tau of local-sgd-overlap (steps from an exchange's launch to its average; <= H)")
+    p.add_argument("--two-host-steps", type=int,
+                   help="training steps of the 2-host runs (default: --steps); more than the one worker's when an "
+                        "option needs more steps to reach its loss (the schedule stretches with them)")
     p.add_argument("--eval-every", type=int, help="steps between validation losses (default: steps / 15)")
     p.add_argument("--target-loss", type=float, help="validation loss target (default: the 1-worker final loss)")
     p.add_argument("--train-args", help="`ndtrain train` arguments of every run (default: those of --model)")
@@ -271,8 +302,8 @@ def resolve_run_args(args, work: Path, env: dict) -> None:
             args.train_args = TRAIN_ARGS
 
 
-def train_command(args, backend: str, out: Path, extra: list[str]) -> list[str]:
-    return [str(BIN / "ndtrain"), "train", *shlex.split(args.train_args), "--steps", str(args.steps),
+def train_command(args, backend: str, out: Path, extra: list[str], steps: int | None = None) -> list[str]:
+    return [str(BIN / "ndtrain"), "train", *shlex.split(args.train_args), "--steps", str(steps or args.steps),
             "--set", f"run.eval_every={args.eval_every}", "--backend", backend, "--out", str(out), *extra]
 
 
@@ -307,7 +338,9 @@ def two_hosts(args, net: TwoHosts, work: Path, env: dict, profile: str, option: 
         extra_env, hostfile = mpi_setup(net, work)
         where = ["--hostfile", str(hostfile)]
     tx0 = {h: veth_tx_bytes(net, h) for h in net.HOSTS}
-    cmd = net.in_ns("a", *train_command(args, args.backend, out, ["--workers", "2", *where, *OPTIONS[option]]))
+    steps = getattr(args, "two_host_steps", None) or args.steps
+    cmd = net.in_ns("a", *train_command(args, args.backend, out, ["--workers", "2", *where, *OPTIONS[option]],
+                                        steps))
     rc = run_logged(cmd, log, {**env, **extra_env}, args.timeout)
     res: dict = {"profile": profile, "option": option, "backend": args.backend, "available": True,
                  "exit_status": rc}
@@ -317,7 +350,7 @@ def two_hosts(args, net: TwoHosts, work: Path, env: dict, profile: str, option: 
     sent = sum(veth_tx_bytes(net, h) - tx0[h] for h in net.HOSTS)
     recs = read_metrics(out / rundir.METRICS)
     t = time_to_target(recs, target)
-    return {**res, **summarize(recs), "bytes_per_step": sent / 2 / args.steps,
+    return {**res, **summarize(recs), "steps": steps, "bytes_per_step": sent / 2 / steps,
             "time_to_target_s": t, "final_eval_loss": final_eval_loss(recs),
             "time_to_target_vs_one_worker": t / t_one if t is not None and t_one else None}
 
@@ -334,6 +367,7 @@ def main(args) -> int:
         options = parse_list(args.options, OPTIONS, "options")
         ccs = [c.strip() for c in args.cc.split(",") if c.strip()]
         schedules = parse_list(args.schedules, ("star", "ring", "chain"), "schedules")
+        OPTIONS.update(local_sgd_options(args.local_sgd_every, args.local_sgd_delay))
     except ValueError as e:
         print(f"bench network: {e}", file=sys.stderr)
         return 2

@@ -42,6 +42,21 @@ def test_advice_names_the_fixes_only_when_communication_dominates():
     assert advice({"latency_s": 1e-4, "bandwidth_Bps": 3e9}, 4_000_000, compute_s=0.06, world=2) is None
 
 
+def test_the_advised_local_sgd_flags_are_a_valid_config(tmp_path):
+    """The flags the advice names (local SGD: averaging every 8 steps, hidden 2 steps) parse to that config."""
+    import re
+    import shlex
+    from ndtrain.launch.cli import build_parser
+    from ndtrain.launch.cmd_train import resolve_config
+    from ndtrain.launch.config import validate
+    line = advice({"latency_s": 0.003, "bandwidth_Bps": 25e6}, 4_000_000, compute_s=0.06, world=2)
+    flags = re.search(r"(--sync-every 8 .*?) \(", line).group(1) + " " + re.search(r"add (--sync-overlap .*?) to", line).group(1)
+    argv = ["train", "--task", "spirals", "--workers", "2", "--backend", "ray", "--out", str(tmp_path / "o"),
+            *shlex.split(flags)]
+    c = validate(resolve_config(build_parser().parse_args(argv))).cluster
+    assert (c.sync_every, c.outer_lr, c.outer_momentum, c.sync_overlap, c.sync_delay) == (8, 1.0, 0.0, True, 2)
+
+
 def test_a_two_rank_run_records_the_link_and_advises(tmp_path, monkeypatch):
     monkeypatch.setenv("NDTRAIN_REPORT", "0")
     monkeypatch.setenv("NDTRAIN_TENSORBOARD", "0")

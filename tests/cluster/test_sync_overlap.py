@@ -67,6 +67,48 @@ def test_overlapped_rule_equals_its_numpy_definition_over_two_ranks():
     assert np.linalg.norm(xs[0] - mid) < 0.5 * np.linalg.norm(theta0 - mid)
 
 
+def test_delayed_rule_tau_steps_after_the_launch_equals_its_numpy_definition():
+    """cluster.sync_delay = tau < H: each exchange's outer step lands tau inner steps after its launch; rounds stay H
+    steps long. Written out independently over 2 ranks; tau = H is the sync() path (apply, then launch)."""
+    rng = np.random.default_rng(1)
+    P, W, H, tau, rounds, lr, mu = 5, 2, 4, 1, 12, 1.0, 0.0
+    theta0 = rng.standard_normal(P)
+    targets = [rng.standard_normal(P) for _ in range(W)]
+    outers = [DiLoCo(theta0, lr=lr, momentum=mu) for _ in range(W)]
+    rules = [OverlappedDiLoCo(o, theta0) for o in outers]
+    xs = [theta0.copy() for _ in range(W)]
+    A, bs, ys = theta0.copy(), [theta0.copy() for _ in range(W)], [theta0.copy() for _ in range(W)]
+    pending = D = None
+    for step in range(1, rounds * H + 1):
+        xs = [_inner(x, t) for x, t in zip(xs, targets)]
+        ys = [_inner(y, t) for y, t in zip(ys, targets)]
+        if step % H == 0:  # launch: d_i = b_i - x_i, b_i <- x_i
+            pending = rules[0].launch(xs[0]) + rules[1].launch(xs[1])
+            D = sum(b - y for b, y in zip(bs, ys))
+            bs = [y.copy() for y in ys]
+        elif step % H == tau and step > H:  # apply: A <- A + mean progress; x_i <- A + (x_i - b_i); b_i <- A
+            for i in range(W):
+                rules[i].apply(xs[i], pending, W)
+            A = A - lr * D / W
+            ys = [A + (y - b) for y, b in zip(ys, bs)]
+            bs = [A.copy() for _ in range(W)]
+            assert np.array_equal(outers[0].anchor, outers[1].anchor)
+            # right after the outer step the ranks differ only by their own progress since the launch (tau steps)
+            mean_target = (targets[0] + targets[1]) / 2
+            assert not np.array_equal(xs[0], xs[1])
+            assert np.linalg.norm(xs[0] - xs[1]) < np.linalg.norm(targets[0] - targets[1])
+        for i in range(W):
+            np.testing.assert_allclose(xs[i], ys[i], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(outers[i].anchor, A, rtol=0, atol=1e-12)
+    # the last launch (step rounds * H) applied with no step between: every rank holds the anchor
+    for i in range(W):
+        rules[i].finish(xs[i], pending, W)
+    A = A - lr * D / W
+    assert np.array_equal(xs[0], xs[1]) and np.array_equal(xs[0], outers[0].anchor)
+    np.testing.assert_allclose(xs[0], A, rtol=0, atol=1e-12)
+    assert np.linalg.norm(xs[0] - mean_target) < 0.05 * np.linalg.norm(theta0 - mean_target)
+
+
 SETS = ["run.task=\"spirals\"", "run.batch_size=20", "model.hidden=[16, 16]"]
 
 
@@ -100,6 +142,31 @@ def test_overlapped_and_compressed_sync_end_equal_and_resume_bitwise(tmp_path, c
     assert plain[0]["param_checksum"] != full[0]["param_checksum"]
 
 
+@pytest.mark.parametrize("compress", ["", "fp16"])
+def test_sync_delay_applies_tau_steps_after_the_launch_and_resumes_bitwise(tmp_path, compress):
+    """cluster.sync_delay=2 with H=4: the ranks end with one set of parameters, the run is deterministic, differs
+    from tau = H, and resumes bitwise from a checkpoint with the exchange in flight (step 5: launched at 4, applied
+    at 6) and from one after its outer step (step 7)."""
+    flags = ["run.steps=11", "cluster.sync_every=4", "cluster.sync_overlap=true", "cluster.sync_delay=2",
+             "optim.name=\"adam\"", "optim.lr=0.01", "cluster.bucket_mb=0.001", f"cluster.compress=\"{compress}\""]
+    full = _run(tmp_path / "full", 2, *flags)
+    assert full[0]["param_checksum"] == full[1]["param_checksum"]
+    assert _run(tmp_path / "again", 2, *flags)[0]["param_checksum"] == full[0]["param_checksum"]
+    late = _run(tmp_path / "late", 2, *[f for f in flags if "sync_delay" not in f])
+    assert late[0]["param_checksum"] != full[0]["param_checksum"]  # tau moves where the correction lands
+    part = _run(tmp_path / "part", 2, *flags, "run.checkpoint_every=5")
+    assert part[0]["param_checksum"] == full[0]["param_checksum"]
+    in_flight = ckpt.load(tmp_path / "part" / "checkpoints" / "ckpt-00000005.json")
+    assert in_flight.optim["loop.pending"].size == in_flight.optim["loop.anchor"].size
+    _run(tmp_path / "part7", 2, *flags, "run.checkpoint_every=7")
+    applied = ckpt.load(tmp_path / "part7" / "checkpoints" / "ckpt-00000007.json")
+    assert applied.optim["loop.pending"].size == 0  # step 6 applied the exchange launched at step 4
+    for where, step in (("part", 5), ("part7", 7)):
+        resumed = _run(tmp_path / f"r{step}", 2, *flags,
+                       f"run.resume=\"{tmp_path / where / 'checkpoints' / f'ckpt-{step:08d}.json'}\"")
+        assert resumed[0]["param_checksum"] == resumed[1]["param_checksum"] == full[0]["param_checksum"]
+
+
 def test_compressed_outer_gradient_without_overlap_stays_near_float(tmp_path):
     flags = ["run.steps=8", "cluster.sync_every=2", "optim.name=\"adam\"", "optim.lr=0.01"]
     exact = _run(tmp_path / "f32", 2, *flags)
@@ -116,6 +183,11 @@ def test_config_refuses_overlap_without_sync_every_and_powersgd_with_it(tmp_path
     from ndtrain.launch.config import ConfigError
     with pytest.raises(ConfigError, match="sync_overlap"):
         make_cfg(tmp_path, *SETS, "cluster.sync_overlap=true", workers=2)
+    with pytest.raises(ConfigError, match="sync_delay: needs cluster.sync_overlap"):
+        make_cfg(tmp_path, *SETS, "cluster.sync_every=4", "cluster.sync_delay=2", workers=2)
+    with pytest.raises(ConfigError, match="sync_delay: at most cluster.sync_every"):
+        make_cfg(tmp_path, *SETS, "cluster.sync_every=4", "cluster.sync_overlap=true", "cluster.sync_delay=5",
+                 workers=2)
     with pytest.raises(ConfigError, match="powersgd"):
         make_cfg(tmp_path, *SETS, "cluster.sync_every=2", "cluster.compress=\"powersgd\"", workers=2)
 
@@ -127,3 +199,29 @@ def test_two_mpi_ranks_overlapped_fp16_run_completes(tmp_path, mpi_ok):
     summary = read_summary(out)
     assert summary["steps"] == 10 and summary["world_size"] == 2
     assert (out / "config.toml").read_text().count("sync_overlap = true") == 1  # recorded in the config
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_peek_is_the_next_anchor_without_changing_state(momentum):
+    rng = np.random.default_rng(2)
+    theta0, d1, d2 = rng.standard_normal(6), rng.standard_normal(6), rng.standard_normal(6)
+    outer = DiLoCo(theta0, lr=0.7, momentum=momentum)
+    outer.advance(d1, 2)
+    before = outer.state_dict()
+    peeked = outer.peek(d2, 2)
+    after = outer.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing changed
+    outer.advance(d2, 2)
+    assert np.array_equal(peeked, outer.anchor)
+    assert not np.array_equal(peeked, before["anchor"])
+
+
+def test_evaluating_with_an_exchange_in_flight_changes_no_training_number(tmp_path):
+    """Evaluation waits for the sum in flight and evaluates the anchor its outer step will give; the sum is still
+    applied at its step, so a run with evaluations between launch and apply ends bitwise as one without."""
+    flags = ["run.steps=10", "cluster.sync_every=4", "cluster.sync_overlap=true", "optim.name=\"adam\"",
+             "optim.lr=0.01"]
+    quiet = _run(tmp_path / "quiet", 2, *flags)
+    evals = _run(tmp_path / "evals", 2, *flags, "run.eval_every=3")  # steps 3, 6 (in flight), 9 (in flight)
+    assert evals[0]["param_checksum"] == quiet[0]["param_checksum"] == evals[1]["param_checksum"]
+    assert evals[0]["eval"] == quiet[0]["eval"]

@@ -135,6 +135,9 @@ def test_rows_and_option_lists(capsys):
     assert network.OPTIONS["sync-every"] == ["--sync-every", "16"]
     assert network.OPTIONS["sync-every-overlap"] == ["--sync-every", "16", "--sync-overlap"]
     assert network.OPTIONS["sync-every-fp16"] == ["--sync-every", "16", "--sync-overlap", "--compress", "fp16"]
+    assert network.OPTIONS["local-sgd-overlap"] == ["--sync-every", "8", "--sync-overlap", "--sync-delay", "2",
+                                                    "--compress", "fp16", "--outer-lr", "1", "--outer-momentum",
+                                                    "0"]
     from ndtrain.launch.cmd_train import add_parser
     import argparse
     sub = argparse.ArgumentParser().add_subparsers()
@@ -198,6 +201,21 @@ def test_every_models_runs_parse_to_a_valid_config(tmp_path):
             cfg = validate(resolve_config(parser.parse_args(argv)))
             assert (cfg.run.steps, cfg.run.workers) == (10, 2), (model, option)
             assert cfg.run.eval_rows == (256 if model == "lm" else 0), (model, option)
+            if option.startswith("local-sgd"):  # plain averaging every 8 steps, as fp16
+                c = cfg.cluster
+                assert (c.sync_every, c.outer_lr, c.outer_momentum, c.compress) == (8, 1.0, 0.0, "fp16"), option
+                assert (c.sync_overlap, c.sync_delay) == ((True, 2) if option.endswith("overlap") else (False, 0))
+
+
+def test_two_host_steps_change_only_the_two_host_runs(tmp_path):
+    import argparse
+    p = argparse.ArgumentParser()
+    network.add_arguments(p)
+    args = p.parse_args(["--steps", "300", "--two-host-steps", "360"])
+    network.resolve_run_args(args, tmp_path, dict(os.environ))
+    one = network.train_command(args, "local", tmp_path / "one", [])
+    two = network.train_command(args, "ray", tmp_path / "two", [], args.two_host_steps)
+    assert one[one.index("--steps") + 1] == "300" and two[two.index("--steps") + 1] == "360"
 
 
 def test_main_refuses_unknown_profiles(capsys):
@@ -290,3 +308,16 @@ def test_allreduce_probe_over_a_shaped_link():
         got = network.probe_allreduce(net, PROFILES["lan"], ["star", "ring"], ["bbr"], 0.5, 1, timeout=60)
     assert [g.get("schedule") for g in got] == ["star", "ring"], got
     assert all("error" not in g and g["bytes_sent_per_rank"] == 524288 for g in got), got
+
+
+def test_local_sgd_every_and_delay_set_the_local_sgd_flags(capsys):
+    flags = network.local_sgd_options(16, 4)["local-sgd-overlap"]
+    assert flags[flags.index("--sync-every") + 1] == "16" and flags[flags.index("--sync-delay") + 1] == "4"
+    assert "--sync-delay" not in network.local_sgd_options(16, 4)["local-sgd"]
+    with pytest.raises(ValueError, match="local-sgd-delay"):
+        network.local_sgd_options(8, 9)
+    import argparse
+    p = argparse.ArgumentParser()
+    network.add_arguments(p)
+    assert network.main(p.parse_args(["--local-sgd-every", "4", "--local-sgd-delay", "5"])) == 2
+    assert "--local-sgd-delay" in capsys.readouterr().err
