@@ -37,24 +37,20 @@ class DiLoCo:
 
     def advance(self, delta_sum: np.ndarray, world_size: int) -> None:
         """anchor <- the outer Nesterov step on the mean outer gradient delta_sum / W (every rank alike)."""
-        delta = delta_sum / world_size
-        if self.momentum:
-            self.buf *= self.momentum
-            self.buf += delta
-            step = delta + self.momentum * self.buf if self.nesterov else self.buf
-        else:
-            step = delta
-        self.anchor -= self.lr * step
+        self.anchor, self.buf = self._next(delta_sum, world_size)
 
     def peek(self, delta_sum: np.ndarray, world_size: int) -> np.ndarray:
         """The anchor advance() would give, (P,), with no state changed (evaluation while a sum waits to be applied)."""
+        return self._next(delta_sum, world_size)[0]
+
+    def _next(self, delta_sum: np.ndarray, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(anchor, momentum) after the outer step on delta_sum / W, as new arrays."""
         delta = delta_sum / world_size
-        if self.momentum:
-            buf = self.momentum * self.buf + delta
-            step = delta + self.momentum * buf if self.nesterov else buf
-        else:
-            step = delta
-        return self.anchor - self.lr * step
+        if not self.momentum:
+            return self.anchor - self.lr * delta, self.buf
+        buf = self.momentum * self.buf + delta
+        step = delta + self.momentum * buf if self.nesterov else buf
+        return self.anchor - self.lr * step, buf
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {"anchor": self.anchor.copy(), "momentum": self.buf.copy()}

@@ -23,8 +23,9 @@ Evaluation uses the anchor (the last synchronised parameters), the same on every
 
 cluster.sync_overlap: the outer gradient's exchange runs while the next tau inner steps do (cluster.sync_delay,
 default H), queued a few chunks per step (cluster/outer_exchange.py), and its outer step is applied tau steps
-after the launch (cluster/diloco.py OverlappedDiLoCo); at the run's end the last one is waited for and applied. A checkpoint waits for the sum in flight
-and saves it (shared: it is applied at the next sync, as without the checkpoint). cluster.compress fp16 / bf16: the
+after the launch (cluster/diloco.py OverlappedDiLoCo); at the run's end the last one is waited for and applied.
+Launches happen only at sync steps, so the apply step is step % H == tau, also after a resume. A checkpoint waits
+for the sum in flight and saves it (shared: it is applied at its step, as without the checkpoint). cluster.compress fp16 / bf16: the
 outer gradient goes as 2-byte payloads with error feedback (residuals per rank, in checkpoints).
 """
 from __future__ import annotations
@@ -63,13 +64,12 @@ class LocalSGD:
         self.delay = min(self.every, int(getattr(s, "sync_delay", 0) or self.every))
         self.chunks_per_step = self.exchange.per_step((self.delay + 1) // 2)
         self.overlapped = OverlappedDiLoCo(self.outer, self.store.data) if overlap else None
-        self.pending: PendingSum | None = None  # the exchange in flight (overlapped), applied delay steps later
-        self.launched_at = 0  # the sync step that launched self.pending
+        # the exchange in flight (overlapped), launched at the last sync step and applied delay steps after it
+        self.pending: PendingSum | None = None
         if job.shared_state:
             self.outer.load_state_dict(job.shared_state)
             if self.overlapped is not None and np.size(job.shared_state.get("pending", ())):
                 self.pending = PendingSum.done(np.array(job.shared_state["pending"], dtype=self.store.data.dtype))
-                self.launched_at = (int(job.start_step) // self.every) * self.every  # the last sync at or before
         if job.rank_state_world and job.rank_state_world != comm.world_size:
             raise WorkerError(f"rank {comm.rank}: a DiLoCo checkpoint (cluster.sync_every) resumes on the world "
                               f"size it was written with ({job.rank_state_world} workers), not {comm.world_size}")
@@ -128,8 +128,8 @@ class LocalSGD:
         else:
             buf[2] = 0.0
         if sync:
-            self.synchronise(step_done, final=step_done == self.steps)
-        elif self.pending is not None and step_done - self.launched_at >= self.delay:
+            self.synchronise(final=step_done == self.steps)
+        elif self.pending is not None and step_done % self.every >= self.delay:
             self._apply_pending()  # tau steps after its launch: the outer step, every rank at the same step
         elif self.pending is not None:
             self.pending.advance()  # the next chunks of the outer gradient in flight, after this step's collectives
@@ -137,7 +137,7 @@ class LocalSGD:
             return float(small[1]), float(small[2])
         return loss, count
 
-    def synchronise(self, step_done: int = 0, final: bool = False) -> None:
+    def synchronise(self, final: bool = False) -> None:
         """The outer step: the sum over ranks of anchor - theta_i, then Nesterov on the mean (every rank alike).
         Overlapped (cluster.sync_overlap): apply the sum in flight if it is still pending (tau = H), launch this
         round's (cluster/diloco.py OverlappedDiLoCo); at the run's end (final) wait for it and apply it too."""
@@ -154,7 +154,6 @@ class LocalSGD:
             total = self.pending.result() if self.pending is not None else None
             d = self.overlapped.sync(x, total, world)
             self.pending = self.exchange.start(d, self.chunks_per_step)
-            self.launched_at = step_done
             if final:
                 self.overlapped.finish(x, self.pending.result(), world)
                 self.pending = None
@@ -175,10 +174,8 @@ class LocalSGD:
         waited for now and still applied at its step: the training numbers do not change), so an evaluation sees
         every round launched so far, as it does without overlap."""
         local = self.store.data.copy()
-        if fresh and self.pending is not None:
-            total = self.pending.result()
-            self.pending = PendingSum.done(total)
-            self.store.data[...] = self.outer.peek(total, self.comm.world_size)
+        if fresh and self.pending is not None:  # result() keeps the sum: the apply step finds it there
+            self.store.data[...] = self.outer.peek(self.pending.result(), self.comm.world_size)
         else:
             self.store.data[...] = self.outer.anchor
         try:

@@ -65,12 +65,12 @@ MODELS = {"s": TRAIN_ARGS, "lm": LM_ARGS}
 SYNC_H = "16"
 # Local SGD (Lin et al. 2020, "Don't Use Large Mini-Batches, Use Local SGD"; PyTorch's PeriodicModelAverager): DiLoCo
 # with outer lr 1 and no momentum, i.e. the ranks' parameters averaged every H = 8 steps, as fp16 with error feedback.
-# Measured on 2 MPI ranks, no link (docs/real-runs.md 5b): with this short H, plain averaging tracks synchronous
+# Measured on 2 MPI ranks, no link (docs/network.md, "Local SGD"): with this short H, plain averaging tracks synchronous
 # training (the LM 2.217 against 2.171 after 300 steps; S crosses its plateau ~80 steps sooner) where DiLoCo's
 # Nesterov 0.7 / 0.9 drifts (2.73 at H = 4). Overlapped, the sum is applied tau = 2 steps after its launch: the
 # exchange (2 MB for S, 6.4 MB for the LM) hides behind 2 steps on good Wi-Fi; applied a whole round late (tau = H)
 # the LM ended at 2.348.
-LOCAL_H, LOCAL_TAU = "8", "2"
+LOCAL_H, LOCAL_TAU = 8, 2
 AVERAGE = ["--outer-lr", "1", "--outer-momentum", "0"]
 
 
@@ -92,7 +92,7 @@ OPTIONS: dict[str, list[str] | None] = {"plain": [], "compress-fp16": ["--compre
                                          "sync-every-overlap": ["--sync-every", SYNC_H, "--sync-overlap"],
                                          "sync-every-fp16": ["--sync-every", SYNC_H, "--sync-overlap",
                                                              "--compress", "fp16"],
-                                         **local_sgd_options(int(LOCAL_H), int(LOCAL_TAU))}
+                                         **local_sgd_options(LOCAL_H, LOCAL_TAU)}
 NOT_YET: dict[str, str] = {}  # option -> why it cannot run yet (every option runs today)
 
 
@@ -117,9 +117,9 @@ def add_arguments(p) -> None:
                                   "directory) or a directory already imported (train/, val/)")
     p.add_argument("--steps", type=int, help="training steps per run (default: 600 for s, 300 for lm: long enough "
                                              "for DiLoCo's syncs to show in the loss)")
-    p.add_argument("--local-sgd-every", type=int, default=int(LOCAL_H),
+    p.add_argument("--local-sgd-every", type=int, default=LOCAL_H,
                    help="H of the local-sgd options (steps between averages)")
-    p.add_argument("--local-sgd-delay", type=int, default=int(LOCAL_TAU),
+    p.add_argument("--local-sgd-delay", type=int, default=LOCAL_TAU,
                    help="tau of local-sgd-overlap (steps from an exchange's launch to its average; <= H)")
     p.add_argument("--two-host-steps", type=int,
                    help="training steps of the 2-host runs (default: --steps); more than the one worker's when an "

@@ -161,6 +161,9 @@ def test_sync_delay_applies_tau_steps_after_the_launch_and_resumes_bitwise(tmp_p
     _run(tmp_path / "part7", 2, *flags, "run.checkpoint_every=7")
     applied = ckpt.load(tmp_path / "part7" / "checkpoints" / "ckpt-00000007.json")
     assert applied.optim["loop.pending"].size == 0  # step 6 applied the exchange launched at step 4
+    _run(tmp_path / "part6", 2, *flags, "run.checkpoint_every=6")
+    at_apply = ckpt.load(tmp_path / "part6" / "checkpoints" / "ckpt-00000006.json")
+    assert at_apply.optim["loop.pending"].size == 0  # applied at step 6 exactly: tau = 2 steps after its launch
     for where, step in (("part", 5), ("part7", 7)):
         resumed = _run(tmp_path / f"r{step}", 2, *flags,
                        f"run.resume=\"{tmp_path / where / 'checkpoints' / f'ckpt-{step:08d}.json'}\"")
